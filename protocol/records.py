@@ -1,0 +1,102 @@
+"""DHT keys and record schemas.
+
+Every record lives under a key that carries the run id and the spec digest, so peers of
+different specs never read each other's records. Per-peer records are stored under an
+owner-signed subkey (hivemind's RSASignatureValidator), and every value is checked against a
+schema (hivemind's SchemaValidator, pydantic v1 models, as hivemind requires).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import pydantic.v1 as pydantic
+
+PEER_STATES = ("joining", "online", "leaving")
+
+
+def peers_key(run_id: str, digest: str) -> str:
+    return f"{run_id}.{digest[:16]}.peers"
+
+
+def checkpoints_key(run_id: str, digest: str, stage: int) -> str:
+    return f"{run_id}.{digest[:16]}.checkpoints.{stage}"
+
+
+def spec_key(run_id: str) -> str:
+    return f"{run_id}.spec"
+
+
+def averaging_run_id(run_id: str, digest: str, stage: int) -> str:
+    """The hivemind.Optimizer run id of one stage group."""
+    return f"{run_id}.{digest[:16]}.stage{stage}"
+
+
+class PeerRecordModel(pydantic.BaseModel):
+    """What a peer announces about itself (the value under its own subkey)."""
+
+    stage: pydantic.conint(ge=0, le=10_000)
+    state: pydantic.constr(regex=r"^(joining|online|leaving)$")
+    throughput: pydantic.confloat(ge=0, le=1e9)  # samples/s this peer's stage can process
+    version: pydantic.constr(max_length=32)
+    epoch: pydantic.conint(ge=0)
+    loss: Optional[pydantic.confloat(ge=0, le=1e6)] = None
+    tokens: pydantic.conint(ge=0) = 0  # tokens this peer has driven through the pipeline
+    samples_per_s: pydantic.confloat(ge=0, le=1e9) = 0.0  # as a trainer
+    has_data: bool = False
+    started: pydantic.confloat(ge=0) = 0.0
+    checkpoints: pydantic.conint(ge=0) = 0  # newest verified checkpoint step this peer serves
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
+class CheckpointRecordModel(pydantic.BaseModel):
+    """A verified checkpoint of one stage, announced by a peer that can serve it."""
+
+    step: pydantic.conint(ge=0)
+    manifest_digest: pydantic.constr(regex=r"^[0-9a-f]{64}$")
+    signers: pydantic.conlist(pydantic.constr(regex=r"^[0-9a-f]{16,64}$"), max_items=16)
+    files: pydantic.conint(ge=1, le=64)
+    total_bytes: pydantic.conint(ge=0)
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
+class SpecRecordModel(pydantic.BaseModel):
+    spec_json: pydantic.constr(max_length=1_000_000)
+    digest: pydantic.constr(regex=r"^[0-9a-f]{64}$")
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerInfo:
+    """One peer as a snapshot of the DHT shows it: the input of the stage policies."""
+
+    peer_id: str
+    stage: int
+    state: str
+    throughput: float
+    epoch: int = 0
+    loss: Optional[float] = None
+    tokens: int = 0
+    samples_per_s: float = 0.0
+    has_data: bool = False
+    version: str = ""
+    started: float = 0.0
+    checkpoints: int = 0
+    expiration: float = 0.0
+
+    @classmethod
+    def from_record(cls, peer_id: str, record: dict, expiration: float = 0.0) -> "PeerInfo":
+        parsed = PeerRecordModel.parse_obj(record)
+        return cls(peer_id=peer_id, expiration=expiration, **parsed.dict())
+
+    def to_record(self) -> dict:
+        return PeerRecordModel(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("peer_id", "expiration")}
+        ).dict()
