@@ -1,0 +1,118 @@
+"""Routing policy, the pure half: whom to send a micro-batch to, and whom to avoid.
+
+The network half (the trainer's RPC loop) owns the clock and the randomness and passes them
+in, so these policies are tested without a network and without sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Optional, Sequence
+
+__all__ = ["BanList", "ThroughputEMA", "choose_peer"]
+
+# A peer that has not reported (or measured) a throughput yet still gets this fraction of the
+# mean known throughput as weight: new peers must be tried to be measured at all, but should
+# not take a full share of traffic before they have shown what they can do.
+UNKNOWN_WEIGHT_FRACTION = 0.1
+
+
+class BanList:
+    """Peers that failed recently, banned for a time that doubles with each consecutive failure.
+
+    Failures reported while a peer is still banned do not lengthen the ban: they are the other
+    micro-batches that were in flight when it failed, the same incident, and counting each of
+    them would push one outage straight to `max_s`.
+    """
+
+    def __init__(self, base_s: float = 2.0, max_s: float = 60.0) -> None:
+        if base_s <= 0 or max_s < base_s:
+            raise ValueError(f"need 0 < base_s <= max_s, got base_s={base_s}, max_s={max_s}")
+        self.base_s = base_s
+        self.max_s = max_s
+        self._failures: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+
+    def ban(self, peer_id: str, now: float) -> float:
+        """Record a failure of `peer_id`; returns how long (s) it stays banned from `now`."""
+        if self.is_banned(peer_id, now):
+            return self._until[peer_id] - now
+        failures = self._failures.get(peer_id, 0) + 1
+        self._failures[peer_id] = failures
+        # The exponent is capped so that a peer failing for days does not overflow the float.
+        duration = min(self.max_s, self.base_s * 2.0 ** min(failures - 1, 64))
+        self._until[peer_id] = now + duration
+        return duration
+
+    def is_banned(self, peer_id: str, now: float) -> bool:
+        return self._until.get(peer_id, -math.inf) > now
+
+    def record_success(self, peer_id: str) -> None:
+        """A peer that answered is healthy again: its next failure starts from `base_s`.
+
+        The current ban (if any) still runs out: a late reply is no proof the peer keeps up.
+        """
+        self._failures.pop(peer_id, None)
+
+    def banned(self, now: float) -> set[str]:
+        return {peer_id for peer_id, until in self._until.items() if until > now}
+
+
+def _weights(candidates: Sequence[tuple[str, float, int]]) -> list[float]:
+    throughputs = [t if math.isfinite(t) and t > 0 else 0.0 for _, t, _ in candidates]
+    known = [t for t in throughputs if t > 0]
+    floor = UNKNOWN_WEIGHT_FRACTION * sum(known) / len(known) if known else 1.0
+    # Dividing by the queue length is SWARM's idea of expected finish time: a fast peer with a
+    # long queue is no better than a slow idle one.
+    return [(t if t > 0 else floor) / (1 + max(in_flight, 0)) for t, (_, _, in_flight) in zip(throughputs, candidates)]
+
+
+def choose_peer(
+    candidates: Sequence[tuple[str, float, int]], *, banned: set[str], rng: random.Random
+) -> Optional[str]:
+    """Pick a peer of a stage for the next micro-batch (SWARM's stochastic wiring).
+
+    `candidates` are (peer_id, throughput in samples/s, micro-batches in flight on it). The
+    pick is random with weight throughput / (1 + in_flight): drawing rather than always taking
+    the best spreads load over the stage and keeps measuring every peer.
+    Returns None if there is no candidate that is not banned.
+    """
+    allowed = [c for c in candidates if c[0] not in banned]
+    if not allowed:
+        return None
+    return rng.choices([peer_id for peer_id, _, _ in allowed], weights=_weights(allowed))[0]
+
+
+class ThroughputEMA:
+    """Measured samples/s per peer, to replace the throughput that a peer announces.
+
+    An announced number is a peer's own claim (and ignores the network between us); what we
+    measure on our own requests is what routing should trust once we have it.
+    """
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self._value: dict[str, float] = {}
+
+    def update(self, peer_id: str, samples: float, seconds: float) -> float:
+        """Record that `peer_id` processed `samples` in `seconds`; returns the new estimate."""
+        if seconds <= 0 or samples < 0 or not math.isfinite(samples / seconds):
+            return self._value.get(peer_id, 0.0)  # nothing measurable (clock skew, empty batch)
+        rate = samples / seconds
+        old = self._value.get(peer_id)
+        # The first measurement replaces the announced value outright, which was only a guess.
+        self._value[peer_id] = rate if old is None else self.alpha * rate + (1 - self.alpha) * old
+        return self._value[peer_id]
+
+    def get(self, peer_id: str, default: float = 0.0) -> float:
+        return self._value.get(peer_id, default)
+
+    def forget(self, peer_id: str) -> None:
+        """Drop a peer that left, so that the table does not grow with every peer ever seen."""
+        self._value.pop(peer_id, None)
+
+    def __contains__(self, peer_id: object) -> bool:
+        return peer_id in self._value
