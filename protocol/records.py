@@ -9,28 +9,36 @@ schema (hivemind's SchemaValidator, pydantic v1 models, as hivemind requires).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Dict, Optional
 
 import pydantic.v1 as pydantic
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import SchemaValidator, conbytes
 
 PEER_STATES = ("joining", "online", "leaving")
 
 
+def run_prefix(run_id: str, digest: str) -> str:
+    """The prefix of every per-run DHT key: peers of another spec never read these records."""
+    return f"{run_id}.{digest[:16]}"
+
+
 def peers_key(run_id: str, digest: str) -> str:
-    return f"{run_id}.{digest[:16]}.peers"
+    return f"{run_prefix(run_id, digest)}_peers"
 
 
-def checkpoints_key(run_id: str, digest: str, stage: int) -> str:
-    return f"{run_id}.{digest[:16]}.checkpoints.{stage}"
+def checkpoints_key(run_id: str, digest: str) -> str:
+    """One key for all stages; the subkey is ``b"<stage>" + owner marker`` of the announcer."""
+    return f"{run_prefix(run_id, digest)}_checkpoints"
 
 
 def spec_key(run_id: str) -> str:
-    return f"{run_id}.spec"
+    return f"{run_id}_spec"
 
 
 def averaging_run_id(run_id: str, digest: str, stage: int) -> str:
     """The hivemind.Optimizer run id of one stage group."""
-    return f"{run_id}.{digest[:16]}.stage{stage}"
+    return f"{run_prefix(run_id, digest)}.stage{stage}"
 
 
 class PeerRecordModel(pydantic.BaseModel):
@@ -65,12 +73,36 @@ class CheckpointRecordModel(pydantic.BaseModel):
         extra = pydantic.Extra.forbid
 
 
+class CheckpointAnnouncementModel(CheckpointRecordModel):
+    stage: pydantic.conint(ge=0, le=10_000)
+
+
 class SpecRecordModel(pydantic.BaseModel):
     spec_json: pydantic.constr(max_length=1_000_000)
     digest: pydantic.constr(regex=r"^[0-9a-f]{64}$")
 
     class Config:
         extra = pydantic.Extra.forbid
+
+
+_OwnedSubkey = conbytes(regex=rb"^[0-9]{0,5}" + RSASignatureValidator.PUBLIC_KEY_REGEX + rb"$")
+
+
+class RunSchema(pydantic.BaseModel):
+    """Keys under ``run_prefix``: each peer writes only its own owner-marked subkeys."""
+
+    peers: Dict[_OwnedSubkey, Optional[PeerRecordModel]]
+    checkpoints: Dict[_OwnedSubkey, Optional[CheckpointAnnouncementModel]]
+
+
+class SpecSchema(pydantic.BaseModel):
+    """Key ``<run_id>_spec``: the spec as published by a bootstrap (owner-marked subkey)."""
+
+    spec: Dict[_OwnedSubkey, Optional[SpecRecordModel]]
+
+
+def run_validators(run_id: str, digest: str) -> list:
+    return [SchemaValidator(RunSchema, prefix=run_prefix(run_id, digest)), SchemaValidator(SpecSchema, prefix=run_id)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,6 +111,8 @@ class TrainingSpec(_Strict):
     matchmaking_time: float = Field(default=3.0, gt=0)
     averaging_timeout: float = Field(default=30.0, gt=0)
     delay_optimizer_step: bool = True
+    # Parameters are also averaged every this many epochs, to undo drift from lossy codecs.
+    average_state_every: int = Field(default=5, ge=1)
 
 
 ActivationCodec = Literal["none", "fp16", "uniform8bit", "blockwise8bit"]

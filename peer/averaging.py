@@ -1,0 +1,149 @@
+"""Averaging inside a stage group: one hivemind.Optimizer per stage, built from the spec.
+
+Gradients accumulate until the group reaches the spec's target batch size, are all-reduced
+with the spec's codec, and every member applies the same update. With
+``training.delay_optimizer_step`` the all-reduce and the update run in the background
+(delayed parameter updates), so the stage keeps serving while its group averages.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Optional
+
+import hivemind
+import torch
+from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+
+from protocol.codecs import gradient_compression
+from protocol.records import averaging_run_id
+from protocol.spec import RunSpec, TrainingSpec
+
+log = logging.getLogger("swarmtrain.averaging")
+
+
+def make_torch_optimizer(params, training: TrainingSpec) -> torch.optim.Optimizer:
+    if training.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=training.lr, betas=training.betas, eps=training.eps,
+                                weight_decay=training.weight_decay)
+    elif training.optimizer == "adamw8bit":
+        import bitsandbytes as bnb  # optional optimizer-memory saver; works on CPU from 0.50
+
+        opt = bnb.optim.AdamW8bit(params, lr=training.lr, betas=training.betas, eps=training.eps,
+                                  weight_decay=training.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=training.lr, weight_decay=training.weight_decay)
+    if training.grad_clip > 0:
+        _clip_before_step(opt, training.grad_clip)
+    return opt
+
+
+def _clip_before_step(opt: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip the (averaged) gradients the optimizer is about to apply. The clip is per stage:
+    each stage group only sees its own gradients."""
+    step = opt.step
+
+    def clipped_step(*args, **kwargs):
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return step(*args, **kwargs)
+
+    opt.step = clipped_step
+
+
+def lr_lambda(training: TrainingSpec):
+    warmup, total, kind = training.warmup_steps, training.total_steps, training.lr_schedule
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class BoundedOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer whose catch-up gives up after a few tries instead of retrying
+    forever (hivemind 1.1.12 loops until it succeeds), and which can be told not to take
+    live state from untrusted peers at all."""
+
+    def __init__(self, *args, load_state_attempts: int = 3, accept_live_state: bool = True, **kwargs):
+        self.load_state_attempts = load_state_attempts
+        self.accept_live_state = accept_live_state
+        self.last_load_state_error: Optional[str] = None
+        super().__init__(*args, **kwargs)
+
+    def load_state_from_peers(self, **kwargs):
+        if not self.accept_live_state:
+            log.info("not loading live state from peers: the spec's trust policy forbids it")
+            return
+        if self.scheduled_grads is not None and not self.scheduled_grads.done():
+            self._tag_along_with_zero_weight(self.scheduled_grads)
+            self.scheduled_grads = None
+        self.state_averager.step(wait_for_delayed_updates=True)
+        with self.tracker.pause_updates():
+            for attempt in range(1, self.load_state_attempts + 1):
+                try:
+                    loaded = self.state_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+                    if self.grad_averager is not None:
+                        self.grad_averager.load_state_from_peers(timeout=self.load_state_timeout, **kwargs)
+                    self.last_load_state_error = None
+                    break
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as err:
+                    self.last_load_state_error = f"{type(err).__name__}: {err}"
+                    log.warning("loading state from peers failed (attempt %d/%d): %s", attempt,
+                                self.load_state_attempts, self.last_load_state_error)
+                    time.sleep(min(2.0 * attempt, 5.0))
+            else:
+                return
+            if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
+                self.state_averager.local_epoch = self.tracker.global_epoch
+            self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+            if not self.client_mode:
+                self.state_averager.state_sharing_priority = self.local_epoch
+            if self.use_gradient_averaging:
+                self.grad_averager.reset_accumulated_grads_()
+                if not self.client_mode:
+                    self.grad_averager.state_sharing_priority = self.local_epoch
+
+
+def make_stage_optimizer(spec: RunSpec, stage: int, module: torch.nn.Module, dht: hivemind.DHT, *,
+                         verbose: bool = False) -> BoundedOptimizer:
+    training, compression = spec.training, spec.compression
+    params = [p for p in module.parameters() if p.requires_grad]
+    grad_averager_factory = None
+    if compression.gradients == "powersgd":
+        grad_averager_factory = PowerSGDGradientAverager.get_factory(averager_rank=compression.powersgd_rank)
+    delayed = training.delay_optimizer_step
+    return BoundedOptimizer(
+        dht=dht,
+        run_id=averaging_run_id(spec.run_id, spec.digest(), stage),
+        target_batch_size=training.target_batch_size,
+        batch_size_per_step=training.micro_batch_size,
+        params=params,
+        optimizer=lambda ps: make_torch_optimizer(ps, training),
+        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(training)),
+        matchmaking_time=training.matchmaking_time,
+        averaging_timeout=training.averaging_timeout,
+        load_state_timeout=max(30.0, training.averaging_timeout),
+        delay_optimizer_step=delayed,
+        delay_grad_averaging=delayed and grad_averager_factory is None,
+        average_state_every=training.average_state_every,
+        grad_compression=gradient_compression(compression.gradients, min_compressed_size=compression.min_compressed_size),
+        grad_averager_factory=grad_averager_factory,
+        state_averaging_compression=gradient_compression("fp16"),
+        load_state_compression=hivemind.compression.NoCompression(),
+        accept_live_state=spec.trust.accept_untrusted_live_state,
+        verbose=verbose,
+        tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=training.matchmaking_time,
+                          default_refresh_period=1.0),
+    )
