@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 import time
 from typing import Optional
 
@@ -45,12 +46,13 @@ def _clip_before_step(opt: torch.optim.Optimizer, max_norm: float) -> None:
     each stage group only sees its own gradients."""
     step = opt.step
 
-    def clipped_step(*args, **kwargs):
-        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    def clipped_step(self, *args, **kwargs):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(params, max_norm)
         return step(*args, **kwargs)
 
-    opt.step = clipped_step
+    # A bound method: torch's LR scheduler wraps optimizer.step and needs __func__/__self__.
+    opt.step = types.MethodType(clipped_step, opt)
 
 
 def lr_lambda(training: TrainingSpec):

@@ -11,10 +11,6 @@ from peer.cli_checkpoint import checkpoint, keygen
 from peer.cli_spec import spec
 
 
-class NotYetAvailable(click.ClickException):
-    exit_code = 3
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="swarmtrain")
 def main() -> None:
@@ -39,22 +35,145 @@ def demo(seconds):
     sys.exit(run_demo(seconds=seconds))
 
 
+def _load_spec_option(spec_path):
+    from protocol.spec import SpecError, load_spec
+
+    if spec_path is None:
+        return None
+    try:
+        return load_spec(spec_path)
+    except SpecError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # hivemind logs every averaging round at INFO; keep the console to our status line.
+        logging.getLogger("hivemind").setLevel(logging.ERROR)
+
+
+_maddrs = click.option("--host-maddrs", multiple=True, help="Multiaddrs to listen on (default: all interfaces, a free TCP port).")
+_announce = click.option("--announce-maddrs", multiple=True, help="Public multiaddrs to announce (behind NAT or a port forward).")
+_identity = click.option("--identity", type=click.Path(dir_okay=False), default=None,
+                         help="Identity key file: the same peer id after a restart (created if missing).")
+_initial = click.option("--initial-peers", multiple=True, help="Multiaddr of a bootstrap or any peer; repeatable.")
+
+
 @main.command()
-def run():
+@_initial
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="The run spec (TOML).")
+@click.option("--run", "run_id", help="Join by run id: the spec is read from the DHT.")
+@click.option("--spec-digest", help="Pin the spec digest (or a prefix) when joining by --run.")
+@click.option("--data", type=click.Path(exists=True), help="Local text: a file, a directory, JSONL or Parquet. Without it the peer only serves.")
+@click.option("--data-suffix", "data_suffixes", multiple=True, help="Only read files with these suffixes (e.g. .py).")
+@click.option("--stage", default="auto", show_default=True, help="'auto' (the least-served stage) or a stage index.")
+@_maddrs
+@_announce
+@_identity
+@click.option("--threads", type=int, default=1, show_default=True, help="torch threads for this peer.")
+@click.option("--max-seconds", type=float, default=None, help="Stop after this long.")
+@click.option("--max-steps", "max_microbatches", type=int, default=None, help="Stop after this many micro-batches.")
+@click.option("--announce-period", type=float, default=5.0, show_default=True)
+@click.option("--status-every", type=float, default=5.0, show_default=True)
+@click.option("--request-timeout", type=float, default=30.0, show_default=True)
+@click.option("--client-mode", is_flag=True, help="Do not accept inbound connections (behind NAT without relays).")
+@click.option("--final-state", type=click.Path(dir_okay=False), default=None,
+              help="On exit, write this peer's stage weights (safetensors) here.")
+@click.option("--log-json", is_flag=True, help="JSON lines instead of the status line.")
+@click.option("-v", "--verbose", is_flag=True)
+def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stage, host_maddrs, announce_maddrs,
+        identity, threads, max_seconds, max_microbatches, announce_period, status_every, request_timeout,
+        client_mode, final_state, log_json, verbose):
     """Join a swarm as a peer: serve a stage and train on local data."""
-    raise NotYetAvailable("`swarmtrain run` arrives with the swarm issue (#3); use `swarmtrain demo` for now")
+    from peer.procs import start_reaper
+
+    if not initial_peers:
+        raise click.UsageError("--initial-peers is required (the bootstrap's multiaddr)")
+    if (spec_path is None) == (run_id is None):
+        raise click.UsageError("pass exactly one of --spec SPEC.toml or --run RUN_ID")
+    if stage != "auto" and not stage.isdigit():
+        raise click.UsageError("--stage must be 'auto' or a stage index")
+    spec = _load_spec_option(spec_path)
+    _setup_logging(verbose)
+    start_reaper()  # before any thread or child: p2pd and hivemind's helpers die with this peer
+    from peer.node import PeerConfig, run_peer
+
+    config = PeerConfig(
+        initial_peers=list(initial_peers), spec=spec, run_id=run_id, spec_digest=spec_digest, data=data,
+        data_suffixes=list(data_suffixes) or None, stage=None if stage == "auto" else int(stage),
+        host_maddrs=list(host_maddrs) or ["/ip4/0.0.0.0/tcp/0"], announce_maddrs=list(announce_maddrs),
+        identity=identity, threads=threads, max_seconds=max_seconds, max_microbatches=max_microbatches,
+        announce_period=announce_period, status_every=status_every, request_timeout=request_timeout,
+        client_mode=client_mode, final_state=final_state, log_json=log_json)
+    sys.exit(run_peer(config))
 
 
 @main.command()
-def bootstrap():
-    """Host a bootstrap DHT node with a persistent identity."""
-    raise NotYetAvailable("`swarmtrain bootstrap` arrives with the swarm issue (#3)")
+@_maddrs
+@_announce
+@_identity
+@_initial
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="Publish this run spec in the DHT.")
+@click.option("--max-seconds", type=float, default=None, help="Stop after this long.")
+@click.option("--log-json", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, max_seconds, log_json, verbose):
+    """Host a bootstrap DHT node with a persistent identity.
+
+    Prints the multiaddrs that peers pass as --initial-peers. A stock `hivemind-dht` works as
+    a bootstrap too (then peers need --spec, since it publishes no spec).
+    """
+    from peer.procs import start_reaper
+
+    spec = _load_spec_option(spec_path)
+    _setup_logging(verbose)
+    start_reaper()
+    from peer.bootstrap import run_bootstrap
+
+    sys.exit(run_bootstrap(host_maddrs=list(host_maddrs) or ["/ip4/0.0.0.0/tcp/31337"],
+                           announce_maddrs=list(announce_maddrs), identity=identity,
+                           initial_peers=list(initial_peers), spec=spec, log_json=log_json, max_seconds=max_seconds))
 
 
 @main.command()
-def status():
-    """Show the swarm as the DHT sees it."""
-    raise NotYetAvailable("`swarmtrain status` arrives with the swarm issue (#3)")
+@_initial
+@click.option("--run", "run_id", help="The run id (its spec is read from the DHT).")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="Or the run spec file.")
+@click.option("--spec-digest", help="Pin the spec digest (or a prefix).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--watch", type=float, default=None, help="Refresh every this many seconds.")
+def status(initial_peers, run_id, spec_path, spec_digest, as_json, watch):
+    """Show the swarm as the DHT sees it: per stage its peers, state, throughput, epoch, loss."""
+    import json as _json
+
+    if not initial_peers:
+        raise click.UsageError("--initial-peers is required")
+    if (spec_path is None) == (run_id is None):
+        raise click.UsageError("pass exactly one of --run RUN_ID or --spec SPEC.toml")
+    _setup_logging(False)
+    from peer.status import format_snapshot, open_observer, swarm_snapshot
+    from protocol.spec import SpecError
+
+    try:
+        swarm, close = open_observer(list(initial_peers), spec=_load_spec_option(spec_path), run_id=run_id,
+                                     spec_digest=spec_digest)
+    except SpecError as err:
+        raise click.ClickException(str(err)) from None
+    try:
+        while True:
+            view = swarm_snapshot(swarm)
+            click.echo(_json.dumps(view, indent=2) if as_json else format_snapshot(view))
+            if not watch:
+                break
+            import time as _time
+
+            _time.sleep(watch)
+    finally:
+        close()
 
 
 if __name__ == "__main__":

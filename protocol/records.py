@@ -38,7 +38,8 @@ def spec_key(run_id: str) -> str:
 
 def averaging_run_id(run_id: str, digest: str, stage: int) -> str:
     """The hivemind.Optimizer run id of one stage group."""
-    return f"{run_prefix(run_id, digest)}.stage{stage}"
+    # hivemind averager prefixes may not contain dots.
+    return f"{run_id}_{digest[:16]}_stage{stage}"
 
 
 class PeerRecordModel(pydantic.BaseModel):

@@ -1,0 +1,339 @@
+"""A peer: joins the DHT, takes a stage, serves it, trains on local data, announces itself.
+
+The parts (DHT, stage worker, server, trainer, optimizer) are started here in order and
+stopped in reverse; everything else is in their own modules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from peer import __version__
+from peer.averaging import make_stage_optimizer
+from peer.balancing import choose_stage
+from peer.identity import Identity, cleanup_identity, load_or_create_identity
+from peer.model import LlamaStage
+from peer.server import StageServer, WireCounters
+from peer.stage_worker import StageWorker
+from peer.swarm_dht import SwarmDHT, resolve_spec, start_dht, visible_maddrs
+from peer.trainer import Trainer
+from protocol.records import PeerInfo
+from protocol.spec import RunSpec
+
+log = logging.getLogger("swarmtrain.peer")
+
+
+@dataclass
+class PeerConfig:
+    initial_peers: Sequence[str]
+    spec: Optional[RunSpec] = None
+    run_id: Optional[str] = None
+    spec_digest: Optional[str] = None
+    data: Optional[str] = None
+    data_suffixes: Optional[Sequence[str]] = None
+    stage: Optional[int] = None  # None: auto
+    host_maddrs: Sequence[str] = ("/ip4/0.0.0.0/tcp/0",)
+    announce_maddrs: Sequence[str] = ()
+    identity: Optional[str] = None
+    threads: int = 1
+    announce_period: float = 5.0
+    status_every: float = 5.0
+    request_timeout: float = 30.0
+    max_seconds: Optional[float] = None
+    max_microbatches: Optional[int] = None
+    log_json: bool = False
+    final_state: Optional[str] = None
+    client_mode: bool = False
+
+
+class Output:
+    """Progress for people (one compact line) or machines (JSON lines)."""
+
+    def __init__(self, as_json: bool):
+        self.as_json = as_json
+
+    def event(self, name: str, text: str, **fields) -> None:
+        if self.as_json:
+            print(json.dumps({"event": name, "time": round(time.time(), 3), **fields}), flush=True)
+        else:
+            print(f"[swarmtrain] {text}", flush=True)
+
+
+class LoopThread:
+    """An asyncio loop in a background thread: hivemind's P2P is async, the rest is not."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="p2p-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: Optional[float] = None):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+class Peer:
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.out = Output(config.log_json)
+        self.stop_event = threading.Event()
+        self.counters = WireCounters()
+        self.state = "joining"
+        self.started = time.time()
+        self._snapshot: list[PeerInfo] = []
+        self.identity: Optional[Identity] = None
+        self.dht = self.swarm = self.worker = self.server = self.optimizer = self.trainer = None
+        self.loop: Optional[LoopThread] = None
+        self.stage: Optional[int] = None
+        self.spec: Optional[RunSpec] = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            if self.stop_event.is_set():
+                return
+            self.out.event("stopping", f"{signal.Signals(signum).name}: announcing 'leaving' and finishing in-flight work",
+                           signal=signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+
+    def run(self) -> int:
+        torch.set_num_threads(max(1, self.config.threads))
+        try:
+            self._start()
+            self._main_loop()
+            return 0
+        finally:
+            self._shutdown()
+
+    def _start(self) -> None:
+        cfg = self.config
+        self.identity = load_or_create_identity(cfg.identity)
+        self.out.event("starting", f"peer {self.identity.peer_id} starting the DHT", peer_id=str(self.identity.peer_id))
+        self.dht = start_dht(self.identity, initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs,
+                             announce_maddrs=cfg.announce_maddrs, client_mode=cfg.client_mode)
+        self.spec = cfg.spec or resolve_spec(self.dht, cfg.run_id, pinned_digest=cfg.spec_digest)
+        if cfg.spec_digest and not self.spec.digest().startswith(cfg.spec_digest.lower()):
+            raise SystemExit(f"the spec's digest {self.spec.digest()} does not match --spec-digest {cfg.spec_digest}")
+        self.swarm = SwarmDHT(self.dht, self.spec, self.identity)
+        self._refresh_snapshot()
+        self.stage = cfg.stage if cfg.stage is not None else self._choose_stage()
+        if not 0 <= self.stage < self.spec.num_stages:
+            raise SystemExit(f"--stage {self.stage} is out of range: the spec has {self.spec.num_stages} stages")
+        spec = self.spec
+        stage_spec = spec.stages[self.stage]
+        self.out.event("stage", f"taking stage {self.stage} of {spec.num_stages} (layers {stage_spec.start}..{stage_spec.end - 1})",
+                       stage=self.stage)
+        self._announce()  # 'joining': visible to status, not yet routed to
+
+        module = LlamaStage.from_spec(spec, self.stage)
+        self.optimizer = make_stage_optimizer(spec, self.stage, module, self.dht)
+        self._catch_up()
+        self.worker = StageWorker(module, is_last=self.stage == spec.num_stages - 1, optimizer=self.optimizer)
+        self.loop = LoopThread()
+        p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+        self.server = StageServer(spec, self.stage, self.worker, info=self._info, counters=self.counters)
+        self.loop.run(self.server.start(p2p), timeout=30)
+        if cfg.data:
+            self.trainer = Trainer(spec, p2p, self.swarm.peer_id, snapshot=lambda: self._snapshot,
+                                   local_stage=self.stage, local_worker=self.worker,
+                                   request_timeout=cfg.request_timeout, counters=self.counters,
+                                   seed=hash(self.swarm.peer_id) & 0xFFFF)
+        self.state = "online"
+        self._announce()
+        threading.Thread(target=self._announcer, name="announcer", daemon=True).start()
+        maddrs = visible_maddrs(self.dht)
+        self.out.event("ready", f"serving stage {self.stage} as {self.swarm.peer_id}"
+                       + (" and training on " + cfg.data if cfg.data else " (no --data: serving only)"),
+                       peer_id=self.swarm.peer_id, stage=self.stage, maddrs=maddrs, digest=spec.digest())
+
+    def _choose_stage(self) -> int:
+        # Records appear within an announce period; a short wait avoids herding into stage 0.
+        deadline = time.monotonic() + min(3.0, self.config.announce_period)
+        while time.monotonic() < deadline and not self._snapshot:
+            time.sleep(0.5)
+            self._refresh_snapshot()
+        return choose_stage(self._snapshot, self.spec.num_stages, my_throughput=1.0, my_peer_id=self.swarm.peer_id)
+
+    def _catch_up(self) -> None:
+        """Join the stage group at its current epoch: load live state before serving."""
+        tracker = self.optimizer.tracker
+        tracker.fetched_global_progress_this_epoch.wait(timeout=5.0)
+        if tracker.global_epoch > self.optimizer.local_epoch:
+            self.out.event("catch_up", f"stage group is at epoch {tracker.global_epoch}: loading its state",
+                           epoch=tracker.global_epoch)
+            self.optimizer.load_state_from_peers()
+
+    def _main_loop(self) -> None:
+        cfg = self.config
+        deadline = time.monotonic() + cfg.max_seconds if cfg.max_seconds else None
+        train_future = None
+        if self.trainer is not None:
+            from peer.data import PackedDataset
+            from peer.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self.spec.tokenizer)
+            dataset = PackedDataset(cfg.data, tokenizer, seq_len=self.spec.training.seq_len,
+                                    batch_size=self.spec.training.micro_batch_size, seed=self.spec.seed,
+                                    peer_key=self.swarm.peer_id, suffixes=cfg.data_suffixes)
+            self._async_stop = asyncio.Event()
+            train_future = self.loop.submit(self._train(dataset))
+        last_status = time.monotonic()
+        while not self.stop_event.is_set():
+            time.sleep(0.2)
+            if deadline is not None and time.monotonic() > deadline:
+                self.out.event("deadline", f"--max-seconds reached", seconds=cfg.max_seconds)
+                break
+            if train_future is not None and train_future.done():
+                exc = train_future.exception()
+                if exc is not None:
+                    raise exc
+                break
+            if time.monotonic() - last_status >= cfg.status_every:
+                last_status = time.monotonic()
+                self._print_status()
+        if train_future is not None:
+            self.loop.loop.call_soon_threadsafe(self._async_stop.set)
+            try:
+                train_future.result(timeout=cfg.request_timeout * (self.spec.num_stages + 1))
+            except Exception as err:
+                log.warning("trainer stopped with %s", err)
+        self._print_status()
+
+    async def _train(self, dataset) -> None:
+        await self.trainer.run(dataset, stop=self._async_stop, max_microbatches=self.config.max_microbatches)
+
+    def _shutdown(self) -> None:
+        if self.swarm is not None and self.stage is not None:
+            self.state = "leaving"
+            try:
+                self._announce(ttl=max(5.0, self.config.announce_period))
+            except Exception:
+                pass
+        if self.server is not None and self.loop is not None:
+            try:
+                self.loop.run(self.server.stop(), timeout=5)
+            except Exception:
+                pass
+        if self.worker is not None:
+            self.worker.shutdown()
+            if self.config.final_state:
+                from safetensors.torch import save_file
+
+                state = {k: v.detach().contiguous() for k, v in self.worker.module.state_dict().items()}
+                Path(self.config.final_state).parent.mkdir(parents=True, exist_ok=True)
+                save_file(state, self.config.final_state, metadata={"epoch": str(self._epoch())})
+        if self.optimizer is not None:
+            try:
+                self.optimizer.shutdown()
+            except Exception as err:
+                log.debug("optimizer shutdown: %s", err)
+        if self.loop is not None:
+            self.loop.stop()
+        if self.dht is not None:
+            try:
+                self.dht.shutdown()
+            except Exception:
+                pass
+        if self.identity is not None:
+            cleanup_identity(self.identity)
+        self.out.event("stopped", "stopped cleanly")
+
+    # --- announcements -----------------------------------------------------------------------
+
+    def _epoch(self) -> int:
+        return int(self.optimizer.local_epoch) if self.optimizer is not None else 0
+
+    def _throughput(self) -> float:
+        if self.worker is not None and self.worker.stats.throughput > 0:
+            return float(self.worker.stats.throughput)
+        return 1.0  # unmeasured yet: a small positive value so routers try the new peer
+
+    def _info(self) -> dict:
+        return dict(state=self.state, throughput=self._throughput(), epoch=self._epoch(), version=__version__)
+
+    def _record(self) -> PeerInfo:
+        loss = None
+        if self.trainer is not None and self.trainer.stats.loss_ema is not None:
+            loss = float(self.trainer.stats.loss_ema)
+        elif self.worker is not None and self.worker.stats.loss_ema is not None:
+            loss = float(self.worker.stats.loss_ema)
+        stats = self.trainer.stats if self.trainer is not None else None
+        elapsed = max(1e-6, time.monotonic() - stats.started) if stats else 1.0
+        return PeerInfo(peer_id=self.swarm.peer_id, stage=self.stage, state=self.state, throughput=self._throughput(),
+                        epoch=self._epoch(), loss=loss, tokens=stats.tokens if stats else 0,
+                        samples_per_s=(stats.samples / elapsed) if stats else 0.0, has_data=self.trainer is not None,
+                        version=__version__, started=self.started)
+
+    def _announce(self, ttl: Optional[float] = None) -> None:
+        self.swarm.announce(self._record(), ttl=ttl or 3 * self.config.announce_period)
+
+    def _refresh_snapshot(self) -> None:
+        try:
+            self._snapshot = self.swarm.snapshot()
+        except Exception as err:
+            log.debug("snapshot failed: %s", err)
+
+    def _announcer(self) -> None:
+        period = self.config.announce_period
+        next_announce = 0.0
+        while not self.stop_event.is_set() and self.state != "leaving":
+            now = time.monotonic()
+            if now >= next_announce:
+                try:
+                    self._announce()
+                except Exception as err:
+                    log.warning("announce failed: %s", err)
+                next_announce = now + period
+            self._refresh_snapshot()
+            self.stop_event.wait(min(1.0, period / 2))
+
+    def _print_status(self) -> None:
+        per_stage = [0] * self.spec.num_stages
+        for p in self._snapshot:
+            if p.state == "online" and p.stage < len(per_stage):
+                per_stage[p.stage] += 1
+        t = self.trainer.stats if self.trainer is not None else None
+        elapsed = max(1e-6, time.monotonic() - t.started) if t else 1.0
+        tok_s = t.tokens / elapsed if t else 0.0
+        loss = t.loss_ema if t else self.worker.stats.loss_ema
+        sent = sum(self.counters.sent.values())
+        text = (f"stage {self.stage} | epoch {self._epoch()} | "
+                + (f"step {t.microbatches} | " if t else "")
+                + (f"loss {loss:.3f} | " if loss is not None else "")
+                + (f"{tok_s:,.0f} tok/s | " if t else "")
+                + f"served {self.worker.stats.backward + (self.worker.stats.forward if self.worker.is_last else 0)} | "
+                + f"peers/stage {per_stage} | sent {sent / 1e6:.1f} MB")
+        self.out.event("status", text, stage=self.stage, epoch=self._epoch(), microbatches=t.microbatches if t else 0,
+                       loss=loss, tokens=t.tokens if t else 0, tokens_per_s=tok_s, peers_per_stage=per_stage,
+                       samples_accumulated=self.worker.stats.samples, retries=t.retries if t else 0,
+                       bytes_sent=dict(self.counters.sent), bytes_received=dict(self.counters.received))
+
+
+def run_peer(config: PeerConfig) -> int:
+    peer = Peer(config)
+    peer.install_signal_handlers()
+    try:
+        return peer.run()
+    except KeyboardInterrupt:
+        return 130
