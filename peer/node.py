@@ -99,7 +99,9 @@ class Peer:
         self.started = time.time()
         self._snapshot: list[PeerInfo] = []
         self.identity: Optional[Identity] = None
-        self.dht = self.swarm = self.worker = self.server = self.optimizer = self.trainer = None
+        self.dht = self.swarm = self.worker = self.server = self.optimizer = self.trainer = self.p2p = None
+        self.restored_step: Optional[int] = None
+        self.metrics = None  # a peer.metrics object when --metrics-port is given
         self.loop: Optional[LoopThread] = None
         self.stage: Optional[int] = None
         self.spec: Optional[RunSpec] = None
@@ -146,16 +148,11 @@ class Peer:
                        stage=self.stage)
         self._announce()  # 'joining': visible to status, not yet routed to
 
-        module = LlamaStage.from_spec(spec, self.stage)
-        self.optimizer = make_stage_optimizer(spec, self.stage, module, self.dht)
-        self._catch_up()
-        self.worker = StageWorker(module, is_last=self.stage == spec.num_stages - 1, optimizer=self.optimizer)
         self.loop = LoopThread()
-        p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
-        self.server = StageServer(spec, self.stage, self.worker, info=self._info, counters=self.counters)
-        self.loop.run(self.server.start(p2p), timeout=30)
+        self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+        self._open_stage(self.stage)
         if cfg.data:
-            self.trainer = Trainer(spec, p2p, self.swarm.peer_id, snapshot=lambda: self._snapshot,
+            self.trainer = Trainer(spec, self.p2p, self.swarm.peer_id, snapshot=lambda: self._snapshot,
                                    local_stage=self.stage, local_worker=self.worker,
                                    request_timeout=cfg.request_timeout, counters=self.counters,
                                    seed=hash(self.swarm.peer_id) & 0xFFFF)
@@ -166,6 +163,44 @@ class Peer:
         self.out.event("ready", f"serving stage {self.stage} as {self.swarm.peer_id}"
                        + (" and training on " + cfg.data if cfg.data else " (no --data: serving only)"),
                        peer_id=self.swarm.peer_id, stage=self.stage, maddrs=maddrs, digest=spec.digest())
+
+    # --- one stage's parts: opened on start, closed on exit or on a move --------------------
+
+    def _open_stage(self, stage: int) -> None:
+        """Build stage ``stage``, restore its state, catch up with its group, start serving it."""
+        spec = self.spec
+        module = LlamaStage.from_spec(spec, stage)
+        self.restored_step = self._restore_stage_state(stage, module)
+        self.optimizer = make_stage_optimizer(spec, stage, module, self.dht)
+        self._catch_up()
+        self.worker = StageWorker(module, is_last=stage == spec.num_stages - 1, optimizer=self.optimizer)
+        self.server = StageServer(spec, stage, self.worker, info=self._info, counters=self.counters)
+        self.loop.run(self.server.start(self.p2p), timeout=30)
+        self.stage = stage
+        if self.trainer is not None:
+            self.trainer.local_stage, self.trainer.local_worker = stage, self.worker
+
+    def _close_stage(self) -> None:
+        """Stop serving the current stage; in-flight requests get 'busy' and are retried elsewhere."""
+        if self.server is not None and self.loop is not None:
+            try:
+                self.loop.run(self.server.stop(), timeout=5)
+            except Exception:
+                pass
+        if self.worker is not None:
+            self.worker.shutdown()
+        if self.optimizer is not None:
+            try:
+                self.optimizer.shutdown()
+            except Exception as err:
+                log.debug("optimizer shutdown: %s", err)
+        self.server = None
+
+    def _restore_stage_state(self, stage: int, module: LlamaStage) -> Optional[int]:
+        """Load the newest trusted checkpoint of ``stage`` into ``module`` before it serves;
+        returns its step, or None when the stage starts from the spec's init. (The trust
+        issue fills this in; until then every stage starts from the deterministic init.)"""
+        return None
 
     def _choose_stage(self) -> int:
         # Records appear within an announce period; a short wait avoids herding into stage 0.
@@ -202,13 +237,16 @@ class Peer:
         while not self.stop_event.is_set():
             time.sleep(0.2)
             if deadline is not None and time.monotonic() > deadline:
-                self.out.event("deadline", f"--max-seconds reached", seconds=cfg.max_seconds)
+                self.out.event("deadline", "--max-seconds reached", seconds=cfg.max_seconds)
                 break
             if train_future is not None and train_future.done():
                 exc = train_future.exception()
                 if exc is not None:
                     raise exc
                 break
+            if self.metrics is not None:
+                self.metrics.update(self)
+            self._periodic()
             if time.monotonic() - last_status >= cfg.status_every:
                 last_status = time.monotonic()
                 self._print_status()
@@ -220,6 +258,9 @@ class Peer:
                 log.warning("trainer stopped with %s", err)
         self._print_status()
 
+    def _periodic(self) -> None:
+        """Called every ~0.2 s from the main loop: the place for rebalancing and keeper work."""
+
     async def _train(self, dataset) -> None:
         await self.trainer.run(dataset, stop=self._async_stop, max_microbatches=self.config.max_microbatches)
 
@@ -230,24 +271,14 @@ class Peer:
                 self._announce(ttl=max(5.0, self.config.announce_period))
             except Exception:
                 pass
-        if self.server is not None and self.loop is not None:
-            try:
-                self.loop.run(self.server.stop(), timeout=5)
-            except Exception:
-                pass
-        if self.worker is not None:
-            self.worker.shutdown()
-            if self.config.final_state:
-                from safetensors.torch import save_file
+        worker = self.worker
+        self._close_stage()
+        if worker is not None and self.config.final_state:
+            from safetensors.torch import save_file
 
-                state = {k: v.detach().contiguous() for k, v in self.worker.module.state_dict().items()}
-                Path(self.config.final_state).parent.mkdir(parents=True, exist_ok=True)
-                save_file(state, self.config.final_state, metadata={"epoch": str(self._epoch())})
-        if self.optimizer is not None:
-            try:
-                self.optimizer.shutdown()
-            except Exception as err:
-                log.debug("optimizer shutdown: %s", err)
+            state = {k: v.detach().contiguous() for k, v in worker.module.state_dict().items()}
+            Path(self.config.final_state).parent.mkdir(parents=True, exist_ok=True)
+            save_file(state, self.config.final_state, metadata={"epoch": str(self._epoch())})
         if self.loop is not None:
             self.loop.stop()
         if self.dht is not None:
