@@ -27,12 +27,22 @@ main.add_command(checkpoint)
 
 
 @main.command()
-@click.option("--seconds", type=float, default=None, help="Stop after this long (default: a bounded demo).")
-def demo(seconds):
-    """Run a local demo swarm on 127.0.0.1 with built-in defaults."""
+@click.option("--seconds", type=float, default=None, help="Stop after this long (default: 150).")
+@click.option("--stages", type=int, default=2, show_default=True)
+@click.option("--peers-per-stage", type=int, default=2, show_default=True)
+@click.option("--preset", default="tiny", show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None, help="Where logs go (default: a temp dir).")
+@click.option("--json-summary", is_flag=True, help="Print a JSON summary line at the end (progress goes to stderr).")
+def demo(seconds, stages, peers_per_stage, preset, workdir, json_summary):
+    """Run a local demo swarm on 127.0.0.1 with built-in defaults.
+
+    Starts a bootstrap and STAGES x PEERS_PER_STAGE peer processes that train a small Llama on
+    the Python standard library's source files, shows live progress, and stops them all.
+    """
     from peer.demo import run_demo
 
-    sys.exit(run_demo(seconds=seconds))
+    sys.exit(run_demo(seconds=seconds, stages=stages, peers_per_stage=peers_per_stage, preset=preset,
+                      workdir=workdir, json_summary=json_summary))
 
 
 def _load_spec_option(spec_path):

@@ -93,6 +93,8 @@ class Trainer:
         self._ids = itertools.count()
         self._tag = uuid.uuid4().hex[:8]
         self.codec = spec.compression.activations
+        self._stopping = False  # set on shutdown: no waiting for peers that may be leaving too
+        self.stop_grace = 15.0
 
     # --- routing ---------------------------------------------------------------------------
 
@@ -121,7 +123,7 @@ class Trainer:
             if exclude and choose_peer(self._candidates(stage), banned=self.bans.banned(now), rng=self.rng):
                 exclude = ()  # the only live peer is the one that just failed: try it again
                 continue
-            if now > deadline:
+            if now > deadline or self._stopping:
                 raise NoPeerForStage(f"no reachable peer serves stage {stage} (waited {self.wait_for_peers:.0f}s)")
             await asyncio.sleep(0.5)
 
@@ -283,4 +285,10 @@ class Trainer:
             started += 1
             await asyncio.sleep(0)
         if tasks:
-            await asyncio.wait(tasks, timeout=self.request_timeout * (self.spec.num_stages + 1))
+            # In-flight micro-batches get a short grace: their peers may be shutting down too.
+            self._stopping = True
+            _done, pending = await asyncio.wait(tasks, timeout=self.stop_grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.info("%d in-flight micro-batches abandoned at shutdown", len(pending))
