@@ -1,4 +1,4 @@
-"""Stage serving over hivemind's P2P: forward, backward and info handlers.
+"""Stage serving over hivemind's P2P: forward, backward, info and state handlers.
 
 Every request is untrusted: the spec digest, the stage, tensor names, dtypes, shapes, sizes
 and values are checked before any compute, and a bad request gets an error reply while the
@@ -19,12 +19,13 @@ from hivemind.p2p import P2P
 from peer.stage_worker import StageError, StageWorker
 from peer.wire import FrameError, error_response, join_tensors, read_frame, split_message, write_frame
 from protocol.codecs import TensorRejected, activation_codec, decode, encode
-from protocol.messages_pb2 import InfoRequest, InfoResponse, StageRequest, StageResponse
+from protocol.messages_pb2 import InfoRequest, InfoResponse, StageRequest, StageResponse, StateRequest, StateResponse
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.server")
 
 FORWARD, BACKWARD, INFO = "swarmtrain.forward", "swarmtrain.backward", "swarmtrain.info"
+STATE = "swarmtrain.state"  # the stage's current parameters, for the keeper (peer.keeper)
 MAX_FRAMES = 1024
 MAX_TIMEOUT = 600.0
 
@@ -104,17 +105,20 @@ class StageServer:
         self.counters = counters or WireCounters()
         self.requests_rejected = 0
         self.p2p: Optional[P2P] = None
+        # A state request copies and serializes the whole stage: one at a time, others get "busy".
+        self._state_busy = False
 
     async def start(self, p2p: P2P) -> None:
         self.p2p = p2p
         await p2p.add_binary_stream_handler(FORWARD, self._serve(self._forward))
         await p2p.add_binary_stream_handler(BACKWARD, self._serve(self._backward))
         await p2p.add_binary_stream_handler(INFO, self._serve_info)
+        await p2p.add_binary_stream_handler(STATE, self._serve_state)
 
     async def stop(self) -> None:
         if self.p2p is None:
             return
-        for name in (FORWARD, BACKWARD, INFO):
+        for name in (FORWARD, BACKWARD, INFO, STATE):
             try:
                 await self.p2p.remove_binary_stream_handler(name)
             except Exception:
@@ -275,3 +279,58 @@ class StageServer:
             pass
         finally:
             writer.close()
+
+    # --- state (for the keeper) ---------------------------------------------------------------
+
+    def _state_snapshot(self) -> tuple[list[str], list[torch.Tensor], int]:
+        """Runs in the worker thread, between requests and optimizer steps: the parameters and
+        the epoch they belong to are read together. Distinct parameters only (a tied head is
+        sent once, under the embedding's name), as in ``peer.model.stage_param_shapes``."""
+        params = dict(self.worker.module.named_parameters())
+        epoch = int(self.info().get("epoch", 0))
+        return list(params), [p.detach().clone() for p in params.values()], epoch
+
+    async def _serve_state(self, _stream_info, reader, writer) -> None:
+        try:
+            frames = await self._state_response(reader)
+            for frame in frames:
+                self.counters.add("sent", "state", frame.ByteSize())
+                await write_frame(writer, frame)
+            await write_frame(writer, None)
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            pass  # the caller hung up
+        except Exception:
+            log.exception("state handler failed")
+        finally:
+            writer.close()
+
+    async def _state_response(self, reader) -> list[StateResponse]:
+        def fail(code: str, message: str) -> list[StateResponse]:
+            self.requests_rejected += 1
+            return [StateResponse(error=message, error_code=code)]
+
+        try:
+            request = await asyncio.wait_for(read_frame(reader, StateRequest), timeout=10.0)
+        except FrameError as err:
+            return fail("bad_request", f"malformed request: {err}")
+        if request is None:
+            return fail("bad_request", "empty request")
+        if request.spec_digest != self.digest:
+            return fail("wrong_spec", f"spec digest {request.spec_digest[:16]!r} does not match this server's "
+                                      f"{self.digest[:16]!r}")
+        if request.stage != self.stage:
+            return fail("wrong_stage", f"this peer serves stage {self.stage}, not {request.stage}")
+        if self._state_busy:
+            return [StateResponse(error="another state request is being served", error_code="busy")]
+        self._state_busy = True
+        try:
+            try:
+                names, tensors, epoch = await asyncio.wrap_future(self.worker.submit(self._state_snapshot, priority=0))
+            except StageError as err:
+                return [StateResponse(error=str(err), error_code=err.code)]
+            # Serializing a large stage takes a while: off the event loop, which serves forward/backward.
+            protos = await asyncio.to_thread(lambda: [encode(t, "none") for t in tensors])
+            header = StateResponse(spec_digest=self.digest, stage=self.stage, epoch=epoch)
+            return split_message(header, names, protos)
+        finally:
+            self._state_busy = False

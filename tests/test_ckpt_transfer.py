@@ -1,0 +1,307 @@
+"""Checkpoint transfer over real p2pd daemons on 127.0.0.1: chunked download, resume from a
+second source after the first dies, refusal of tampered or substituted files, the server's
+request validation, and the loading policy (candidates, local refusals, live-state verdict)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from keeper_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
+from peer.checkpoint_store import CheckpointStore, LocalCheckpoint, write_checkpoint
+from peer.ckpt_transfer import (
+    CKPT,
+    MAX_READ_BYTES,
+    CheckpointFetcher,
+    CheckpointServer,
+    CheckpointService,
+    FetchFailed,
+    SourceFailed,
+    check_listing,
+    file_size_limits,
+    list_remote,
+    live_state_verdict,
+    read_remote,
+    restore_candidates,
+)
+from peer.model import LlamaStage
+from protocol import signing
+from protocol.checkpoint import META_FILE, MODEL_FILE, CheckpointMeta, CheckpointRefused, manifest_digest
+from protocol.spec import preset_spec
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return make_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def spec(keys):
+    return preset_spec("tiny", stages=2, trusted_keys=(keys["keeper"][1].read_text(),))
+
+
+def _trained(spec, stage=0, seed=1):
+    torch.manual_seed(seed)
+    module = LlamaStage.from_spec(spec, stage)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return module
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, spec, keys):
+    """A signed checkpoint of stage 0, step 7 (about 1.7 MB)."""
+    root = tmp_path_factory.mktemp("src")
+    module = _trained(spec)
+    w = write_checkpoint(root / "stage-0" / "step-0000000007", spec=spec, stage=0, step=7, tokens_seen=7000,
+                         model_state=module.state_dict(), key_paths=[keys["keeper"][0]])
+    return w, module
+
+
+def _copy(ckpt_path: Path, dest: Path) -> Path:
+    target = dest / "stage-0" / ckpt_path.name
+    shutil.copytree(ckpt_path, target)
+    return target
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def host():
+    h = P2PHost()
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def client(host):
+    return host.new()
+
+
+def _serve(host, spec, path: Path, manifest: str, client) -> tuple:
+    node = host.new(client)
+    server = CheckpointServer(spec)
+    server.add(manifest, path, 0, 7)
+    host.run(server.start(node))
+    return node, server
+
+
+# --- pure checks -------------------------------------------------------------------------------
+
+
+def test_listing_limits(spec):
+    limits = file_size_limits(spec, 0)
+    ok = {META_FILE: 300, MODEL_FILE: 1000, "signatures/0123456789abcdef.sig": 900}
+    check_listing(ok, limits)
+    with pytest.raises(SourceFailed, match=r"'\.\./\.\./etc/passwd', which is not part of a checkpoint"):
+        check_listing({**ok, "../../etc/passwd": 10}, limits)
+    with pytest.raises(SourceFailed, match="model.safetensors is .* bytes, more than"):
+        check_listing({**ok, MODEL_FILE: limits[MODEL_FILE] + 1}, limits)
+    with pytest.raises(SourceFailed, match="no signature"):
+        check_listing({META_FILE: 1, MODEL_FILE: 1}, limits)
+    with pytest.raises(SourceFailed, match="lacks model.safetensors"):
+        check_listing({META_FILE: 1, "signatures/0123456789abcdef.sig": 1}, limits)
+
+
+def _local(path, step, stage=0):
+    meta = CheckpointMeta(run_id="r", spec_digest="0" * 64, stage=stage, step=step, tokens_seen=0, created=0.0)
+    return LocalCheckpoint(path=Path(path), meta=meta, signers=("a" * 16,))
+
+
+def _rec(step, digest):
+    return {"step": step, "manifest_digest": digest, "signers": ["a" * 16], "files": 2, "total_bytes": 10, "stage": 0}
+
+
+def test_restore_candidates_order_and_rollback():
+    d1, d2, d3 = "1" * 64, "2" * 64, "3" * 64
+    local = [_local("/c/step-9", 9), _local("/c/step-3", 3)]
+    announced = [("peerA", _rec(9, d1)), ("peerB", _rec(12, d2)), ("peerC", _rec(12, d2)), ("peerD", _rec(2, d3)),
+                 ("me", _rec(50, "4" * 64))]
+    got = restore_candidates(local, announced, held_step=3, exclude_sources=["me"])
+    assert [(c.step, c.manifest, c.path) for c in got] == [
+        (12, d2, None), (9, None, Path("/c/step-9")), (9, d1, None), (3, None, Path("/c/step-3"))]
+    assert got[0].sources == ("peerB", "peerC")
+    # The step of a digest is the smallest any announcer claims: lying about it does not help.
+    got = restore_candidates([], [("liar", _rec(99, d1)), ("honest", _rec(9, d1))])
+    assert [(c.step, c.sources) for c in got] == [(9, ("liar", "honest"))]
+
+
+def test_live_state_verdict():
+    v = dict(local_epoch=10, trusted_step=10, has_trusted_keys=True, accept_untrusted=True, max_lag=5)
+    assert live_state_verdict(group_epoch=10, **v)[0] is False  # in step
+    load, why = live_state_verdict(group_epoch=15, **v)
+    assert load and "5 epoch(s) ahead of the trusted checkpoint (step 10)" in why
+    load, why = live_state_verdict(group_epoch=16, **v)
+    assert not load and "6 epochs ahead of the trusted checkpoint (step 10), more than trust.max_live_state_lag = 5" in why
+    load, why = live_state_verdict(group_epoch=11, **{**v, "accept_untrusted": False})
+    assert not load and "trust.accept_untrusted_live_state = false" in why
+    # No checkpoint: the spec's init (step 0) is the trusted base.
+    load, why = live_state_verdict(group_epoch=6, **{**v, "local_epoch": 0, "trusted_step": None})
+    assert not load and "the spec's initialisation" in why
+    # No trusted keys: nothing is more trusted than live state, no lag limit.
+    assert live_state_verdict(group_epoch=1000, **{**v, "trusted_step": None, "has_trusted_keys": False})[0]
+
+
+# --- the server ----------------------------------------------------------------------------------
+
+
+def test_server_validates_requests(host, client, spec, ckpt, tmp_path):
+    written, _ = ckpt
+    path = _copy(written.path, tmp_path)
+    node, _ = _serve(host, spec, path, written.manifest_digest, client)
+    src, d, m = peer_id(node), spec.digest(), written.manifest_digest
+    files, stage, step = host.run(list_remote(client, src, d, m))
+    assert (stage, step) == (0, 7)
+    assert set(files) == {META_FILE, MODEL_FILE, f"signatures/{written.signers[0]}.sig"}
+    assert files[MODEL_FILE] == (path / MODEL_FILE).stat().st_size
+    head = host.run(read_remote(client, src, d, m, META_FILE, 0, 20))
+    assert head == (path / META_FILE).read_bytes()[:20]
+    with pytest.raises(SourceFailed, match="bad_request: '../../../etc/passwd' is not a file of this checkpoint"):
+        host.run(read_remote(client, src, d, m, "../../../etc/passwd", 0, 10))
+    with pytest.raises(SourceFailed, match="not_found"):
+        host.run(list_remote(client, src, d, "f" * 64))
+    with pytest.raises(SourceFailed, match="wrong_spec"):
+        host.run(list_remote(client, src, "0" * 64, m))
+    with pytest.raises(SourceFailed, match="bad_request: bad range"):
+        host.run(read_remote(client, src, d, m, MODEL_FILE, 0, MAX_READ_BYTES + 1))
+    # A checkpoint deleted (pruned) after it was registered is reported gone, not served.
+    shutil.rmtree(path)
+    with pytest.raises(SourceFailed, match="gone"):
+        host.run(list_remote(client, src, d, m))
+
+
+# --- fetching -------------------------------------------------------------------------------------
+
+
+def test_fetch_resumes_from_second_source_after_first_dies(host, client, spec, ckpt, tmp_path):
+    written, module = ckpt
+    m = written.manifest_digest
+    first, _ = _serve(host, spec, _copy(written.path, tmp_path / "a"), m, client)
+    second, _ = _serve(host, spec, _copy(written.path, tmp_path / "b"), m, client)
+    reads = {"n": 0}
+
+    def run(coro, timeout=None):
+        # The first source dies after a few chunks of model.safetensors have arrived.
+        if getattr(coro, "cr_code", None) is not None and "wait_for" in coro.cr_code.co_name:
+            reads["n"] += 1
+            if reads["n"] == 8:
+                host.kill(first)
+        return host.run(coro, timeout)
+
+    fetcher = CheckpointFetcher(spec, client, run, read_bytes=64 << 10, request_timeout=20)
+    result = fetcher.fetch(0, m, [peer_id(first), peer_id(second)], tmp_path / "dest")
+    assert result.sources == [peer_id(first), peer_id(second)]
+    total = sum(p.stat().st_size for p in written.path.rglob("*") if p.is_file())
+    assert result.bytes_fetched == total  # resumed at the byte where the first source stopped
+    v = result.verified
+    assert v.manifest_digest == m and v.meta.step == 7
+    assert v.path == tmp_path / "dest" / "stage-0" / "step-0000000007"
+    assert not [p for p in v.path.parent.iterdir() if p.name.startswith(".tmp-")]
+    for name, p in module.named_parameters():
+        assert torch.equal(v.model_state[name], p.detach())
+
+
+def test_tampered_chunk_is_refused_and_fetched_again_elsewhere(host, client, spec, ckpt, tmp_path):
+    written, _ = ckpt
+    m = written.manifest_digest
+    bad_path = _copy(written.path, tmp_path / "bad")
+    _flip_byte(bad_path / MODEL_FILE, (bad_path / MODEL_FILE).stat().st_size // 2)
+    bad, _ = _serve(host, spec, bad_path, m, client)
+    good, _ = _serve(host, spec, _copy(written.path, tmp_path / "good"), m, client)
+    fetcher = CheckpointFetcher(spec, client, host.run, read_bytes=256 << 10)
+
+    with pytest.raises(FetchFailed, match=r"model\.safetensors does not match its signed sha256"):
+        fetcher.fetch(0, m, [peer_id(bad)], tmp_path / "only-bad")
+    assert not list((tmp_path / "only-bad" / "stage-0").iterdir())  # nothing published, temp removed
+
+    result = fetcher.fetch(0, m, [peer_id(bad), peer_id(good)], tmp_path / "dest")
+    assert result.sources == [peer_id(bad), peer_id(good)]
+    assert signing.sha256_file(result.verified.path / MODEL_FILE) == signing.sha256_file(written.path / MODEL_FILE)
+
+
+def test_substituted_or_untrusted_checkpoint_is_refused(host, client, spec, keys, ckpt, tmp_path):
+    written, module = ckpt
+    # A source that answers for our digest with another checkpoint, properly signed by the keeper.
+    other = write_checkpoint(tmp_path / "other" / "stage-0" / "step-0000000099", spec=spec, stage=0, step=99,
+                             tokens_seen=0, model_state=module.state_dict(), key_paths=[keys["keeper"][0]])
+    liar, _ = _serve(host, spec, other.path, written.manifest_digest, client)
+    fetcher = CheckpointFetcher(spec, client, host.run)
+    with pytest.raises(CheckpointRefused, match=f"the signatures cover checkpoint {other.manifest_digest}, not the "
+                                                f"requested {written.manifest_digest}"):
+        fetcher.fetch(0, written.manifest_digest, [peer_id(liar)], tmp_path / "d1")
+    # A checkpoint signed by a key the spec does not trust.
+    forged = write_checkpoint(tmp_path / "forged" / "stage-0" / "step-0000000100", spec=spec, stage=0, step=100,
+                              tokens_seen=0, model_state=module.state_dict(), key_paths=[keys["mallory"][0]])
+    mallory, _ = _serve(host, spec, forged.path, forged.manifest_digest, client)
+    fp = signing.fingerprint(keys["mallory"][1].read_text())
+    with pytest.raises(CheckpointRefused, match=f"signatures/{fp}.sig is by key {fp}, which is not trusted"):
+        fetcher.fetch(0, forged.manifest_digest, [peer_id(mallory)], tmp_path / "d2")
+    # Rollback: older than what the peer holds.
+    good, _ = _serve(host, spec, _copy(written.path, tmp_path / "g"), written.manifest_digest, client)
+    with pytest.raises(CheckpointRefused, match="step is 7, older than the step already held \\(8\\): rollback refused"):
+        fetcher.fetch(0, written.manifest_digest, [peer_id(good)], tmp_path / "d3", held_step=8)
+
+
+# --- the loading policy -----------------------------------------------------------------------------
+
+
+def test_restore_refuses_tampered_local_then_fetches_and_announces(host, client, spec, ckpt, tmp_path):
+    written, module = ckpt
+    good, _ = _serve(host, spec, _copy(written.path, tmp_path / "good"), written.manifest_digest, client)
+    root = tmp_path / "mine"
+    tampered = _copy(written.path, root)
+    _flip_byte(tampered / MODEL_FILE, 200)
+    swarm = FakeSwarm(peer_id=peer_id(client), announcements=[(peer_id(good), _rec(7, written.manifest_digest))])
+    events = Events()
+    service = CheckpointService(spec, CheckpointStore(root, spec), swarm=swarm, p2p=client, run=host.run,
+                                event=events, announce_period=0.5)
+
+    fresh = LlamaStage.from_spec(spec, 0)
+    restored = service.restore(0, fresh)
+    service.stop()
+    (text, refused), = events.named("checkpoint_refused")
+    assert refused["path"] == str(tampered) and refused["source"] == "local"
+    assert "model.safetensors: content does not match the signed digest" in refused["reason"]
+    (_, got), = events.named("restored")
+    assert got["step"] == 7 and got["source"] == peer_id(good) and got["manifest_digest"] == written.manifest_digest
+    assert restored.verified.path != tampered
+    for name, p in module.named_parameters():
+        assert torch.equal(dict(fresh.named_parameters())[name], p)
+    # It now serves and announces the checkpoint it verified.
+    assert written.manifest_digest in service.server.served()
+    assert (0, restored.verified.to_record()) in swarm.announced
+
+
+def test_restore_refusal_leaves_module_untouched(spec, ckpt, tmp_path):
+    written, _ = ckpt
+    root = tmp_path / "mine"
+    tampered = _copy(written.path, root)
+    (tampered / META_FILE).write_text((tampered / META_FILE).read_text().replace('"step": 7', '"step": 70'))
+    events = Events()
+    service = CheckpointService(spec, CheckpointStore(root, spec), swarm=None, p2p=None, run=None, event=events)
+    fresh = LlamaStage.from_spec(spec, 0)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    assert service.restore(0, fresh) is None
+    (_, refused), = events.named("checkpoint_refused")
+    assert "checkpoint.json: content does not match the signed digest" in refused["reason"]
+    assert events.named("restore_none")
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_restore_without_trusted_keys_is_skipped(tmp_path):
+    spec = preset_spec("tiny", stages=2)
+    events = Events()
+    service = CheckpointService(spec, CheckpointStore(tmp_path, spec), swarm=None, p2p=None, run=None, event=events)
+    assert service.restore(0, LlamaStage.from_spec(spec, 0)) is None
+    (text, fields), = events.named("restore_skipped")
+    assert fields["reason"] == "no trusted keys"
