@@ -311,10 +311,15 @@ class StageServer:
 
         try:
             request = await asyncio.wait_for(read_frame(reader, StateRequest), timeout=10.0)
+            # Read up to the end marker before answering: closing a stream with unread input
+            # resets it, and the caller would lose the answer.
+            extra = None if request is None else await asyncio.wait_for(read_frame(reader, StateRequest), timeout=10.0)
         except FrameError as err:
             return fail("bad_request", f"malformed request: {err}")
         if request is None:
             return fail("bad_request", "empty request")
+        if extra is not None:
+            return fail("bad_request", "one request per stream")
         if request.spec_digest != self.digest:
             return fail("wrong_spec", f"spec digest {request.spec_digest[:16]!r} does not match this server's "
                                       f"{self.digest[:16]!r}")

@@ -1,0 +1,272 @@
+"""The keeper: the stage state RPC and its validation, the loss check, keeper rounds against
+real stage servers (p2pd on 127.0.0.1), and (slow) the whole story with real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from keeper_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
+from peer.checkpoint_store import CheckpointStore
+from peer.ckpt_transfer import CheckpointService
+from peer.keeper import (
+    Keeper,
+    KeeperConfig,
+    StateRejected,
+    check_signing_key,
+    check_stage_state,
+    loss_verdict,
+    pull_stage_state,
+)
+from peer.model import LlamaStage, stage_param_shapes
+from peer.server import STATE, StageServer
+from peer.stage_worker import StageWorker
+from peer.wire import read_frame, split_message, write_frame
+from protocol.checkpoint import verify_checkpoint
+from protocol.codecs import encode
+from protocol.messages_pb2 import StateRequest, StateResponse
+from protocol.records import PeerInfo
+from protocol.spec import preset_spec
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    return make_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def spec(keys):
+    return preset_spec("tiny", stages=2, trusted_keys=(keys["keeper"][1].read_text(),))
+
+
+@pytest.fixture(scope="module")
+def host():
+    h = P2PHost()
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def client(host):
+    return host.new()
+
+
+class StagePeer:
+    """A real StageServer on its own p2pd, with an epoch the test sets."""
+
+    def __init__(self, host, client, spec, stage):
+        self.module = LlamaStage.from_spec(spec, stage)
+        self.epoch = 0
+        self.worker = StageWorker(self.module, is_last=stage == spec.num_stages - 1)
+        self.server = StageServer(spec, stage, self.worker, info=lambda: {"epoch": self.epoch, "state": "online"})
+        self.node = host.new(client)
+        host.run(self.server.start(self.node))
+        self.peer_id = peer_id(self.node)
+        self.stage = stage
+
+    def info(self, epoch=None) -> PeerInfo:
+        return PeerInfo(peer_id=self.peer_id, stage=self.stage, state="online", throughput=1.0,
+                        epoch=self.epoch if epoch is None else epoch, tokens=1000, has_data=True)
+
+
+@pytest.fixture(scope="module")
+def stages(host, client, spec):
+    peers = [StagePeer(host, client, spec, k) for k in range(spec.num_stages)]
+    yield peers
+    for p in peers:
+        p.worker.shutdown()
+
+
+# --- validation (pure) -----------------------------------------------------------------------------
+
+
+def _protos(tensors: dict) -> dict:
+    return {k: encode(v, "none") for k, v in tensors.items()}
+
+
+def test_check_stage_state(spec):
+    good = dict(LlamaStage.from_spec(spec, 1).named_parameters())
+    out = check_stage_state(spec, 1, _protos(good))
+    assert set(out) == set(stage_param_shapes(spec, 1))
+    assert all(torch.equal(out[k], good[k].detach()) for k in out)
+
+    missing = dict(good)
+    missing.pop("lm_head.weight")
+    with pytest.raises(StateRejected, match="stage 1 state has the wrong tensors: missing lm_head.weight"):
+        check_stage_state(spec, 1, _protos(missing), source="p")
+    with pytest.raises(StateRejected, match="unexpected model.embed_tokens.weight"):
+        check_stage_state(spec, 1, _protos({**good, "model.embed_tokens.weight": torch.zeros(3)}))
+    wrong = {**good, "model.norm.weight": torch.ones(7)}
+    with pytest.raises(StateRejected, match=r"model.norm.weight: shape \[7\] where \[128\] was expected"):
+        check_stage_state(spec, 1, _protos(wrong))
+    nan = {**good, "model.norm.weight": torch.full((128,), float("nan"))}
+    with pytest.raises(StateRejected, match="model.norm.weight: contains NaN or infinite values"):
+        check_stage_state(spec, 1, _protos(nan))
+    ints = {**good, "model.norm.weight": torch.ones(128, dtype=torch.int64)}
+    with pytest.raises(StateRejected, match="model.norm.weight: dtype torch.int64 where torch.float32 was expected"):
+        check_stage_state(spec, 1, _protos(ints))
+
+
+def test_loss_verdict():
+    assert loss_verdict(3.0, 2.5) is None
+    assert loss_verdict(3.0, None) is None
+    assert "held-out loss is nan" in loss_verdict(math.nan, 2.0)
+    why = loss_verdict(4.0, 2.0)
+    assert "exploded: more than 1.5 x 2.0000 + 0.5 = 3.5000" in why
+
+
+def test_signing_key_must_be_trusted(spec, keys):
+    fp, warning = check_signing_key(spec, keys["keeper"][0])
+    assert warning is None and len(fp) == 16
+    with pytest.raises(ValueError, match="is not among the spec's trusted keys"):
+        check_signing_key(spec, keys["mallory"][0])
+    cosigned = preset_spec("tiny", stages=2, trusted_keys=(keys["keeper"][1].read_text(), keys["mallory"][1].read_text()),
+                           trust=dict(min_signatures=2))
+    assert "requires 2 signatures" in check_signing_key(cosigned, keys["keeper"][0])[1]
+
+
+# --- the state RPC -----------------------------------------------------------------------------------
+
+
+def test_state_rpc_returns_consistent_state(host, client, spec, stages):
+    peer = stages[1]
+    peer.epoch = 5
+    epoch, tensors = host.run(pull_stage_state(client, peer.peer_id, spec, 1))
+    assert epoch == 5
+    params = dict(peer.module.named_parameters())
+    assert set(tensors) == set(params) and all(torch.equal(tensors[k], params[k].detach()) for k in params)
+    with pytest.raises(StateRejected, match="wrong_stage: this peer serves stage 1, not 0"):
+        host.run(pull_stage_state(client, peer.peer_id, spec, 0))
+    other = preset_spec("tiny", stages=2, run_id="other")
+    with pytest.raises(StateRejected, match="wrong_spec"):
+        host.run(pull_stage_state(client, peer.peer_id, other, 1))
+
+
+def _evil_server(host, client, spec, frames_for):
+    node = host.new(client)
+
+    async def handler(_info, reader, writer):
+        while await read_frame(reader, StateRequest) is not None:  # the request, up to its end marker
+            pass
+        for frame in frames_for():
+            await write_frame(writer, frame)
+        await write_frame(writer, None)
+        writer.close()
+
+    host.run(node.add_binary_stream_handler(STATE, handler))
+    return peer_id(node)
+
+
+def test_state_rpc_rejects_bad_replies(host, client, spec):
+    good = {k: p.detach() for k, p in LlamaStage.from_spec(spec, 1).named_parameters()}
+
+    def reply(tensors, **header):
+        fields = {"spec_digest": spec.digest(), "stage": 1, "epoch": 3, **header}
+        return lambda: split_message(StateResponse(**fields), list(tensors), [encode(t, "none") for t in tensors.values()])
+
+    cases = [
+        (reply({**good, "model.norm.weight": torch.full((128,), float("inf"))}), "model.norm.weight: contains NaN"),
+        (reply({**good, "model.norm.weight": torch.ones(64)}), r"model.norm.weight: shape \[64\]"),
+        (reply({k: v for k, v in good.items() if k != "lm_head.weight"}), "missing lm_head.weight"),
+        (reply(good, stage=0), "state of stage 0, not 1"),
+        (reply({**good, "model.layers.0.evil": torch.zeros(1 << 22)}), "exceeds .* bytes"),
+    ]
+    for frames_for, message in cases:
+        pid = _evil_server(host, client, spec, frames_for)
+        with pytest.raises(StateRejected, match=message):
+            host.run(pull_stage_state(client, pid, spec, 1, timeout=20))
+
+
+# --- keeper rounds ----------------------------------------------------------------------------------
+
+
+def _keeper(host, client, spec, keys, stages, tmp_path, **kw):
+    swarm = FakeSwarm(peer_id=peer_id(client), peers=[p.info() for p in stages])
+    events = Events()
+    store = CheckpointStore(tmp_path / "ckpts", spec)
+    service = CheckpointService(spec, store, swarm=swarm, p2p=client, run=host.run, event=events, announce_period=0.2)
+    config = KeeperConfig(signing_key=keys["keeper"][0], checkpoint_dir=tmp_path / "ckpts", every=3600, **kw)
+    keeper = Keeper(spec, config, swarm=swarm, p2p=client, run=host.run, service=service, event=events)
+    return keeper, swarm, events, service
+
+
+def test_keeper_round_signs_skips_and_refuses(host, client, spec, keys, stages, tmp_path):
+    for p in stages:
+        p.epoch = 0
+    keeper, swarm, events, service = _keeper(host, client, spec, keys, stages, tmp_path, keep=2)
+    assert keeper.run_round() is None  # epoch 0 is the spec's init: nothing to sign
+    assert "no stage group has advanced past step 0" in events.named("keeper_skip")[-1][0]
+
+    with torch.no_grad():  # a little training
+        for p in stages:
+            for param in p.module.parameters():
+                param.add_(0.001 * torch.randn_like(param))
+    stages[0].epoch, stages[1].epoch = 4, 3
+    swarm.peers = [p.info() for p in stages]
+    result = keeper.run_round()
+    assert result is not None and result.step == 4  # the most advanced stage group's epoch, for all stages
+    assert result.sources == {0: stages[0].peer_id, 1: stages[1].peer_id}
+    (_, signed), = events.named("checkpoint_signed")
+    assert signed["step"] == 4 and math.isfinite(signed["loss"]) and signed["tokens_seen"] == 2000
+    for k, w in enumerate(result.written):
+        v = verify_checkpoint(w.path, spec, expected_stage=k, expected_shapes=stage_param_shapes(spec, k))
+        assert v.meta.step == 4 and v.signers == (keeper.fingerprint,)
+        params = dict(stages[k].module.named_parameters())
+        assert all(torch.equal(v.model_state[n], params[n].detach()) for n in params)
+        assert w.manifest_digest in service.server.served()
+    service.announcer.stop()
+    assert {(s, r["step"]) for s, r in swarm.announced} == {(0, 4), (1, 4)}
+
+    assert keeper.run_round() is None  # nothing new
+    assert "past step 4" in events.named("keeper_skip")[-1][0]
+
+    # An exploded stage is refused and nothing is signed.
+    saved = {k: v.clone() for k, v in stages[1].module.state_dict().items()}
+    with torch.no_grad():
+        stages[1].module.lm_head.weight.mul_(300.0)
+    stages[0].epoch = stages[1].epoch = 5
+    swarm.peers = [p.info() for p in stages]
+    assert keeper.run_round() is None
+    (text, refused), = events.named("keeper_refused")
+    assert refused["step"] == 5 and "exploded" in refused["reason"]
+    assert [c.meta.step for c in keeper.store.list(1)] == [4]
+
+    # A stage that serves NaN is rejected at the state RPC.
+    with torch.no_grad():
+        stages[1].module.load_state_dict(saved)
+        stages[1].module.model.norm.weight[0] = float("nan")
+    assert keeper.run_round() is None
+    assert "contains NaN" in events.named("state_rejected")[-1][1]["reason"]
+    assert "stage 1: no usable state" in events.named("keeper_skip")[-1][0]
+
+    # Healthy again: signed, and only the newest `keep` per stage remain.
+    with torch.no_grad():
+        stages[1].module.load_state_dict(saved)
+    for step in (6, 7):
+        stages[0].epoch = stages[1].epoch = step
+        swarm.peers = [p.info() for p in stages]
+        assert keeper.run_round().step == step
+    assert [c.meta.step for c in keeper.store.list(0)] == [7, 6]
+    assert len(service.server.served()) == 4  # pruned ones are no longer served
+
+
+def test_keeper_resumes_numbering_and_announces_existing(host, client, spec, keys, stages, tmp_path):
+    for p in stages:
+        p.epoch = 2
+    keeper, swarm, events, service = _keeper(host, client, spec, keys, stages, tmp_path)
+    assert keeper.run_round().step == 2
+    # A restarted keeper serves what it has and continues after it.
+    keeper2, swarm2, events2, service2 = _keeper(host, client, spec, keys, stages, tmp_path)
+    keeper2._offer_existing()
+    assert keeper2.last_step == 2 and keeper2.reference_loss is not None
+    assert len(service2.server.served()) == 2
+    assert keeper2.run_round() is None
+    service.announcer.stop()
+    service2.announcer.stop()
