@@ -55,6 +55,13 @@ class PeerConfig:
     log_json: bool = False
     final_state: Optional[str] = None
     client_mode: bool = False
+    # Checkpoints (peer.ckpt_transfer) and the keeper (peer.keeper).
+    checkpoint_dir: Optional[str] = None  # None: fetched checkpoints go to a temporary dir
+    keeper: bool = False
+    signing_key: Optional[str] = None
+    keeper_every: float = 300.0
+    keeper_keep: int = 3
+    eval_data: Optional[str] = None
 
 
 class Output:
@@ -101,6 +108,9 @@ class Peer:
         self.identity: Optional[Identity] = None
         self.dht = self.swarm = self.worker = self.server = self.optimizer = self.trainer = self.p2p = None
         self.restored_step: Optional[int] = None
+        self.checkpoints = self.keeper = None  # peer.ckpt_transfer.CheckpointService, peer.keeper.Keeper
+        self._ckpt_tmp: Optional[str] = None
+        self._held_checkpoint_steps: dict[int, int] = {}
         self.metrics = None  # a peer.metrics object when --metrics-port is given
         self.loop: Optional[LoopThread] = None
         self.stage: Optional[int] = None
@@ -198,9 +208,74 @@ class Peer:
 
     def _restore_stage_state(self, stage: int, module: LlamaStage) -> Optional[int]:
         """Load the newest trusted checkpoint of ``stage`` into ``module`` before it serves;
-        returns its step, or None when the stage starts from the spec's init. (The trust
-        issue fills this in; until then every stage starts from the deterministic init.)"""
-        return None
+        returns its step, or None when the stage starts from the spec's init.
+
+        Candidates are the checkpoints in ``--checkpoint-dir`` and those announced in the DHT
+        (fetched over P2P from any announcer), newest step first. One is loaded only if it
+        verifies: signed by the spec's trusted key(s) (trust.min_signatures), every file
+        matching its signed digest, the spec digest, run id and stage matching, tensors of the
+        stage's names and shapes and finite, and a step not older than one this peer held for
+        the stage before (no rollback). Each refusal is an event naming the file and the check
+        (``checkpoint_refused``) and leaves ``module`` untouched. The loaded checkpoint is then
+        served and announced, so that later peers can fetch it from this one.
+        """
+        service = self._checkpoint_service()
+        held = self._held_checkpoint_steps.get(stage)
+        restored = service.restore(stage, module, held_step=held)
+        if restored is None:
+            return None
+        step = restored.verified.meta.step
+        self._held_checkpoint_steps[stage] = max(step, held or 0)
+        return step
+
+    def _checkpoint_service(self):
+        """The peer's checkpoint side (store, server, announcer), created on first use."""
+        if self.checkpoints is None:
+            import tempfile
+
+            from peer.checkpoint_store import CheckpointStore
+            from peer.ckpt_transfer import CheckpointService
+
+            root = self.config.checkpoint_dir
+            if root is None:
+                root = self._ckpt_tmp = tempfile.mkdtemp(prefix="swarmtrain-ckpt-")
+            store = CheckpointStore(Path(root).expanduser(), self.spec)
+            self.checkpoints = CheckpointService(self.spec, store, swarm=self.swarm, p2p=self.p2p, run=self.loop.run,
+                                                 event=self.out.event, announce_period=self.config.announce_period,
+                                                 request_timeout=self.config.request_timeout, counters=self.counters)
+            self.checkpoints.start()
+        return self.checkpoints
+
+    def _start_keeper(self) -> None:
+        """``run --keeper``: sign checkpoints of the whole pipeline from this peer (peer.keeper)."""
+        from peer.keeper import Keeper, KeeperConfig
+
+        cfg = self.config
+        kcfg = KeeperConfig(signing_key=Path(cfg.signing_key), checkpoint_dir=Path(cfg.checkpoint_dir),
+                            every=cfg.keeper_every, keep=cfg.keeper_keep, eval_data=cfg.eval_data,
+                            request_timeout=max(60.0, cfg.request_timeout))
+        self.keeper = Keeper(self.spec, kcfg, swarm=self.swarm, p2p=self.p2p, run=self.loop.run,
+                             service=self._checkpoint_service(), event=self.out.event,
+                             local_state=self._local_stage_state)
+        self.keeper.start()
+
+    def _local_stage_state(self, stage: int):
+        """(epoch, parameters) of the stage this peer serves, read in its worker thread."""
+        worker = self.worker
+        if worker is None or self.stage != stage:
+            return None
+        return worker.call(lambda: (self._epoch(), {k: p.detach().clone() for k, p in worker.module.named_parameters()}),
+                           timeout=60)
+
+    def _stop_checkpoints(self) -> None:
+        if self.keeper is not None:
+            self.keeper.stop()
+        if self.checkpoints is not None:
+            self.checkpoints.stop()
+        if self._ckpt_tmp is not None:
+            import shutil
+
+            shutil.rmtree(self._ckpt_tmp, ignore_errors=True)
 
     def _choose_stage(self) -> int:
         # Records appear within an announce period; a short wait avoids herding into stage 0.
@@ -211,13 +286,55 @@ class Peer:
         return choose_stage(self._snapshot, self.spec.num_stages, my_throughput=1.0, my_peer_id=self.swarm.peer_id)
 
     def _catch_up(self) -> None:
-        """Join the stage group at its current epoch: load live state before serving."""
-        tracker = self.optimizer.tracker
+        """Join the stage group at its current epoch, as far as the spec's trust policy allows.
+
+        - A restored checkpoint's step becomes this peer's epoch first, so that live state
+          older than the trusted checkpoint is never loaded over it (hivemind refuses state
+          from peers behind its local epoch).
+        - When the group is ahead, its live state (unsigned, from one peer of the group) is
+          loaded only if ``trust.accept_untrusted_live_state`` and, when the spec trusts
+          checkpoint keys, the group is at most ``trust.max_live_state_lag`` epochs ahead of
+          the restored checkpoint (or of the spec's init when there is none); see
+          ``peer.ckpt_transfer.live_state_verdict``.
+        - Otherwise the peer keeps its trusted weights (event ``live_state_refused`` says
+          why), takes the group's epoch number so that it trains in step with the group, and
+          stops accepting live state for this stage: its parameters converge through the
+          group's periodic parameter averaging, not by copying one untrusted peer.
+        """
+        from peer.ckpt_transfer import live_state_verdict
+
+        opt, trust = self.optimizer, self.spec.trust
+        tracker = opt.tracker
+        if self.restored_step is not None and opt.local_epoch < self.restored_step:
+            self._set_local_epoch(self.restored_step)
         tracker.fetched_global_progress_this_epoch.wait(timeout=5.0)
-        if tracker.global_epoch > self.optimizer.local_epoch:
-            self.out.event("catch_up", f"stage group is at epoch {tracker.global_epoch}: loading its state",
-                           epoch=tracker.global_epoch)
-            self.optimizer.load_state_from_peers()
+        group = tracker.global_epoch
+        load, why = live_state_verdict(group_epoch=group, local_epoch=opt.local_epoch, trusted_step=self.restored_step,
+                                       has_trusted_keys=bool(trust.trusted_keys),
+                                       accept_untrusted=trust.accept_untrusted_live_state,
+                                       max_lag=trust.max_live_state_lag)
+        if load:
+            self.out.event("catch_up", f"stage group is at epoch {group}: loading its state ({why})", epoch=group,
+                           restored_step=self.restored_step)
+            opt.load_state_from_peers()
+        elif group > opt.local_epoch:
+            self.out.event("live_state_refused", f"not loading the stage group's live state: {why}; keeping the "
+                                                 f"{'checkpoint' if self.restored_step is not None else 'initial'} "
+                                                 f"weights and joining at epoch {group}",
+                           epoch=group, restored_step=self.restored_step, reason=why)
+            opt.accept_live_state = False
+            self._set_local_epoch(group)
+
+    def _set_local_epoch(self, epoch: int) -> None:
+        """Move the stage optimizer to ``epoch`` (LR schedule included) without loading state."""
+        opt = self.optimizer
+        opt.state_averager.local_epoch = epoch
+        opt.state_averager._update_scheduler()
+        opt.tracker.report_local_progress(epoch, samples_accumulated=0)
+        if not opt.client_mode:
+            opt.state_averager.state_sharing_priority = epoch
+            if opt.use_gradient_averaging and opt.grad_averager is not None:
+                opt.grad_averager.state_sharing_priority = epoch
 
     def _main_loop(self) -> None:
         cfg = self.config
@@ -260,11 +377,14 @@ class Peer:
 
     def _periodic(self) -> None:
         """Called every ~0.2 s from the main loop: the place for rebalancing and keeper work."""
+        if self.config.keeper and self.keeper is None:
+            self._start_keeper()
 
     async def _train(self, dataset) -> None:
         await self.trainer.run(dataset, stop=self._async_stop, max_microbatches=self.config.max_microbatches)
 
     def _shutdown(self) -> None:
+        self._stop_checkpoints()
         if self.swarm is not None and self.stage is not None:
             self.state = "leaving"
             try:
