@@ -1,11 +1,13 @@
 """A bootstrap node: a DHT peer with a persistent identity that others dial first, and that
-publishes the run spec for peers joining by run id."""
+publishes the run spec for peers joining by run id. With ``keeper`` it is also the keeper
+(``peer.keeper``): it signs, keeps, serves and announces checkpoints of every stage."""
 
 from __future__ import annotations
 
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 from peer.identity import load_or_create_identity
@@ -25,8 +27,20 @@ def run_bootstrap(
     log_json: bool = False,
     refresh_period: float = 30.0,
     max_seconds: Optional[float] = None,
+    keeper=None,
+    announce_period: float = 5.0,
 ) -> int:
+    """``keeper``: a ``peer.keeper.KeeperConfig`` to run the keeper here (needs ``spec``)."""
     out = Output(log_json)
+    if keeper is not None:
+        if spec is None:
+            raise SystemExit("--keeper needs --spec: the keeper checks and signs checkpoints of one run spec")
+        from peer.keeper import check_signing_key
+
+        try:
+            check_signing_key(spec, Path(keeper.signing_key))
+        except Exception as err:  # refuse before opening the DHT: an unusable key is a setup error
+            raise SystemExit(f"--keeper: {err}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -34,7 +48,10 @@ def run_bootstrap(
     validators = run_validators(spec.run_id, spec.digest()) if spec is not None else ()
     dht = start_dht(ident, initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
                     validators=validators)
+    keeper_parts = None
     try:
+        if keeper is not None:
+            keeper_parts = _start_keeper(dht, ident, spec, keeper, out, announce_period)
         maddrs = visible_maddrs(dht)
         if log_json:
             out.event("ready", "bootstrap ready", peer_id=str(ident.peer_id), maddrs=maddrs,
@@ -54,6 +71,33 @@ def run_bootstrap(
             if deadline is not None and time.monotonic() > deadline:
                 break
     finally:
+        if keeper_parts is not None:
+            _stop_keeper(*keeper_parts)
         dht.shutdown()
         out.event("stopped", "bootstrap stopped")
     return 0
+
+
+def _start_keeper(dht, ident, spec: RunSpec, config, out: Output, announce_period: float):
+    from peer.checkpoint_store import CheckpointStore
+    from peer.ckpt_transfer import CheckpointService
+    from peer.keeper import Keeper
+    from peer.node import LoopThread
+    from peer.swarm_dht import SwarmDHT
+
+    loop = LoopThread()
+    p2p = loop.run(dht.replicate_p2p(), timeout=30)
+    swarm = SwarmDHT(dht, spec, ident)
+    store = CheckpointStore(config.checkpoint_dir, spec, keep=config.keep)
+    service = CheckpointService(spec, store, swarm=swarm, p2p=p2p, run=loop.run, event=out.event,
+                                announce_period=announce_period, request_timeout=config.request_timeout)
+    service.start()
+    keeper = Keeper(spec, config, swarm=swarm, p2p=p2p, run=loop.run, service=service, event=out.event)
+    keeper.start()
+    return keeper, service, loop
+
+
+def _stop_keeper(keeper, service, loop) -> None:
+    keeper.stop()
+    service.stop()
+    loop.stop()
