@@ -73,6 +73,31 @@ _identity = click.option("--identity", type=click.Path(dir_okay=False), default=
 _initial = click.option("--initial-peers", multiple=True, help="Multiaddr of a bootstrap or any peer; repeatable.")
 
 
+def _keeper_options(fn):
+    """Options of the keeper (peer.keeper), shared by `run` and `bootstrap`."""
+    for opt in reversed([
+        click.option("--keeper", is_flag=True, help="Be the keeper: periodically pull every stage's state, check it "
+                                                    "and sign it as a checkpoint (needs --signing-key, --checkpoint-dir)."),
+        click.option("--signing-key", type=click.Path(exists=True, dir_okay=False),
+                     help="The keeper's private key (swarmtrain keygen); the spec must trust its public key."),
+        click.option("--every", "keeper_every", type=click.FloatRange(min=1.0), default=300.0, show_default=True,
+                     help="Seconds between keeper rounds."),
+        click.option("--keep", "keeper_keep", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="Signed checkpoints kept per stage."),
+        click.option("--eval-data", type=click.Path(exists=True), default=None,
+                     help="Held-out text for the keeper's loss check (default: the Python standard library)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _check_keeper(keeper, signing_key, checkpoint_dir):
+    if keeper and (signing_key is None or checkpoint_dir is None):
+        raise click.UsageError("--keeper needs --signing-key KEY.pem and --checkpoint-dir DIR")
+    if not keeper and signing_key is not None:
+        raise click.UsageError("--signing-key is only used with --keeper")
+
+
 @main.command()
 @_initial
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="The run spec (TOML).")
@@ -93,11 +118,16 @@ _initial = click.option("--initial-peers", multiple=True, help="Multiaddr of a b
 @click.option("--client-mode", is_flag=True, help="Do not accept inbound connections (behind NAT without relays).")
 @click.option("--final-state", type=click.Path(dir_okay=False), default=None,
               help="On exit, write this peer's stage weights (safetensors) here.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="Local signed checkpoints: the newest that verifies is loaded at start, fetched ones are kept "
+                   "here (default: a temporary dir).")
+@_keeper_options
 @click.option("--log-json", is_flag=True, help="JSON lines instead of the status line.")
 @click.option("-v", "--verbose", is_flag=True)
 def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stage, host_maddrs, announce_maddrs,
         identity, threads, max_seconds, max_microbatches, announce_period, status_every, request_timeout,
-        client_mode, final_state, log_json, verbose):
+        client_mode, final_state, checkpoint_dir, keeper, signing_key, keeper_every, keeper_keep, eval_data,
+        log_json, verbose):
     """Join a swarm as a peer: serve a stage and train on local data."""
     from peer.procs import start_reaper
 
@@ -107,6 +137,7 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
         raise click.UsageError("pass exactly one of --spec SPEC.toml or --run RUN_ID")
     if stage != "auto" and not stage.isdigit():
         raise click.UsageError("--stage must be 'auto' or a stage index")
+    _check_keeper(keeper, signing_key, checkpoint_dir)
     spec = _load_spec_option(spec_path)
     _setup_logging(verbose)
     start_reaper()  # before any thread or child: p2pd and hivemind's helpers die with this peer
@@ -118,7 +149,9 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
         host_maddrs=list(host_maddrs) or ["/ip4/0.0.0.0/tcp/0"], announce_maddrs=list(announce_maddrs),
         identity=identity, threads=threads, max_seconds=max_seconds, max_microbatches=max_microbatches,
         announce_period=announce_period, status_every=status_every, request_timeout=request_timeout,
-        client_mode=client_mode, final_state=final_state, log_json=log_json)
+        client_mode=client_mode, final_state=final_state, log_json=log_json,
+        checkpoint_dir=checkpoint_dir, keeper=keeper, signing_key=signing_key, keeper_every=keeper_every,
+        keeper_keep=keeper_keep, eval_data=eval_data)
     sys.exit(run_peer(config))
 
 
@@ -129,9 +162,15 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
 @_initial
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="Publish this run spec in the DHT.")
 @click.option("--max-seconds", type=float, default=None, help="Stop after this long.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
+              help="With --keeper: where signed checkpoints are written, kept and served from.")
+@_keeper_options
+@click.option("--announce-period", type=float, default=5.0, show_default=True,
+              help="With --keeper: seconds between checkpoint announcements.")
 @click.option("--log-json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
-def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, max_seconds, log_json, verbose):
+def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, max_seconds, checkpoint_dir, keeper,
+              signing_key, keeper_every, keeper_keep, eval_data, announce_period, log_json, verbose):
     """Host a bootstrap DHT node with a persistent identity.
 
     Prints the multiaddrs that peers pass as --initial-peers. A stock `hivemind-dht` works as
@@ -139,14 +178,27 @@ def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, 
     """
     from peer.procs import start_reaper
 
+    _check_keeper(keeper, signing_key, checkpoint_dir)
+    if keeper and spec_path is None:
+        raise click.UsageError("--keeper needs --spec SPEC.toml")
     spec = _load_spec_option(spec_path)
     _setup_logging(verbose)
     start_reaper()
     from peer.bootstrap import run_bootstrap
 
+    keeper_config = None
+    if keeper:
+        from pathlib import Path
+
+        from peer.keeper import KeeperConfig
+
+        keeper_config = KeeperConfig(signing_key=Path(signing_key), checkpoint_dir=Path(checkpoint_dir),
+                                     every=keeper_every, keep=keeper_keep, eval_data=eval_data)
+
     sys.exit(run_bootstrap(host_maddrs=list(host_maddrs) or ["/ip4/0.0.0.0/tcp/31337"],
                            announce_maddrs=list(announce_maddrs), identity=identity,
-                           initial_peers=list(initial_peers), spec=spec, log_json=log_json, max_seconds=max_seconds))
+                           initial_peers=list(initial_peers), spec=spec, log_json=log_json, max_seconds=max_seconds,
+                           keeper=keeper_config, announce_period=announce_period))
 
 
 @main.command()
