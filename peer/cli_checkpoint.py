@@ -211,3 +211,50 @@ def checkpoint_export(directories, out_dir: Path, spec_path, trusted_keys, min_s
         raise CheckFailed(str(err)) from None
     step = steps.pop()
     click.echo(f"exported run {spec.run_id} step {step} ({spec.num_stages} stages) to {out_dir}")
+
+
+@checkpoint.command("list")
+@click.option("--initial-peers", multiple=True, help="Multiaddr of a bootstrap or any peer; repeatable.")
+@click.option("--run", "run_id", help="The run id (its spec is read from the DHT).")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Or the run spec file.")
+@click.option("--spec-digest", help="Pin the spec digest (or a prefix) when joining by --run.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def checkpoint_list(initial_peers, run_id, spec_path, spec_digest, as_json):
+    """List the checkpoints announced in the swarm: per stage, each checkpoint's step, manifest
+    digest, signers and the peers that serve it.
+
+    Announcements are claims; a peer verifies a checkpoint after fetching it and before using it
+    (`swarmtrain checkpoint verify` does the same on a local copy).
+    """
+    import json
+    import logging
+
+    if not initial_peers:
+        raise click.UsageError("--initial-peers is required")
+    if (spec_path is None) == (run_id is None):
+        raise click.UsageError("pass exactly one of --run RUN_ID or --spec SPEC.toml")
+    logging.getLogger("hivemind").setLevel(logging.ERROR)
+    from peer.ckpt_transfer import announced_checkpoints
+    from peer.status import open_observer
+
+    try:
+        swarm, close = open_observer(list(initial_peers), spec=_load_spec_option(spec_path), run_id=run_id,
+                                     spec_digest=spec_digest)
+    except SpecError as err:
+        raise CheckFailed(str(err)) from None
+    try:
+        rows = announced_checkpoints(swarm.checkpoint_announcements())
+        spec = swarm.spec
+    finally:
+        close()
+    if as_json:
+        click.echo(json.dumps({"run_id": spec.run_id, "digest": spec.digest(), "checkpoints": rows}, indent=2))
+        return
+    click.echo(f"run {spec.run_id}  digest {spec.digest()[:16]}  {len(rows)} checkpoint(s) announced")
+    for stage in range(spec.num_stages):
+        mine = [r for r in rows if r["stage"] == stage]
+        click.echo(f"stage {stage}" + ("" if mine else ": none announced"))
+        for r in mine:
+            click.echo(f"  step {r['step']:>6}  digest {r['manifest_digest'][:16]}  signers {','.join(r['signers']) or '-'}"
+                       f"  {r['total_bytes'] or 0:,} bytes  served by {', '.join(r['served_by'])}")
