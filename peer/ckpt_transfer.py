@@ -818,3 +818,26 @@ class CheckpointService:
             except (OSError, signing.SigningError):
                 continue
         return None
+
+
+# ---------------------------------------------------------------------------------------------
+# listing the swarm's checkpoints (``swarmtrain checkpoint list``)
+
+
+def announced_checkpoints(announcements: Iterable[tuple[str, dict]]) -> list[dict]:
+    """Announcements grouped by (stage, manifest digest): one row per checkpoint with the peers
+    that serve it, by stage then newest step first. Announced fields are claims: only a
+    fetched and verified checkpoint is known to be what it says."""
+    rows: dict[tuple[int, str], dict] = {}
+    for peer_id, rec in announcements:
+        key = (int(rec["stage"]), rec["manifest_digest"])
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = {"stage": key[0], "step": int(rec["step"]), "manifest_digest": key[1],
+                               "signers": sorted(rec.get("signers", [])), "files": rec.get("files"),
+                               "total_bytes": rec.get("total_bytes"), "served_by": []}
+        row["step"] = min(row["step"], int(rec["step"]))  # announcers may disagree: the smallest claim
+        row["signers"] = sorted(set(row["signers"]) | set(rec.get("signers", [])))
+        if peer_id not in row["served_by"]:
+            row["served_by"].append(peer_id)
+    return sorted(rows.values(), key=lambda r: (r["stage"], -r["step"], r["manifest_digest"]))

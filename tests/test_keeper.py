@@ -270,3 +270,91 @@ def test_keeper_resumes_numbering_and_announces_existing(host, client, spec, key
     assert keeper2.run_round() is None
     service.announcer.stop()
     service2.announcer.stop()
+
+
+# --- the whole story, real processes (slow) ------------------------------------------------------------
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_keeper_signs_and_a_new_peer_joins_from_another_peer(tmp_path):
+    """bootstrap --keeper + two training peers; the keeper signs; peer C fetches the checkpoint
+    from the keeper and announces it; the keeper stops; peer D fetches it from C, verifies it
+    and joins; peer E, given a tampered copy in its --checkpoint-dir, refuses it and does not
+    load it; `checkpoint list` shows who serves what."""
+    import json
+    import subprocess
+    import sys
+
+    from peer.data import stdlib_text_path
+    from peer.launcher import SWARMTRAIN, Cluster
+
+    key = tmp_path / "keeper.pem"
+    out = subprocess.run([*SWARMTRAIN, "keygen", str(key)], capture_output=True, text=True, check=True)
+    fingerprint = out.stdout.split("fingerprint ")[1].split()[0]
+    spec = preset_spec("tiny", stages=2, run_id="keepertest", trusted_keys=(key.with_suffix(".pub").read_text(),))
+    spec_path = tmp_path / "spec.toml"
+    spec.save(spec_path)
+    keeper_dir = tmp_path / "keeper-ckpts"
+    data = ["--data", str(stdlib_text_path()), "--data-suffix", ".py"]
+
+    with Cluster(tmp_path / "run") as cluster:
+        boot, boot_addr = cluster.bootstrap(
+            spec_path=spec_path, timeout=120,
+            extra=["--keeper", "--signing-key", str(key), "--checkpoint-dir", str(keeper_dir), "--every", "3",
+                   "--keep", "20", "--announce-period", "1"])
+        boot_id = boot.wait_event("ready", 10)["peer_id"]
+        a = cluster.peer("a", [boot_addr], spec_path=spec_path, stage=0, extra=data)
+        b = cluster.peer("b", [boot_addr], spec_path=spec_path, stage=1, extra=data)
+        a_ready = a.wait_event("ready", 180)
+        b.wait_event("ready", 180)
+        assert a.wait_event("restore_none", 1)["stage"] == 0  # nothing signed yet
+        signed = boot.wait_event("checkpoint_signed", 300, lambda e: e["step"] >= 1)
+        assert signed["fingerprint"] == fingerprint and len(signed["manifest_digests"]) == 2
+
+        # C joins stage 0 and fetches the keeper's checkpoint.
+        c = cluster.peer("c", [boot_addr], spec_path=spec_path, stage=0,
+                         extra=["--checkpoint-dir", str(tmp_path / "c-ckpts")])
+        c_restored = c.wait_event("restored", 180)
+        c_ready = c.wait_event("ready", 180)
+        assert c_restored["source"] == boot_id and c_restored["step"] >= signed["step"]
+        c_id = c_ready["peer_id"]
+
+        # `checkpoint list` sees C serving it (besides the keeper).
+        listing = subprocess.run([*SWARMTRAIN, "checkpoint", "list", "--initial-peers", a_ready["maddrs"][0],
+                                  "--spec", str(spec_path), "--json"], capture_output=True, text=True, timeout=120)
+        assert listing.returncode == 0, listing.stderr
+        rows = json.loads(listing.stdout)["checkpoints"]
+        served = [r for r in rows if r["manifest_digest"] == c_restored["manifest_digest"]]
+        assert served and c_id in served[0]["served_by"] and served[0]["signers"] == [fingerprint]
+
+        # A tampered copy of a signed checkpoint for E's --checkpoint-dir.
+        e_dir = tmp_path / "e-ckpts"
+        shutil.copytree(Path(c_restored["path"]), e_dir / "stage-0" / Path(c_restored["path"]).name)
+        tampered = e_dir / "stage-0" / Path(c_restored["path"]).name
+        _flip_byte(tampered / "model.safetensors", 1000)
+
+        cluster.stop(boot)  # the keeper is gone: only C (and its DHT neighbours) remain
+
+        d = cluster.peer("d", [a_ready["maddrs"][0]], spec_path=spec_path, stage=0)
+        e = cluster.peer("e", [a_ready["maddrs"][0]], spec_path=spec_path, stage=0,
+                         extra=["--checkpoint-dir", str(e_dir)])
+        d_restored = d.wait_event("restored", 240)
+        assert d_restored["source"] == c_id and d_restored["step"] == c_restored["step"]
+        assert d_restored["manifest_digest"] == c_restored["manifest_digest"]
+        d.wait_event("ready", 180)
+
+        refused = e.wait_event("checkpoint_refused", 240, lambda ev: ev.get("source") == "local")
+        assert refused["path"] == str(tampered)
+        assert "model.safetensors: content does not match the signed digest" in refused["reason"]
+        e_restored = e.wait_event("restored", 240)
+        assert e_restored["path"] != str(tampered) and e_restored["source"] == c_id
+        e.wait_event("ready", 180)
+        # Training went on meanwhile.
+        a.wait_event("status", 60, lambda ev: ev["microbatches"] > 0)
