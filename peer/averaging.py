@@ -82,9 +82,24 @@ class BoundedOptimizer(hivemind.Optimizer):
         self.last_load_state_error: Optional[str] = None
         super().__init__(*args, **kwargs)
 
+    def _join_epoch_without_state(self) -> None:
+        """The trust policy forbids copying unsigned state from a peer: keep our parameters
+        and take the group's epoch, so that we train in step with the group instead of asking
+        again on every step; the group's parameter averaging reconciles the weights."""
+        if self.tracker.global_epoch <= self.local_epoch:
+            return
+        log.info("not loading live state from peers (the spec's trust policy forbids it): joining epoch %d with "
+                 "this peer's own parameters", self.tracker.global_epoch)
+        self.state_averager.step(wait_for_delayed_updates=True)
+        self.state_averager.local_epoch = self.tracker.global_epoch
+        self.state_averager._update_scheduler()
+        self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+        if self.use_gradient_averaging and self.grad_averager is not None:
+            self.grad_averager.reset_accumulated_grads_()
+
     def load_state_from_peers(self, **kwargs):
         if not self.accept_live_state:
-            log.info("not loading live state from peers: the spec's trust policy forbids it")
+            self._join_epoch_without_state()
             return
         if self.scheduled_grads is not None and not self.scheduled_grads.done():
             self._tag_along_with_zero_weight(self.scheduled_grads)
