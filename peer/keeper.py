@@ -381,6 +381,8 @@ class Keeper:
                                           self.config.request_timeout + 10)
                 return epoch, tensors, p.peer_id
             except StateRejected as err:
+                if self._stop.is_set():
+                    return None  # shutting down: the P2P connection is going away, not the peer
                 errors.append(str(err))
                 self.event("state_rejected", f"keeper: stage {stage} state from {p.peer_id[:16]} rejected: {err}",
                            stage=stage, peer_id=p.peer_id, reason=str(err))

@@ -305,3 +305,15 @@ def test_restore_without_trusted_keys_is_skipped(tmp_path):
     assert service.restore(0, LlamaStage.from_spec(spec, 0)) is None
     (text, fields), = events.named("restore_skipped")
     assert fields["reason"] == "no trusted keys"
+
+
+def test_announced_checkpoints_grouped_by_digest():
+    from peer.ckpt_transfer import announced_checkpoints
+
+    d1, d2 = "1" * 64, "2" * 64
+    rows = announced_checkpoints([
+        ("keeper", {**_rec(9, d1), "stage": 0}), ("c", {**_rec(9, d1), "stage": 0}),
+        ("keeper", {**_rec(12, d2), "stage": 0}), ("keeper", {**_rec(9, "3" * 64), "stage": 1}),
+    ])
+    assert [(r["stage"], r["step"], r["manifest_digest"], r["served_by"]) for r in rows] == [
+        (0, 12, d2, ["keeper"]), (0, 9, d1, ["keeper", "c"]), (1, 9, "3" * 64, ["keeper"])]

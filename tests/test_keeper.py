@@ -257,6 +257,23 @@ def test_keeper_round_signs_skips_and_refuses(host, client, spec, keys, stages, 
     assert len(service.server.served()) == 4  # pruned ones are no longer served
 
 
+def test_keeper_inside_a_peer_reads_its_own_stage_locally(host, client, spec, keys, stages, tmp_path):
+    for p in stages:
+        p.epoch = 3
+    keeper, swarm, events, service = _keeper(host, client, spec, keys, stages, tmp_path)
+    swarm.peer_id = stages[1].peer_id  # the keeper runs inside stage 1's peer: no RPC to itself
+    calls = []
+
+    def local_state(stage):
+        calls.append(stage)
+        return 9, {k: v.detach().clone() for k, v in stages[1].module.named_parameters()}
+
+    keeper.local_state = local_state
+    result = keeper.run_round()
+    service.announcer.stop()
+    assert calls == [1] and result.step == 9 and result.sources == {0: stages[0].peer_id, 1: stages[1].peer_id}
+
+
 def test_keeper_resumes_numbering_and_announces_existing(host, client, spec, keys, stages, tmp_path):
     for p in stages:
         p.epoch = 2
@@ -358,3 +375,24 @@ def test_keeper_signs_and_a_new_peer_joins_from_another_peer(tmp_path):
         e.wait_event("ready", 180)
         # Training went on meanwhile.
         a.wait_event("status", 60, lambda ev: ev["microbatches"] > 0)
+
+
+def test_cli_refuses_unusable_keeper_setups(tmp_path, spec, keys):
+    import subprocess
+
+    from peer.launcher import SWARMTRAIN
+
+    spec_path = tmp_path / "spec.toml"
+    spec.save(spec_path)
+
+    def cli(*args):
+        return subprocess.run([*SWARMTRAIN, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    r = cli("bootstrap", "--keeper", "--spec", str(spec_path), "--signing-key", str(keys["mallory"][0]),
+            "--checkpoint-dir", str(tmp_path / "c"), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+            "--identity", str(tmp_path / "id"))
+    assert r.returncode != 0 and "is not among the spec's trusted keys" in r.stderr
+    r = cli("run", "--keeper", "--spec", str(spec_path), "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x")
+    assert r.returncode == 2 and "--keeper needs --signing-key KEY.pem and --checkpoint-dir DIR" in r.stderr
+    r = cli("checkpoint", "list", "--spec", str(spec_path))
+    assert r.returncode == 2 and "--initial-peers is required" in r.stderr
