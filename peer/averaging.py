@@ -18,6 +18,7 @@ import hivemind
 import torch
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
+from peer import wire_stats
 from protocol.codecs import gradient_compression
 from protocol.records import averaging_run_id
 from protocol.spec import RunSpec, TrainingSpec
@@ -82,6 +83,21 @@ class BoundedOptimizer(hivemind.Optimizer):
         self.last_load_state_error: Optional[str] = None
         super().__init__(*args, **kwargs)
 
+    def tick(self) -> None:
+        """What ``step`` does besides accumulating: catch up when behind, and join the group's
+        round once the group reached its target batch size.
+
+        hivemind advances an epoch only inside ``step``; a stage peer that got no micro-batch
+        lately would otherwise miss its group's round and fall behind."""
+        if self.auxiliary:
+            return
+        if self._should_load_state_from_peers():
+            self.load_state_from_peers()
+            return
+        # No pre-scheduling here: an idle peer would open a matchmaking round every tick.
+        if self.tracker.ready_to_update_epoch:
+            self._update_global_epoch(None)
+
     def _join_epoch_without_state(self) -> None:
         """The trust policy forbids copying unsigned state from a peer: keep our parameters
         and take the group's epoch, so that we train in step with the group instead of asking
@@ -135,6 +151,7 @@ class BoundedOptimizer(hivemind.Optimizer):
 
 def make_stage_optimizer(spec: RunSpec, stage: int, module: torch.nn.Module, dht: hivemind.DHT, *,
                          verbose: bool = False) -> BoundedOptimizer:
+    wire_stats.install_from_env()  # opt-in byte counts for benchmarks; before the averagers fork
     training, compression = spec.training, spec.compression
     params = [p for p in module.parameters() if p.requires_grad]
     grad_averager_factory = None

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
-import click
+# hivemind shares futures' state through torch shared memory; its default "file_system"
+# strategy relies on a torch_shm_manager process, which we saw vanish mid-run under load
+# ("Broken pipe" on every DHT call). File descriptors need no helper process.
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+
+import click  # noqa: E402
 
 from peer import __version__
 from peer.cli_checkpoint import checkpoint, keygen
@@ -43,6 +49,48 @@ def demo(seconds, stages, peers_per_stage, preset, workdir, json_summary):
 
     sys.exit(run_demo(seconds=seconds, stages=stages, peers_per_stage=peers_per_stage, preset=preset,
                       workdir=workdir, json_summary=json_summary))
+
+
+def _exit_now(code: int) -> None:
+    """Exit once shutdown is done. hivemind leaves executor threads waiting on events that
+    never fire, and Python would join them forever at exit; everything was stopped already,
+    and the reaper sweeps the process group."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _guarded(fn, *args, **kwargs) -> int:
+    """Run a long-lived command; turn failures into a clear message and an exit code."""
+    from protocol.spec import SpecError
+
+    try:
+        return fn(*args, **kwargs) or 0
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit as err:
+        if isinstance(err.code, str):
+            click.echo(f"Error: {err.code}", err=True)
+            return 1
+        return err.code or 0
+    except (SpecError, ValueError, OSError) as err:
+        click.echo(f"Error: {err}", err=True)
+        return 1
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+
+
+def _raise_fd_limit() -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def _load_spec_option(spec_path):
@@ -141,6 +189,7 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
     spec = _load_spec_option(spec_path)
     _setup_logging(verbose)
     start_reaper()  # before any thread or child: p2pd and hivemind's helpers die with this peer
+    _raise_fd_limit()
     from peer.node import PeerConfig, run_peer
 
     config = PeerConfig(
@@ -152,7 +201,7 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
         client_mode=client_mode, final_state=final_state, log_json=log_json,
         checkpoint_dir=checkpoint_dir, keeper=keeper, signing_key=signing_key, keeper_every=keeper_every,
         keeper_keep=keeper_keep, eval_data=eval_data)
-    sys.exit(run_peer(config))
+    _exit_now(_guarded(run_peer, config))
 
 
 @main.command()
@@ -195,7 +244,7 @@ def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, 
         keeper_config = KeeperConfig(signing_key=Path(signing_key), checkpoint_dir=Path(checkpoint_dir),
                                      every=keeper_every, keep=keeper_keep, eval_data=eval_data)
 
-    sys.exit(run_bootstrap(host_maddrs=list(host_maddrs) or ["/ip4/0.0.0.0/tcp/31337"],
+    _exit_now(run_bootstrap(host_maddrs=list(host_maddrs) or ["/ip4/0.0.0.0/tcp/31337"],
                            announce_maddrs=list(announce_maddrs), identity=identity,
                            initial_peers=list(initial_peers), spec=spec, log_json=log_json, max_seconds=max_seconds,
                            keeper=keeper_config, announce_period=announce_period))

@@ -111,6 +111,7 @@ class Peer:
         self.checkpoints = self.keeper = None  # peer.ckpt_transfer.CheckpointService, peer.keeper.Keeper
         self._ckpt_tmp: Optional[str] = None
         self._held_checkpoint_steps: dict[int, int] = {}
+        self._second_signal = False
         self.metrics = None  # a peer.metrics object when --metrics-port is given
         self.loop: Optional[LoopThread] = None
         self.stage: Optional[int] = None
@@ -121,6 +122,7 @@ class Peer:
     def install_signal_handlers(self) -> None:
         def request_stop(signum, _frame):
             if self.stop_event.is_set():
+                self._second_signal = True  # a second Ctrl-C: stop waiting for anything
                 return
             self.out.event("stopping", f"{signal.Signals(signum).name}: announcing 'leaving' and finishing in-flight work",
                            signal=signal.Signals(signum).name)
@@ -383,8 +385,30 @@ class Peer:
     async def _train(self, dataset) -> None:
         await self.trainer.run(dataset, stop=self._async_stop, max_microbatches=self.config.max_microbatches)
 
+    def _hand_back_gradients(self) -> None:
+        """Before leaving, let the stage group's next round take the samples this peer
+        accumulated, instead of dropping them; bounded by one matchmaking + averaging time."""
+        opt = self.optimizer
+        averager = getattr(opt, "grad_averager", None)
+        if averager is None or averager.local_samples_accumulated == 0 or self.worker is None:
+            return
+        samples, epoch = averager.local_samples_accumulated, opt.local_epoch
+        budget = self.spec.training.matchmaking_time + self.spec.training.averaging_timeout
+        self.out.event("handing_back", f"waiting up to {budget:.0f}s for stage {self.stage}'s averaging round to take "
+                       f"{samples} accumulated samples", samples=samples, epoch=epoch)
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline and opt.local_epoch == epoch and not self._second_signal:
+            time.sleep(0.2)
+        self.out.event("handed_back" if opt.local_epoch != epoch else "hand_back_timeout",
+                       f"epoch {opt.local_epoch}" + ("" if opt.local_epoch != epoch else ": samples dropped"),
+                       epoch=opt.local_epoch)
+
     def _shutdown(self) -> None:
         self._stop_checkpoints()
+        try:
+            self._hand_back_gradients()
+        except Exception as err:
+            log.warning("could not hand back gradients: %s", err)
         if self.swarm is not None and self.stage is not None:
             self.state = "leaving"
             try:

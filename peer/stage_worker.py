@@ -79,6 +79,7 @@ class StageWorker:
         self._tasks: "queue.PriorityQueue" = queue.PriorityQueue()
         self._seq = 0
         self._lock = threading.Lock()
+        self.idle_tick = 0.5  # seconds without work before the optimizer gets a tick
         self._thread = threading.Thread(target=self._run, name="stage-worker", daemon=True)
         self._stopped = threading.Event()
         self._thread.start()
@@ -122,7 +123,11 @@ class StageWorker:
 
     def _run(self) -> None:
         while True:
-            _, _, fn, args, future = self._tasks.get()
+            try:
+                _, _, fn, args, future = self._tasks.get(timeout=self.idle_tick)
+            except queue.Empty:
+                self._tick()
+                continue
             if fn is None:
                 break
             if not future.set_running_or_notify_cancel():
@@ -140,6 +145,18 @@ class StageWorker:
             _, _, fn, _, future = self._tasks.get_nowait()
             if future is not None and not future.done():
                 future.set_exception(StageError("busy", "stage is shutting down"))
+
+    def _tick(self) -> None:
+        tick = getattr(self.optimizer, "tick", None)
+        if tick is None:
+            return
+        try:
+            epoch = self.optimizer.local_epoch
+            tick()
+            if self.optimizer.local_epoch != epoch and self.on_step is not None:
+                self.on_step()
+        except Exception:
+            log.exception("optimizer tick failed")
 
     def _expire_cache(self) -> None:
         now = time.monotonic()
