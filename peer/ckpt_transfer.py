@@ -615,12 +615,16 @@ def restore_candidates(
     *,
     held_step: Optional[int] = None,
     exclude_sources: Iterable[str] = (),
-    limit: int = 6,
+    trusted: Optional[Iterable[str]] = None,
+    min_signatures: int = 1,
+    limit: int = 8,
 ) -> list[Candidate]:
     """What to try, newest step first; at equal steps a local copy before a download, and a
     digest announced by more peers first. Nothing older than ``held_step`` (no rollback).
-    Announcements are unverified hints: a wrong one costs one failed try."""
+    Announcements are unverified hints: a wrong one costs one failed try. An announcement that
+    does not even claim ``min_signatures`` of the ``trusted`` fingerprints is not tried."""
     excluded = set(exclude_sources)
+    trusted = None if trusted is None else set(trusted)
     out: list[tuple[tuple, Candidate]] = []
     for c in local:
         if held_step is None or c.meta.step >= held_step:
@@ -628,6 +632,8 @@ def restore_candidates(
     by_digest: dict[str, tuple[int, list[str]]] = {}
     for peer_id, record in announced:
         if peer_id in excluded:
+            continue
+        if trusted is not None and len(trusted & set(record.get("signers", ()))) < min_signatures:
             continue
         step, digest = int(record["step"]), record["manifest_digest"]
         if held_step is not None and step < held_step:
@@ -743,8 +749,10 @@ class CheckpointService:
             self.event("restore_skipped", f"stage {stage}: the spec trusts no checkpoint key; starting from the "
                                           "spec's initialisation", stage=stage, reason="no trusted keys")
             return None
+        trusted = {signing.fingerprint(k) for k in self.spec.trust.trusted_keys}
         candidates = restore_candidates(self.store.list(stage), self.announcements(stage), held_step=held_step,
-                                        exclude_sources=[self.peer_id] if self.peer_id else [])
+                                        exclude_sources=[self.peer_id] if self.peer_id else [], trusted=trusted,
+                                        min_signatures=self.spec.trust.min_signatures)
         for c in candidates:
             try:
                 restored = self._try(stage, c, held_step)

@@ -131,6 +131,10 @@ def test_restore_candidates_order_and_rollback():
     assert [(c.step, c.manifest, c.path) for c in got] == [
         (12, d2, None), (9, None, Path("/c/step-9")), (9, d1, None), (3, None, Path("/c/step-3"))]
     assert got[0].sources == ("peerB", "peerC")
+    # Announcements that do not claim a trusted signer are not worth a download.
+    got = restore_candidates([], [("x", {**_rec(20, d3), "signers": ["b" * 16]}), ("y", _rec(9, d1))],
+                             trusted={"a" * 16})
+    assert [c.manifest for c in got] == [d1]
     # The step of a digest is the smallest any announcer claims: lying about it does not help.
     got = restore_candidates([], [("liar", _rec(99, d1)), ("honest", _rec(9, d1))])
     assert [(c.step, c.sources) for c in got] == [(9, ("liar", "honest"))]
@@ -261,7 +265,8 @@ def test_restore_refuses_tampered_local_then_fetches_and_announces(host, client,
     root = tmp_path / "mine"
     tampered = _copy(written.path, root)
     _flip_byte(tampered / MODEL_FILE, 200)
-    swarm = FakeSwarm(peer_id=peer_id(client), announcements=[(peer_id(good), _rec(7, written.manifest_digest))])
+    record = {**_rec(7, written.manifest_digest), "signers": list(written.signers)}
+    swarm = FakeSwarm(peer_id=peer_id(client), announcements=[(peer_id(good), record)])
     events = Events()
     service = CheckpointService(spec, CheckpointStore(root, spec), swarm=swarm, p2p=client, run=host.run,
                                 event=events, announce_period=0.5)
