@@ -69,12 +69,18 @@ class Output:
 
     def __init__(self, as_json: bool):
         self.as_json = as_json
+        # Events come from several threads (main loop, keeper, checkpoint service): one write
+        # per line under a lock, so that two JSON lines never interleave.
+        self._lock = threading.Lock()
 
     def event(self, name: str, text: str, **fields) -> None:
         if self.as_json:
-            print(json.dumps({"event": name, "time": round(time.time(), 3), **fields}), flush=True)
+            line = json.dumps({"event": name, "time": round(time.time(), 3), **fields})
         else:
-            print(f"[swarmtrain] {text}", flush=True)
+            line = f"[swarmtrain] {text}"
+        with self._lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
 
 class LoopThread:
