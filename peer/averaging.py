@@ -8,8 +8,11 @@ with the spec's codec, and every member applies the same update. With
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import types
 import time
 from typing import Optional
@@ -72,6 +75,23 @@ def lr_lambda(training: TrainingSpec):
     return factor
 
 
+@contextlib.contextmanager
+def _keeping_sigint_handler():
+    """hivemind's averagers set SIGINT to SIG_IGN in the *calling* process before they fork
+    (``DecentralizedAverager.run_in_background``): the peer would then ignore Ctrl-C and
+    ``Cluster.stop``'s SIGINT and only die by SIGKILL, without its clean shutdown. Keep the
+    caller's handler; the forked averagers still ignore SIGINT, as hivemind intends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+
+
 class BoundedOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer whose catch-up gives up after a few tries instead of retrying
     forever (hivemind 1.1.12 loops until it succeeds), and which can be told not to take
@@ -81,7 +101,8 @@ class BoundedOptimizer(hivemind.Optimizer):
         self.load_state_attempts = load_state_attempts
         self.accept_live_state = accept_live_state
         self.last_load_state_error: Optional[str] = None
-        super().__init__(*args, **kwargs)
+        with _keeping_sigint_handler():
+            super().__init__(*args, **kwargs)
 
     def tick(self) -> None:
         """What ``step`` does besides accumulating: catch up when behind, and join the group's
