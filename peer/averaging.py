@@ -22,6 +22,7 @@ import torch
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
 from peer import wire_stats
+from peer.churn import missed_round
 from protocol.codecs import gradient_compression
 from protocol.records import averaging_run_id
 from protocol.spec import RunSpec, TrainingSpec
@@ -115,9 +116,30 @@ class BoundedOptimizer(hivemind.Optimizer):
         if self._should_load_state_from_peers():
             self.load_state_from_peers()
             return
-        # No pre-scheduling here: an idle peer would open a matchmaking round every tick.
-        if self.tracker.ready_to_update_epoch:
+        # No pre-scheduling here (an idle peer would open a matchmaking round every tick), and
+        # no time-based transition either: hivemind's ETA rule would make an idle group step
+        # on empty gradients. Only real progress counts: the group reached its target batch,
+        # or others already moved to the next epoch.
+        tracker = self.tracker
+        if (tracker.global_epoch > tracker.local_progress.epoch
+                or tracker.global_progress.samples_accumulated >= self.target_batch_size):
             self._update_global_epoch(None)
+
+    def _should_load_state_from_peers(self) -> bool:
+        """hivemind's rule (exact sync once per epoch, else catch up when 2+ epochs behind),
+        plus: a peer one epoch behind whose group already has a whole batch for its next round
+        missed its own round; its gradients are stale and must not join the next one
+        (``peer.churn.missed_round``). Loading state drops them."""
+        if super()._should_load_state_from_peers():
+            return True
+        tracker = self.tracker
+        why = missed_round(local_epoch=self.local_epoch, group_epoch=tracker.global_epoch,
+                           group_samples=tracker.global_progress.samples_accumulated, target=self.target_batch_size)
+        if why is not None:
+            log.info("out of sync with the stage group: %s; dropping %d accumulated samples and catching up", why,
+                     self.tracker.local_progress.samples_accumulated)
+            return True
+        return False
 
     def _join_epoch_without_state(self) -> None:
         """The trust policy forbids copying unsigned state from a peer: keep our parameters
@@ -130,9 +152,13 @@ class BoundedOptimizer(hivemind.Optimizer):
         self.state_averager.step(wait_for_delayed_updates=True)
         self.state_averager.local_epoch = self.tracker.global_epoch
         self.state_averager._update_scheduler()
-        self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
+        self._drop_accumulated_gradients()
+
+    def _drop_accumulated_gradients(self) -> None:
+        """Gradients computed on parameters the group has moved past: never averaged in."""
         if self.use_gradient_averaging and self.grad_averager is not None:
             self.grad_averager.reset_accumulated_grads_()
+        self.tracker.report_local_progress(local_epoch=self.local_epoch, samples_accumulated=0)
 
     def load_state_from_peers(self, **kwargs):
         if not self.accept_live_state:
@@ -158,6 +184,8 @@ class BoundedOptimizer(hivemind.Optimizer):
                                 self.load_state_attempts, self.last_load_state_error)
                     time.sleep(min(2.0 * attempt, 5.0))
             else:
+                # Behind and unable to catch up: the accumulated gradients are stale all the same.
+                self._drop_accumulated_gradients()
                 return
             if self.tracker.global_epoch - 1 <= self.local_epoch < self.tracker.global_epoch:
                 self.state_averager.local_epoch = self.tracker.global_epoch
