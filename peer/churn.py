@@ -1,0 +1,128 @@
+"""Churn at the peer level: when a running peer checks for a move, whether a planned move
+still holds right before it is made, and what a recovered stage lost.
+
+Pure functions over snapshots (lists of ``PeerInfo``) and plain numbers, like
+``peer.balancing``: the node (``peer.node.Peer._maybe_rebalance``/``_move_to``) does the I/O.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from peer.balancing import ACTIVE_STATES, RebalancePolicy, plan_move
+from protocol.records import PeerInfo
+
+__all__ = ["DEFAULT_REBALANCE_PERIOD", "next_check_delay", "MoveCheck", "check_move", "StageEpochs", "epochs_lost",
+           "missed_round"]
+
+# Seconds between two looks at the snapshot (randomised around it, see next_check_delay).
+DEFAULT_REBALANCE_PERIOD = 15.0
+
+
+def next_check_delay(period: float, rng: random.Random) -> Optional[float]:
+    """Seconds until the next rebalancing check, or None when rebalancing is off (period <= 0).
+
+    Uniform in [2/3, 4/3] of the period (10-20 s for 15 s): peers that started together do
+    not all read the DHT and act in the same second."""
+    if period <= 0:
+        return None
+    return rng.uniform(period * 2 / 3, period * 4 / 3)
+
+
+def _active(peers: Sequence[PeerInfo], stage: int, exclude: str = "") -> list[PeerInfo]:
+    return [p for p in peers if p.stage == stage and p.state in ACTIVE_STATES and p.peer_id != exclude]
+
+
+@dataclass(frozen=True)
+class MoveCheck:
+    """The verdict on a planned move: ``target`` is None when the peer stays (``why`` says
+    why); ``recovery`` is True when the target stage has no active peer (the pipeline is
+    stalled there and the mover must restore it from a checkpoint)."""
+
+    target: Optional[int]
+    recovery: bool = False
+    why: str = ""
+
+
+def check_move(
+    peers: Sequence[PeerInfo],
+    num_stages: int,
+    *,
+    my_peer_id: str,
+    my_stage: int,
+    now: float,
+    last_move_at: Optional[float],
+    policy: RebalancePolicy,
+    planned: Optional[int] = None,
+) -> MoveCheck:
+    """Whether to move now, from a snapshot.
+
+    Called twice per move: on the periodic snapshot to plan it, and on a snapshot read right
+    before moving with ``planned`` set, so that a move planned on stale records (a peer that
+    left, another that moved meanwhile) is dropped. A move is made only if both agree, the
+    snapshot shows this peer where it is, and the stage it leaves keeps an active peer.
+    """
+    me = [p for p in peers if p.peer_id == my_peer_id]
+    if not me or me[0].stage != my_stage or me[0].state != "online":
+        return MoveCheck(None, why="this peer is not announced online at its stage yet")
+    target = plan_move(peers, num_stages, my_peer_id=my_peer_id, now=now, last_move_at=last_move_at, policy=policy)
+    if target is None:
+        return MoveCheck(None, why="the policy keeps this peer where it is")
+    if planned is not None and target != planned:
+        return MoveCheck(None, why=f"the fresh snapshot plans stage {target}, not {planned}")
+    if target == my_stage or not 0 <= target < num_stages:
+        return MoveCheck(None, why=f"stage {target} is not a move")
+    if not _active(peers, my_stage, exclude=my_peer_id):
+        return MoveCheck(None, why=f"stage {my_stage} would be left empty")
+    recovery = not _active(peers, target, exclude=my_peer_id)
+    return MoveCheck(target, recovery=recovery, why="recovery" if recovery else "rebalance")
+
+
+@dataclass
+class StageEpochs:
+    """The highest epoch seen for each stage in any snapshot: what a stage group had reached
+    before it vanished, to report the work a recovery from a checkpoint loses."""
+
+    seen: dict = field(default_factory=dict)
+
+    def observe(self, peers: Sequence[PeerInfo]) -> None:
+        for p in peers:
+            if p.state in ACTIVE_STATES and p.epoch > self.seen.get(p.stage, -1):
+                self.seen[p.stage] = p.epoch
+
+    def last(self, stage: int) -> Optional[int]:
+        return self.seen.get(stage)
+
+
+def epochs_lost(last_seen_epoch: Optional[int], restored_step: Optional[int]) -> Optional[int]:
+    """Epochs of a stage's training lost when it restarts from ``restored_step`` (None: the
+    spec's init, epoch 0); None when the stage's progress was never seen."""
+    if last_seen_epoch is None:
+        return None
+    return max(0, last_seen_epoch - (restored_step or 0))
+
+
+def missed_round(*, local_epoch: int, group_epoch: int, group_samples: int, target: int) -> Optional[str]:
+    """Why the gradients a peer accumulated at ``local_epoch`` are stale, or None if they may
+    still join its stage group's round.
+
+    hivemind (``Optimizer._should_load_state_from_peers``) lets a peer one epoch behind keep
+    its gradients: right after the first peer of the group starts the round for an epoch it
+    announces the next one, and the others, a refresh later, still join that same round. But
+    once the group has gathered a whole batch (``group_samples`` >= ``target``) in the next
+    epoch, that round is long over and the next one is due: the lagging peer's gradients,
+    computed on parameters one update old, would be averaged into it. Two or more epochs
+    behind, hivemind reloads state anyway. Either way the peer drops its gradients and catches
+    up instead (``peer.averaging.BoundedOptimizer``).
+    """
+    behind = group_epoch - local_epoch
+    if behind <= 0:
+        return None
+    if behind >= 2:
+        return f"{behind} epochs behind the group (epoch {group_epoch})"
+    if group_samples >= target:
+        return (f"the group is at epoch {group_epoch} and already has a whole batch for its next round "
+                f"({group_samples}/{target} samples): the round for epoch {local_epoch} is over")
+    return None
