@@ -289,6 +289,31 @@ def test_keeper_resumes_numbering_and_announces_existing(host, client, spec, key
     service2.announcer.stop()
 
 
+def test_refused_live_state_joins_the_group_epoch_with_own_weights():
+    """trust.accept_untrusted_live_state = false: a peer behind its group keeps its (trusted)
+    parameters and takes the group's epoch instead of staying out of sync forever."""
+    import dataclasses
+
+    import hivemind
+
+    from peer.averaging import make_stage_optimizer
+
+    spec = preset_spec("tiny", stages=2, trust=dict(accept_untrusted_live_state=False))
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        module = LlamaStage.from_spec(spec, 1)
+        opt = make_stage_optimizer(spec, 1, module, dht)
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        with opt.tracker.pause_updates():
+            opt.tracker.global_progress = dataclasses.replace(opt.tracker.global_progress, epoch=5)
+            opt.load_state_from_peers()
+            assert opt.local_epoch == 5
+        assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+        opt.shutdown()
+    finally:
+        dht.shutdown()
+
+
 # --- the whole story, real processes (slow) ------------------------------------------------------------
 
 
