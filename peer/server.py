@@ -265,6 +265,9 @@ class StageServer:
                 request = await asyncio.wait_for(read_frame(reader, InfoRequest), timeout=10.0)
                 if request is None:
                     raise FrameError("empty request")
+                # Up to the end marker: closing with unread input resets the stream and loses the answer.
+                if await asyncio.wait_for(read_frame(reader, InfoRequest), timeout=10.0) is not None:
+                    raise FrameError("one request per stream")
                 info = self.info()
                 response = InfoResponse(spec_digest=self.digest, stage=self.stage, state=info.get("state", "online"),
                                         throughput=float(info.get("throughput", 0.0)), epoch=int(info.get("epoch", 0)),
