@@ -29,9 +29,13 @@ def run_bootstrap(
     max_seconds: Optional[float] = None,
     keeper=None,
     announce_period: float = 5.0,
+    dashboard: Optional[tuple[str, int]] = None,
 ) -> int:
-    """``keeper``: a ``peer.keeper.KeeperConfig`` to run the keeper here (needs ``spec``)."""
+    """``keeper``: a ``peer.keeper.KeeperConfig`` to run the keeper here (needs ``spec``).
+    ``dashboard``: (host, port) to serve the run's web dashboard (``peer.dashboard``) too."""
     out = Output(log_json)
+    if dashboard is not None and spec is None:
+        raise SystemExit("--dashboard-port needs --spec: the dashboard shows one run")
     if keeper is not None:
         if spec is None:
             raise SystemExit("--keeper needs --spec: the keeper checks and signs checkpoints of one run spec")
@@ -48,10 +52,12 @@ def run_bootstrap(
     validators = run_validators(spec.run_id, spec.digest()) if spec is not None else ()
     dht = start_dht(ident, initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
                     validators=validators)
-    keeper_parts = None
+    keeper_parts = board = None
     try:
         if keeper is not None:
             keeper_parts = _start_keeper(dht, ident, spec, keeper, out, announce_period)
+        if dashboard is not None:
+            board = _start_dashboard(dht, ident, spec, dashboard, out)
         maddrs = visible_maddrs(dht)
         if log_json:
             out.event("ready", "bootstrap ready", peer_id=str(ident.peer_id), maddrs=maddrs,
@@ -71,11 +77,27 @@ def run_bootstrap(
             if deadline is not None and time.monotonic() > deadline:
                 break
     finally:
+        if board is not None:
+            board.close()
         if keeper_parts is not None:
             _stop_keeper(*keeper_parts)
         dht.shutdown()
         out.event("stopped", "bootstrap stopped")
     return 0
+
+
+def _start_dashboard(dht, ident, spec: RunSpec, where: tuple[str, int], out: Output):
+    from peer.dashboard import Dashboard
+    from peer.swarm_dht import SwarmDHT
+
+    host, port = where
+    try:
+        board = Dashboard(SwarmDHT(dht, spec, ident), host=host, port=port)
+    except OSError as err:
+        raise SystemExit(f"--dashboard-port {port}: cannot listen on {host}: {err}")
+    board.start()
+    out.event("dashboard", f"dashboard of run {spec.run_id!r} at {board.url}", url=board.url, port=board.port)
+    return board
 
 
 def _start_keeper(dht, ident, spec: RunSpec, config, out: Output, announce_period: float):

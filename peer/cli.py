@@ -170,12 +170,16 @@ def _check_keeper(keeper, signing_key, checkpoint_dir):
               help="Local signed checkpoints: the newest that verifies is loaded at start, fetched ones are kept "
                    "here (default: a temporary dir).")
 @_keeper_options
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address for --metrics-port (0.0.0.0 to let another machine scrape it).")
 @click.option("--log-json", is_flag=True, help="JSON lines instead of the status line.")
 @click.option("-v", "--verbose", is_flag=True)
 def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stage, host_maddrs, announce_maddrs,
         identity, threads, max_seconds, max_microbatches, announce_period, status_every, request_timeout,
         client_mode, final_state, checkpoint_dir, keeper, signing_key, keeper_every, keeper_keep, eval_data,
-        log_json, verbose):
+        metrics_port, metrics_host, log_json, verbose):
     """Join a swarm as a peer: serve a stage and train on local data."""
     from peer.procs import start_reaper
 
@@ -200,7 +204,7 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
         announce_period=announce_period, status_every=status_every, request_timeout=request_timeout,
         client_mode=client_mode, final_state=final_state, log_json=log_json,
         checkpoint_dir=checkpoint_dir, keeper=keeper, signing_key=signing_key, keeper_every=keeper_every,
-        keeper_keep=keeper_keep, eval_data=eval_data)
+        keeper_keep=keeper_keep, eval_data=eval_data, metrics_port=metrics_port, metrics_host=metrics_host)
     _exit_now(_guarded(run_peer, config))
 
 
@@ -216,10 +220,15 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
 @_keeper_options
 @click.option("--announce-period", type=float, default=5.0, show_default=True,
               help="With --keeper: seconds between checkpoint announcements.")
+@click.option("--dashboard-port", type=click.IntRange(0, 65535), default=None,
+              help="Also serve the web dashboard of the run on this port (needs --spec; 0: any free port).")
+@click.option("--dashboard-host", default="127.0.0.1", show_default=True,
+              help="Address for --dashboard-port (0.0.0.0 to show it to other machines).")
 @click.option("--log-json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, max_seconds, checkpoint_dir, keeper,
-              signing_key, keeper_every, keeper_keep, eval_data, announce_period, log_json, verbose):
+              signing_key, keeper_every, keeper_keep, eval_data, announce_period, dashboard_port, dashboard_host,
+              log_json, verbose):
     """Host a bootstrap DHT node with a persistent identity.
 
     Prints the multiaddrs that peers pass as --initial-peers. A stock `hivemind-dht` works as
@@ -230,6 +239,8 @@ def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, 
     _check_keeper(keeper, signing_key, checkpoint_dir)
     if keeper and spec_path is None:
         raise click.UsageError("--keeper needs --spec SPEC.toml")
+    if dashboard_port is not None and spec_path is None:
+        raise click.UsageError("--dashboard-port needs --spec SPEC.toml (the dashboard shows one run)")
     spec = _load_spec_option(spec_path)
     _setup_logging(verbose)
     start_reaper()
@@ -247,7 +258,8 @@ def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, 
     _exit_now(run_bootstrap(host_maddrs=list(host_maddrs) or ["/ip4/0.0.0.0/tcp/31337"],
                            announce_maddrs=list(announce_maddrs), identity=identity,
                            initial_peers=list(initial_peers), spec=spec, log_json=log_json, max_seconds=max_seconds,
-                           keeper=keeper_config, announce_period=announce_period))
+                           keeper=keeper_config, announce_period=announce_period,
+                           dashboard=(dashboard_host, dashboard_port) if dashboard_port is not None else None))
 
 
 @main.command()
@@ -285,6 +297,36 @@ def status(initial_peers, run_id, spec_path, spec_digest, as_json, watch):
             _time.sleep(watch)
     finally:
         close()
+
+
+@main.command()
+@_initial
+@click.option("--run", "run_id", help="The run id (its spec is read from the DHT).")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="Or the run spec file.")
+@click.option("--spec-digest", help="Pin the spec digest (or a prefix).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="HTTP port (0: any free port).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: other machines too).")
+@click.option("--poll-period", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
+              help="Seconds between reads of the DHT.")
+@click.option("--max-seconds", type=float, default=None, help="Stop after this long.")
+@click.option("--log-json", is_flag=True)
+@click.option("-v", "--verbose", is_flag=True)
+def dashboard(initial_peers, run_id, spec_path, spec_digest, port, host, poll_period, max_seconds, log_json, verbose):
+    """Serve a web page that shows the swarm live: stages and their peers, loss and tokens/s
+    over time, signed checkpoints. Open the printed URL in a browser."""
+    from peer.procs import start_reaper
+
+    if not initial_peers:
+        raise click.UsageError("--initial-peers is required")
+    if (spec_path is None) == (run_id is None):
+        raise click.UsageError("pass exactly one of --run RUN_ID or --spec SPEC.toml")
+    spec = _load_spec_option(spec_path)
+    _setup_logging(verbose)
+    start_reaper()  # the observer's p2pd dies with this process
+    from peer.dashboard import run_dashboard
+
+    _exit_now(_guarded(run_dashboard, list(initial_peers), spec=spec, run_id=run_id, spec_digest=spec_digest,
+                       host=host, port=port, period=poll_period, log_json=log_json, max_seconds=max_seconds))
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ class PeerConfig:
     keeper_every: float = 300.0
     keeper_keep: int = 3
     eval_data: Optional[str] = None
+    metrics_port: Optional[int] = None  # Prometheus /metrics (peer.metrics); 0: any free port
+    metrics_host: str = "127.0.0.1"
 
 
 class Output:
@@ -148,6 +150,8 @@ class Peer:
 
     def _start(self) -> None:
         cfg = self.config
+        if cfg.metrics_port is not None:
+            self._start_metrics()  # first: a port that is taken fails before joining the swarm
         self.identity = load_or_create_identity(cfg.identity)
         self.out.event("starting", f"peer {self.identity.peer_id} starting the DHT", peer_id=str(self.identity.peer_id))
         self.dht = start_dht(self.identity, initial_peers=cfg.initial_peers, host_maddrs=cfg.host_maddrs,
@@ -181,6 +185,18 @@ class Peer:
         self.out.event("ready", f"serving stage {self.stage} as {self.swarm.peer_id}"
                        + (" and training on " + cfg.data if cfg.data else " (no --data: serving only)"),
                        peer_id=self.swarm.peer_id, stage=self.stage, maddrs=maddrs, digest=spec.digest())
+
+    def _start_metrics(self) -> None:
+        from peer.metrics import PeerMetrics
+
+        cfg = self.config
+        self.metrics = PeerMetrics()
+        try:
+            port = self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
+        except OSError as err:
+            raise SystemExit(f"--metrics-port {cfg.metrics_port}: cannot listen on {cfg.metrics_host}: {err}")
+        url = f"http://{cfg.metrics_host}:{port}/metrics"
+        self.out.event("metrics", f"Prometheus metrics at {url}", port=port, url=url)
 
     # --- one stage's parts: opened on start, closed on exit or on a move --------------------
 

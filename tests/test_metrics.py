@@ -1,0 +1,197 @@
+"""Prometheus metrics of a peer: the collector on a fake peer (counters, observed epochs, bans,
+averaging outcomes), then live peers of a real swarm scraped twice over HTTP."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+from conftest import dump_logs
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from peer.metrics import AveragingObserver, PeerMetrics
+from peer.routing_policy import BanList
+from protocol.records import PeerInfo
+
+
+def parse(text: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value}"""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(metrics: dict, name: str, **labels) -> float:
+    key = (name, tuple(sorted((k, str(v)) for k, v in labels.items())))
+    assert key in metrics, f"{name}{labels} not exposed; have: {sorted(n for n, _ in metrics)}"
+    return metrics[key]
+
+
+def scrape(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert resp.status == 200
+        return parse(resp.read().decode())
+
+
+# --- the collector, no network ----------------------------------------------------------------------
+
+
+class FakeOptimizer:
+    """The parts of hivemind.Optimizer that PeerMetrics reads or wraps."""
+
+    def __init__(self):
+        self.local_epoch = 0
+        self.last_load_state_error = None
+        self.tracker = SimpleNamespace(global_epoch=0, global_progress=SimpleNamespace(num_peers=1))
+        self.grad_averager = SimpleNamespace(local_samples_accumulated=0)
+
+    def _begin_averaging_gradients(self, grad_scaler):
+        return self.tracker.global_progress.num_peers > 1
+
+    def _average_gradients_and_load_into_optimizer(self, control):
+        if control == "fail":
+            self._load_local_gradients_into_optimizer()
+
+    def _load_local_gradients_into_optimizer(self):
+        pass
+
+    def round(self, control="ok"):
+        """What hivemind does per epoch: begin, then (if begun) average."""
+        if self._begin_averaging_gradients(None):
+            self._average_gradients_and_load_into_optimizer(control)
+
+
+def fake_peer():
+    trainer = SimpleNamespace(stats=SimpleNamespace(tokens=0, samples=0, microbatches=0, retries=0, failures=0,
+                                                    loss_ema=None),
+                              inflight={"x": 2}, bans=BanList())
+    worker = SimpleNamespace(stats=SimpleNamespace(forward=0, backward=0, samples=0, rejected=0, discarded=0,
+                                                   compute_s=0.0, throughput=0.0, loss_ema=None), queue_depth=3)
+    spec = SimpleNamespace(run_id="r", num_stages=2, digest=lambda: "ab" * 32)
+    return SimpleNamespace(spec=spec, swarm=SimpleNamespace(peer_id="QmMe"), started=time.time() - 5, stage=0,
+                           state="online", trainer=trainer, worker=worker, optimizer=FakeOptimizer(),
+                           counters=SimpleNamespace(sent={"activations": 10}, received={}),
+                           _snapshot=[PeerInfo("QmMe", 0, "online", 1.0), PeerInfo("QmB", 1, "online", 1.0),
+                                      PeerInfo("QmC", 1, "joining", 1.0)])
+
+
+def test_collector_reads_the_peer():
+    m = PeerMetrics()
+    peer = fake_peer()
+    m.update(peer)
+    first = parse(generate_latest(m.registry).decode())
+    assert value(first, "swarmtrain_tokens_total") == 0
+    assert value(first, "swarmtrain_peers_online", stage=1) == 1
+    assert value(first, "swarmtrain_state", state="online") == 1
+    assert value(first, "swarmtrain_trainer_inflight") == 2 and value(first, "swarmtrain_stage_queue_depth") == 3
+    assert value(first, "swarmtrain_sent_bytes_total", kind="activations") == 10
+    assert ("swarmtrain_loss", ()) not in first  # no loss yet: absent, not a made-up 0
+
+    opt = peer.optimizer
+    peer.trainer.stats.tokens, peer.trainer.stats.microbatches, peer.trainer.stats.loss_ema = 4096, 8, 4.5
+    opt.round()  # alone in the group
+    opt.local_epoch = 1
+    m.update(peer)
+    opt.tracker.global_progress.num_peers = 3
+    opt.round("ok")
+    opt.round("fail")
+    opt.local_epoch = 2
+    peer.trainer.bans.ban("QmB", time.monotonic())
+    opt.last_load_state_error = "TimeoutError: no peer answered"
+    m.update(peer)
+    opt.local_epoch = 7  # a catch-up
+    m.update(peer)
+    after = parse(generate_latest(m.registry).decode())
+    assert value(after, "swarmtrain_tokens_total") == 4096 and value(after, "swarmtrain_loss") == 4.5
+    assert value(after, "swarmtrain_averaging_rounds_total") == 2
+    assert value(after, "swarmtrain_catch_ups_total") == 1 and value(after, "swarmtrain_epoch") == 7
+    assert value(after, "swarmtrain_step_seconds") >= 0
+    assert value(after, "swarmtrain_allreduce_total", outcome="alone") == 1
+    assert value(after, "swarmtrain_allreduce_total", outcome="averaged") == 1
+    assert value(after, "swarmtrain_allreduce_total", outcome="failed") == 1
+    assert value(after, "swarmtrain_bans_total") == 1 and value(after, "swarmtrain_banned_peers") == 1
+    assert value(after, "swarmtrain_load_state_failures_total") == 1
+    assert value(after, "swarmtrain_load_state_error") == 1
+    assert value(after, "swarmtrain_tokens_per_second") > 0
+
+
+def test_observer_leaves_unknown_optimizers_alone():
+    assert AveragingObserver().attach(SimpleNamespace(local_epoch=0)) is False
+
+
+def test_update_never_raises():
+    m = PeerMetrics()
+    m.update(SimpleNamespace())  # a peer missing everything: metrics must not stop it
+    assert generate_latest(m.registry) == b""
+
+
+# --- live peers ------------------------------------------------------------------------------------
+
+
+def test_live_peers_expose_moving_metrics(cluster, spec_path, text_data):
+    _boot, maddr = cluster.bootstrap(spec_path=spec_path)
+    s0 = cluster.peer("s0", [maddr], spec_path=spec_path, stage=0, data=str(text_data),
+                      extra=["--metrics-port", "0"])
+    s1 = cluster.peer("s1", [maddr], spec_path=spec_path, stage=1, extra=["--metrics-port", "0"])
+    url0 = s0.wait_event("metrics", 120)["url"]
+    url1 = s1.wait_event("metrics", 120)["url"]
+    me0 = s0.wait_event("ready", 120)["peer_id"]
+    cluster.track()
+    s0.wait_event("status", 120, lambda e: e.get("microbatches", 0) >= 2)
+
+    a0, a1 = scrape(url0), scrape(url1)
+    assert value(a0, "swarmtrain_info", peer_id=me0, run_id="swarmtest", digest=s0.last_event("ready")["digest"][:16],
+                 version=value_label(a0, "swarmtrain_info", "version")) == 1
+    assert value(a0, "swarmtrain_stage") == 0 and value(a1, "swarmtrain_stage") == 1
+    # Wait on the trainer's own status events (every 2 s) rather than sleeping.
+    mb = s0.last_event("status")["microbatches"]
+    s0.wait_event("status", 120, lambda e: e.get("microbatches", 0) >= mb + 4)
+
+    # Stage 1's status lines carry its optimizer epoch; its metrics follow within a loop tick.
+    s1.wait_event("status", 120, lambda e: e.get("epoch", 0) >= 1)
+    deadline = time.monotonic() + 15
+    while True:
+        b1 = scrape(url1)
+        if value(b1, "swarmtrain_averaging_rounds_total") >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # the peer's main loop updates metrics every 0.2 s
+    assert value(b1, "swarmtrain_averaging_rounds_total") >= 1, dump_logs(cluster)
+    b0 = scrape(url0)
+
+    # The trainer (stage 0, with data): tokens, samples, activations on the wire, a loss.
+    for name in ("swarmtrain_tokens_total", "swarmtrain_samples_total", "swarmtrain_microbatches_total",
+                 "swarmtrain_stage_backward_total", "swarmtrain_stage_compute_seconds_total"):
+        assert value(b0, name) > value(a0, name), name
+    assert value(b0, "swarmtrain_sent_bytes_total", kind="activations") > value(a0, "swarmtrain_sent_bytes_total",
+                                                                                kind="activations")
+    assert value(b0, "swarmtrain_received_bytes_total", kind="activations") > 0
+    assert 0 < value(b0, "swarmtrain_loss") < 10
+    assert value(b0, "swarmtrain_tokens_per_second") > 0
+    assert value(b0, "swarmtrain_microbatch_seconds") > 0
+    assert value(b0, "swarmtrain_peers_online", stage=1) == 1
+
+    # The server of the last stage: forward passes, received activations, an averaging round.
+    assert value(b1, "swarmtrain_stage_forward_total") > value(a1, "swarmtrain_stage_forward_total")
+    assert value(b1, "swarmtrain_received_bytes_total", kind="activations") > \
+        value(a1, "swarmtrain_received_bytes_total", kind="activations")
+    assert value(b1, "swarmtrain_epoch") >= 1
+    # One peer per stage: each epoch's update is local, and counted as such.
+    assert value(b1, "swarmtrain_allreduce_total", outcome="alone") >= 1
+    assert value(b1, "swarmtrain_allreduce_total", outcome="failed") == 0
+    assert value(b1, "swarmtrain_load_state_error") == 0
+    assert ("swarmtrain_tokens_total", ()) not in b1  # a peer without data trains nothing itself
+
+    for proc in cluster.procs:
+        cluster.kill(proc)  # a crash-stop: the peers' reapers clean up (clean shutdown is tested elsewhere)
+
+
+def value_label(metrics: dict, name: str, label: str) -> str:
+    for (n, labels), _ in metrics.items():
+        if n == name:
+            return dict(labels)[label]
+    raise AssertionError(f"{name} not exposed")
