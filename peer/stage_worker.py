@@ -41,6 +41,7 @@ class _Cached:
     inputs: torch.Tensor  # requires grad for float inputs
     outputs: torch.Tensor
     created: float
+    params_version: int  # see StageWorker._params_version
 
 
 @dataclass
@@ -176,10 +177,14 @@ class StageWorker:
         with torch.enable_grad():
             outputs = self.module(inputs)
         self._expire_cache()
-        self._cache[mb_id] = _Cached(inputs, outputs, time.monotonic())
+        self._cache[mb_id] = _Cached(inputs, outputs, time.monotonic(), self._params_version())
         self.stats.forward += 1
         self.stats.compute_s += time.perf_counter() - start
         return outputs.detach()
+
+    def _params_version(self) -> int:
+        """Changes whenever a parameter is modified in place (autograd's version counters)."""
+        return sum(p._version for p in self.module.parameters())
 
     def _forward_backward_last(self, mb_id, inputs, labels, deadline, accumulate):
         start = time.perf_counter()
@@ -201,6 +206,12 @@ class StageWorker:
                 raise StageError("cache_miss", f"no cached forward for micro-batch {mb_id}; re-send the inputs")
             # Backward landed on another peer of the stage (the first died): recompute forward.
             inputs = self._prepare_inputs(inputs)
+            with torch.enable_grad():
+                outputs = self.module(inputs)
+        elif cached.params_version != self._params_version():
+            # An optimizer step (or a state load) wrote the parameters in place since this
+            # forward: its graph can no longer be differentiated. Recompute from the cached input.
+            inputs = cached.inputs
             with torch.enable_grad():
                 outputs = self.module(inputs)
         else:
