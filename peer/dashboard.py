@@ -297,7 +297,11 @@ def run_dashboard(initial_peers, *, spec=None, run_id: Optional[str] = None, spe
     swarm, close_observer = open_observer(list(initial_peers), spec=spec, run_id=run_id, spec_digest=spec_digest)
     dashboard = None
     try:
-        dashboard = Dashboard(swarm, host=host, port=port, period=period).start()
+        try:
+            dashboard = Dashboard(swarm, host=host, port=port, period=period)
+        except OSError as err:
+            raise SystemExit(f"--port {port}: cannot listen on {host}: {err}")
+        dashboard.start()
         out.event("ready", f"dashboard of run {swarm.spec.run_id!r} at {dashboard.url} (Ctrl-C to stop)",
                   url=dashboard.url, port=dashboard.port, run_id=swarm.spec.run_id, digest=swarm.digest)
         stop.wait(max_seconds)
