@@ -7,7 +7,7 @@ stdlib ``ThreadingHTTPServer`` serves
 - ``/``            the page (``peer/static/dashboard.html``: self-contained, no CDN: the
                    volunteer's machine may have no internet);
 - ``/api/swarm``   the latest snapshot as JSON, checkpoints grouped per stage and digest;
-- ``/api/history`` the history as JSON.
+- ``/api/history`` the history as JSON (``?max=N``: at most N points, evenly spread).
 
 The server only reads: it answers GET and nothing else, and listens on 127.0.0.1 unless told
 otherwise. Everything it shows comes from DHT records, which are claims of the peers that
@@ -104,6 +104,17 @@ class History:
     def as_list(self) -> list[dict]:
         with self._lock:
             return list(self.points)
+
+
+def downsample(points: list, limit: int) -> list:
+    """At most ``limit`` points spread evenly over ``points``, the first and the last kept: a
+    chart a few hundred pixels wide needs no more, and hours of history stay a small reply."""
+    n = len(points)
+    if limit <= 0 or n <= limit:
+        return list(points)
+    if limit == 1:
+        return [points[-1]]
+    return [points[round(i * (n - 1) / (limit - 1))] for i in range(limit)]
 
 
 def _round(x: Optional[float], digits: int = 1) -> Optional[float]:
@@ -204,19 +215,30 @@ def page_html() -> bytes:
     return resources.files("peer").joinpath("static/dashboard.html").read_bytes()
 
 
+def _int_param(query: str, name: str) -> Optional[int]:
+    from urllib.parse import parse_qs
+
+    try:
+        return max(0, int(parse_qs(query).get(name, [""])[0]))
+    except ValueError:
+        return None
+
+
 def _handler_for(poller: Poller, page: bytes):
     class Handler(BaseHTTPRequestHandler):
         server_version = "swarmtrain-dashboard"
 
         def do_GET(self):  # noqa: N802 (http.server's naming)
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             if path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, page, "text/html; charset=utf-8")
             elif path == "/api/swarm":
                 self._json(poller.swarm_view())
             elif path == "/api/history":
-                self._json({"points": poller.history.as_list(), "poll_period": poller.period,
-                            "rate_window": poller.history.rate_window})
+                points = poller.history.as_list()
+                limit = _int_param(query, "max")
+                self._json({"points": downsample(points, limit) if limit else points, "total_points": len(points),
+                            "poll_period": poller.period, "rate_window": poller.history.rate_window})
             elif path == "/healthz":
                 self._send(HTTPStatus.OK, b"ok\n", "text/plain")
             else:

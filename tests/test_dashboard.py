@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import dump_logs
 
-from peer.dashboard import Dashboard, History, Poller, _handler_for, finite, page_html, windowed_rate
+from peer.dashboard import History, Poller, _handler_for, downsample, finite, page_html, windowed_rate
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 
@@ -145,6 +145,13 @@ def test_windowed_rate_counts_growth_per_peer():
     assert windowed_rate(deque([(0.0, {"a": 900}), (5.0, {"a": 10})])) == 0.0
 
 
+def test_downsample_keeps_ends_and_spreads():
+    points = list(range(1000))
+    small = downsample(points, 5)
+    assert small == [0, 250, 500, 749, 999]
+    assert downsample(points[:3], 10) == [0, 1, 2] and downsample(points, 0) == points
+
+
 def _fake_snapshot(t: float, tokens: int, loss) -> dict:
     return {"run_id": "r", "digest": "d" * 64, "time": t, "num_peers": 2, "loss": loss, "tokens_per_s": 10.0,
             "checkpoints": [],
@@ -221,6 +228,9 @@ def test_http_api_and_page_without_network():
         assert swarm["run_id"] == "r" and len(swarm["stages"]) == 2 and swarm["observer"]["polls"] == 5
         history = get_json(server.url + "api/history")
         assert len(history["points"]) == 5 and history["points"][-1]["loss"] == pytest.approx(4.6)
+        short = get_json(server.url + "api/history?max=2")
+        assert [p["time"] for p in short["points"]] == [history["points"][0]["time"], history["points"][-1]["time"]]
+        assert short["total_points"] == 5
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(server.url + "etc/passwd", timeout=10)
         assert err.value.code == 404
