@@ -1,0 +1,84 @@
+"""The ``swarmtrain`` command line: its commands, and usage errors that stop before any
+network or model work. (``status --json`` against a live swarm is in test_swarm.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from peer.cli import main
+
+COMMANDS = ("demo", "run", "bootstrap", "status", "keygen", "spec", "checkpoint")
+SWARMTRAIN = Path(sys.executable).parent / "swarmtrain"
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_installed_entry_point_lists_every_command():
+    exe = [str(SWARMTRAIN)] if SWARMTRAIN.exists() else [sys.executable, "-m", "peer.cli"]
+    out = subprocess.run([*exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    listed = {line.split()[0] for line in out.stdout.split("Commands:")[1].splitlines() if line.strip()}
+    assert set(COMMANDS) <= listed, out.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    r = invoke(command, "--help")
+    assert r.exit_code == 0, r.output
+    assert "Usage:" in r.output
+
+
+def test_version():
+    r = invoke("--version")
+    assert r.exit_code == 0 and "swarmtrain" in r.output
+
+
+def test_run_needs_initial_peers(spec_path):
+    r = invoke("run", "--spec", spec_path)
+    assert r.exit_code == 2, r.output
+    assert "--initial-peers is required" in r.output
+
+
+def test_run_needs_exactly_one_of_spec_and_run(spec_path):
+    peer = "/ip4/127.0.0.1/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    r = invoke("run", "--initial-peers", peer, "--spec", spec_path, "--run", "swarm")
+    assert r.exit_code == 2 and "exactly one of --spec" in r.output, r.output
+    r = invoke("run", "--initial-peers", peer)
+    assert r.exit_code == 2 and "exactly one of --spec" in r.output, r.output
+
+
+def test_run_rejects_a_bad_stage_and_keeper_options(spec_path, tmp_path):
+    peer = "/ip4/127.0.0.1/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    r = invoke("run", "--initial-peers", peer, "--spec", spec_path, "--stage", "first")
+    assert r.exit_code == 2 and "--stage must be 'auto' or a stage index" in r.output, r.output
+    r = invoke("run", "--initial-peers", peer, "--spec", spec_path, "--keeper")
+    assert r.exit_code == 2 and "--keeper needs --signing-key" in r.output, r.output
+
+
+def test_run_reports_an_invalid_spec_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('run_id = "x"\n[model]\nhidden_size = 3\n')
+    peer = "/ip4/127.0.0.1/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    r = invoke("run", "--initial-peers", peer, "--spec", bad)
+    assert r.exit_code == 1 and "invalid run spec" in r.output and "model.vocab_size" in r.output, r.output
+
+
+def test_status_usage_errors(spec_path):
+    r = invoke("status", "--spec", spec_path)
+    assert r.exit_code == 2 and "--initial-peers is required" in r.output, r.output
+    r = invoke("status", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N")
+    assert r.exit_code == 2 and "exactly one of --run" in r.output, r.output
+
+
+def test_bootstrap_keeper_needs_a_spec(tmp_path):
+    key = tmp_path / "k.pem"
+    key.write_text("x")
+    r = invoke("bootstrap", "--keeper", "--signing-key", key, "--checkpoint-dir", tmp_path / "ck")
+    assert r.exit_code == 2 and "--keeper needs --spec" in r.output, r.output

@@ -1,0 +1,268 @@
+"""The run spec: validation errors that name the field, a stable digest, the presets, and
+``swarmtrain spec init``."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+from click.testing import CliRunner
+
+from peer.cli import main
+from peer.model import stage_param_shapes
+from protocol import signing
+from protocol.spec import (
+    RunSpec,
+    SpecError,
+    load_spec,
+    preset_spec,
+    spec_from_dict,
+    spec_from_json,
+    spec_from_toml,
+)
+
+
+def base() -> dict:
+    """A valid spec as plain data, to break one field at a time."""
+    return json.loads(preset_spec("tiny", stages=2).canonical_json())
+
+
+def invalid(mutate) -> str:
+    data = base()
+    mutate(data)
+    with pytest.raises(SpecError) as err:
+        spec_from_dict(data)
+    return str(err.value)
+
+
+# --- validation errors name the field ---------------------------------------------------------
+
+
+def test_overlapping_stages_are_named():
+    def overlap(d):
+        d["stages"] = [{"start": 0, "end": 3}, {"start": 2, "end": 4}]
+
+    msg = invalid(overlap)
+    assert "stages[1]" in msg and "overlapping" in msg
+
+
+def test_gap_between_stages_is_named():
+    def gap(d):
+        d["stages"] = [{"start": 0, "end": 1}, {"start": 2, "end": 4}]
+
+    msg = invalid(gap)
+    assert "stages[1]" in msg and "layers 1..1 are in no stage" in msg
+
+
+def test_partition_must_cover_all_layers():
+    def short(d):
+        d["stages"] = [{"start": 0, "end": 1}, {"start": 1, "end": 3}]
+
+    msg = invalid(short)
+    assert "stages" in msg and "model.num_hidden_layers is 4" in msg
+
+
+def test_empty_stage_is_rejected():
+    def empty(d):
+        d["stages"] = [{"start": 1, "end": 1}, {"start": 1, "end": 4}]
+
+    msg = invalid(empty)
+    assert "stages.0" in msg and "stage range [1, 1) is empty" in msg
+
+
+def test_missing_stages():
+    msg = invalid(lambda d: d.pop("stages"))
+    assert "stages: Field required" in msg
+    msg = invalid(lambda d: d.update(stages=[]))
+    assert "stages" in msg and "at least one stage" in msg
+
+
+def test_heads_must_divide_hidden():
+    msg = invalid(lambda d: d["model"].update(num_attention_heads=3))
+    assert "model.num_attention_heads (3) must divide model.hidden_size (128)" in msg
+
+
+def test_kv_heads_must_divide_heads():
+    msg = invalid(lambda d: d["model"].update(num_key_value_heads=3))
+    assert "model.num_key_value_heads (3) must divide model.num_attention_heads (4)" in msg
+
+
+def test_unknown_fields_are_named():
+    assert "model.hidden_sise: unknown field" in invalid(lambda d: d["model"].update(hidden_sise=3))
+    assert "colour: unknown field" in invalid(lambda d: d.update(colour="red"))
+    assert "training.lrr: unknown field" in invalid(lambda d: d["training"].update(lrr=1.0))
+
+
+def test_seq_len_beyond_max_positions():
+    msg = invalid(lambda d: d["training"].update(seq_len=512))
+    assert "training.seq_len exceeds model.max_position_embeddings" in msg
+
+
+def test_bad_tokenizer():
+    assert "tokenizer.kind" in invalid(lambda d: d.update(tokenizer={"kind": "sentencepiece"}))
+    msg = invalid(lambda d: d.update(tokenizer={"kind": "file", "path": "tok.json"}))
+    assert "tokenizer.path and tokenizer.sha256" in msg
+    msg = invalid(lambda d: d.update(tokenizer={"kind": "file", "path": "tok.json", "sha256": "ABC"}))
+    assert "tokenizer.sha256 must be 64 lowercase hex digits" in msg
+    msg = invalid(lambda d: d["model"].update(vocab_size=100))
+    assert "model.vocab_size must be >= 257 for the byte tokenizer" in msg
+
+
+def test_wrong_types_and_ranges_are_named():
+    assert "model.hidden_size" in invalid(lambda d: d["model"].update(hidden_size="big"))
+    assert "training.lr" in invalid(lambda d: d["training"].update(lr=-1.0))
+    assert "run_id" in invalid(lambda d: d.update(run_id="has space"))
+    assert "compression.activations" in invalid(lambda d: d["compression"].update(activations="zip"))
+    assert "trust.trusted_keys[0] is not a PEM public key" in invalid(
+        lambda d: d["trust"].update(trusted_keys=["not a key"]))
+
+
+def test_malformed_documents():
+    with pytest.raises(SpecError, match="not valid TOML"):
+        spec_from_toml("run_id = ")
+    with pytest.raises(SpecError, match="not valid JSON"):
+        spec_from_json("{")
+    with pytest.raises(SpecError, match="expected a JSON object"):
+        spec_from_json("[1, 2]")
+    with pytest.raises(SpecError, match="cannot read run spec"):
+        load_spec("/nonexistent/spec.toml")
+
+
+# --- the digest ----------------------------------------------------------------------------------
+
+
+def test_digest_is_stable_across_save_load_and_key_order(tmp_path):
+    spec = preset_spec("tiny", stages=2)
+    path = tmp_path / "spec.toml"
+    spec.save(path)
+    loaded = load_spec(path)
+    assert loaded == spec and loaded.digest() == spec.digest()
+    assert spec_from_toml(loaded.to_toml()).digest() == spec.digest()
+    assert spec_from_json(spec.canonical_json()).digest() == spec.digest()
+
+    # The same spec written with its keys (and sections) in another order.
+    data = tomllib.loads(path.read_text())
+    reordered = {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v)
+                 for k, v in reversed(list(data.items()))}
+    assert list(reordered) != list(data)
+    assert spec_from_dict(reordered).digest() == spec.digest()
+    # Defaults written out explicitly or left implicit: the same spec, the same digest.
+    minimal = {"run_id": data["run_id"], "model": data["model"], "stages": data["stages"],
+               "training": data["training"], "trust": data["trust"]}
+    assert spec_from_dict(minimal).digest() == spec.digest()
+    assert len(spec.digest()) == 64 and spec.short_digest == spec.digest()[:16]
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: d.update(run_id="other"),
+    lambda d: d.update(seed=1),
+    lambda d: d["model"].update(rope_theta=20000.0),
+    lambda d: d["model"].update(tie_word_embeddings=True),
+    lambda d: d.update(stages=[{"start": 0, "end": 1}, {"start": 1, "end": 4}]),
+    lambda d: d["training"].update(lr=0.0031),
+    lambda d: d["training"].update(target_batch_size=33),
+    lambda d: d["compression"].update(gradients="fp16"),
+    lambda d: d["trust"].update(min_signatures=2),
+    lambda d: d["trust"].update(accept_untrusted_live_state=False),
+])
+def test_any_change_gives_a_new_digest(change):
+    data = base()
+    before = spec_from_dict(data).digest()
+    change(data)
+    assert spec_from_dict(data).digest() != before
+
+
+def test_spec_is_immutable():
+    spec = preset_spec("tiny")
+    with pytest.raises(Exception):
+        spec.run_id = "other"  # type: ignore[misc]
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+
+def total_params(spec: RunSpec) -> int:
+    total = 0
+    for k in range(spec.num_stages):
+        for shape in stage_param_shapes(spec, k).values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+    return total
+
+
+def test_preset_sizes():
+    tiny = preset_spec("tiny")
+    assert 0.5e6 <= total_params(tiny) <= 1.5e6, total_params(tiny)
+    base_spec = preset_spec("base")
+    assert 0.9e9 <= total_params(base_spec) <= 1.2e9, total_params(base_spec)
+    small = preset_spec("small")
+    assert 15e6 <= total_params(small) <= 40e6, total_params(small)
+    # Stage counts and partitions of the presets are valid and cover every layer.
+    for spec in (tiny, small, base_spec):
+        assert spec.stages[0].start == 0 and spec.stages[-1].end == spec.model.num_hidden_layers
+
+
+def test_preset_options():
+    spec = preset_spec("tiny", stages=4, run_id="r1", seed=7, training={"lr": 0.01})
+    assert spec.num_stages == 4 and [(s.start, s.end) for s in spec.stages] == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert spec.run_id == "r1" and spec.seed == 7 and spec.training.lr == 0.01
+    assert spec.training.micro_batch_size == 8  # other preset values are kept
+    with pytest.raises(SpecError, match="unknown preset"):
+        preset_spec("huge")
+    with pytest.raises(SpecError, match="--stages must be between 1 and the number of layers"):
+        preset_spec("tiny", stages=5)
+
+
+# --- spec init / show ----------------------------------------------------------------------------
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_spec_init_writes_a_valid_spec(tmp_path):
+    out = tmp_path / "spec.toml"
+    r = invoke("spec", "init", out, "--preset", "tiny", "--stages", "4", "--run-id", "myrun", "--seed", "3")
+    assert r.exit_code == 0, r.output
+    spec = load_spec(out)
+    assert spec.num_stages == 4 and spec.run_id == "myrun" and spec.seed == 3
+    assert spec.digest() in r.output
+    # Refuses to overwrite without --force.
+    r = invoke("spec", "init", out)
+    assert r.exit_code != 0 and "exists" in r.output
+    r = invoke("spec", "init", out, "--force", "--stages", "2")
+    assert r.exit_code == 0 and load_spec(out).num_stages == 2
+    # Too many stages: a clear error, nothing written.
+    r = invoke("spec", "init", tmp_path / "bad.toml", "--stages", "9")
+    assert r.exit_code != 0 and "--stages must be between" in r.output and not (tmp_path / "bad.toml").exists()
+
+
+def test_spec_init_with_trusted_keys(tmp_path):
+    _, pub_a, _ = signing.write_keypair(tmp_path / "a.pem")
+    _, pub_b, _ = signing.write_keypair(tmp_path / "b.pem")
+    out = tmp_path / "spec.toml"
+    r = invoke("spec", "init", out, "--trusted-key", pub_a, "--trusted-key", pub_b, "--min-signatures", "2")
+    assert r.exit_code == 0, r.output
+    spec = load_spec(out)
+    assert spec.trust.trusted_keys == (pub_a.read_text().strip() + "\n", pub_b.read_text().strip() + "\n")
+    assert spec.trust.min_signatures == 2
+    # A private key (or any non-public-key file) is refused.
+    r = invoke("spec", "init", tmp_path / "x.toml", "--trusted-key", tmp_path / "a.pem")
+    assert r.exit_code != 0 and "not a PEM public key" in r.output
+
+
+def test_spec_show(tmp_path):
+    out = tmp_path / "spec.toml"
+    invoke("spec", "init", out)
+    spec = load_spec(out)
+    r = invoke("spec", "show", out)
+    assert r.exit_code == 0 and spec.digest() in r.output and "stage 1  layers [2, 4) + norm, LM head" in r.output
+    r = invoke("spec", "show", out, "--json")
+    assert json.loads(r.output) == json.loads(spec.canonical_json())
+    bad = tmp_path / "bad.toml"
+    bad.write_text(out.read_text().replace("num_attention_heads = 4", "num_attention_heads = 3"))
+    r = invoke("spec", "show", bad)
+    assert r.exit_code != 0 and "model.num_attention_heads (3) must divide" in r.output
