@@ -9,6 +9,7 @@ with the spec's codec, and every member applies the same update. With
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import signal
@@ -205,7 +206,8 @@ def make_stage_optimizer(spec: RunSpec, stage: int, module: torch.nn.Module, dht
     params = [p for p in module.parameters() if p.requires_grad]
     grad_averager_factory = None
     if compression.gradients == "powersgd":
-        grad_averager_factory = PowerSGDGradientAverager.get_factory(averager_rank=compression.powersgd_rank)
+        # hivemind 1.1.12 has no PowerSGDGradientAverager.get_factory: the factory is any callable.
+        grad_averager_factory = functools.partial(PowerSGDGradientAverager, averager_rank=compression.powersgd_rank)
     delayed = training.delay_optimizer_step
     return BoundedOptimizer(
         dht=dht,
