@@ -1,0 +1,79 @@
+"""Single-process training (the swarm benchmark's baseline): it trains, and it reports honestly."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from peer.local_train import train_local
+from peer.model import stage_param_names
+from protocol.spec import preset_spec
+
+
+def _spec():
+    # A tiny model on short sequences: a few hundred milliseconds per optimizer step on one core.
+    return preset_spec("tiny", stages=2, run_id="local-test",
+                       training=dict(micro_batch_size=4, seq_len=32, target_batch_size=8, lr=3e-3))
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    rng = random.Random(0)
+    words = "the swarm trains one model together and every peer holds a stage of it".split()
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(4):
+        (root / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(60)))
+    return root
+
+
+def test_loss_decreases(corpus):
+    result = train_local(_spec(), corpus, steps=40, threads=1)
+    losses = result["losses"]
+    assert len(losses) == 40 and result["microbatches"] == 40
+    assert result["tokens"] == 40 * 4 * 32
+    assert result["optimizer_steps"] == 20  # target 8 samples / micro-batch 4: one step per 2
+    assert result["tokens_per_s"] > 0
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.5, f"loss did not go down: {first:.3f} -> {last:.3f}"
+    assert result["final_loss"] == pytest.approx(sum(losses[-10:]) / 10)
+
+
+def test_same_data_key_same_run(corpus):
+    """The data order is a function of the key (a swarm trainer's peer id gives its batches)."""
+    a = train_local(_spec(), corpus, steps=6, threads=1, peer_key="k")
+    b = train_local(_spec(), corpus, steps=6, threads=1, peer_key="k")
+    c = train_local(_spec(), corpus, steps=6, threads=1, peer_key="other")
+    assert a["losses"] == b["losses"]
+    assert a["losses"] != c["losses"]
+
+
+def test_bad_arguments(corpus):
+    with pytest.raises(ValueError):
+        train_local(_spec(), corpus, steps=0)
+    with pytest.raises(ValueError):
+        train_local(_spec(), corpus, steps=1, threads=0)
+
+
+def test_cli_json_progress_and_final_state(corpus, tmp_path):
+    spec_path = tmp_path / "spec.toml"
+    _spec().save(spec_path)
+    out = tmp_path / "state"
+    proc = subprocess.run(
+        [sys.executable, "-m", "peer.local_train", "--spec", str(spec_path), "--data", str(corpus), "--steps", "8",
+         "--threads", "1", "--status-every", "0", "--log-json", "--final-state", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert events[0]["event"] == "starting" and events[-1]["event"] == "done"
+    statuses = [e for e in events if e["event"] == "status"]
+    assert statuses and all("tokens" in e and "time" in e for e in statuses)
+    assert events[-1]["tokens"] == 8 * 4 * 32
+    for k in range(2):
+        assert set(load_file(str(out / f"stage{k}.safetensors"))) == set(stage_param_names(_spec(), k))
