@@ -42,19 +42,26 @@ def make_torch_optimizer(params, training: TrainingSpec) -> torch.optim.Optimize
                                   weight_decay=training.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=training.lr, weight_decay=training.weight_decay)
-    if training.grad_clip > 0:
-        _clip_before_step(opt, training.grad_clip)
+    _clip_before_step(opt, training.grad_clip)
     return opt
 
 
 def _clip_before_step(opt: torch.optim.Optimizer, max_norm: float) -> None:
-    """Clip the (averaged) gradients the optimizer is about to apply. The clip is per stage:
-    each stage group only sees its own gradients."""
+    """Clip the (averaged) gradients the optimizer is about to apply (``max_norm`` 0: no clip).
+    The clip is per stage: each stage group only sees its own gradients.
+
+    A step whose gradients are not finite is skipped: hivemind's all-reduce divides by the
+    total weight it received, so a partial round in which only zero-weight parts arrived
+    (a peer tagging along, the other sender timed out) yields 0/0 = NaN gradients, and one
+    such step would make every weight of the stage NaN for good."""
     step = opt.step
 
     def clipped_step(self, *args, **kwargs):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        if not torch.isfinite(norm):
+            log.warning("skipping an optimizer step: the averaged gradients are not finite (norm %s)", float(norm))
+            return None
         return step(*args, **kwargs)
 
     # A bound method: torch's LR scheduler wraps optimizer.step and needs __func__/__self__.
