@@ -139,6 +139,16 @@ def _keeper_options(fn):
     return fn
 
 
+def _rebalance_period(period, stage) -> float:
+    """A peer that chose its stage itself rebalances by default; one told ``--stage K`` stays
+    there unless ``--rebalance-period`` is given too."""
+    from peer.churn import DEFAULT_REBALANCE_PERIOD
+
+    if period is not None:
+        return period
+    return DEFAULT_REBALANCE_PERIOD if stage == "auto" else 0.0
+
+
 def _check_keeper(keeper, signing_key, checkpoint_dir):
     if keeper and (signing_key is None or checkpoint_dir is None):
         raise click.UsageError("--keeper needs --signing-key KEY.pem and --checkpoint-dir DIR")
@@ -164,6 +174,13 @@ def _check_keeper(keeper, signing_key, checkpoint_dir):
 @click.option("--status-every", type=float, default=5.0, show_default=True)
 @click.option("--request-timeout", type=float, default=30.0, show_default=True)
 @click.option("--client-mode", is_flag=True, help="Do not accept inbound connections (behind NAT without relays).")
+@click.option("--rebalance-period", type=click.FloatRange(min=0.0), default=None,
+              help="Seconds between checks for a better stage (randomised by a third either way; 0: never move). "
+                   "Default: 15 with --stage auto, 0 with a fixed --stage. A peer also moves to refill a stage "
+                   "whose peers are all gone.")
+@click.option("--rebalance-cooldown", type=click.FloatRange(min=0.0), default=120.0, show_default=True,
+              help="Seconds a peer stays on a stage after joining or moving before a rebalancing move "
+                   "(refilling an empty stage does not wait).")
 @click.option("--final-state", type=click.Path(dir_okay=False), default=None,
               help="On exit, write this peer's stage weights (safetensors) here.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
@@ -178,8 +195,8 @@ def _check_keeper(keeper, signing_key, checkpoint_dir):
 @click.option("-v", "--verbose", is_flag=True)
 def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stage, host_maddrs, announce_maddrs,
         identity, threads, max_seconds, max_microbatches, announce_period, status_every, request_timeout,
-        client_mode, final_state, checkpoint_dir, keeper, signing_key, keeper_every, keeper_keep, eval_data,
-        metrics_port, metrics_host, log_json, verbose):
+        client_mode, rebalance_period, rebalance_cooldown, final_state, checkpoint_dir, keeper, signing_key,
+        keeper_every, keeper_keep, eval_data, metrics_port, metrics_host, log_json, verbose):
     """Join a swarm as a peer: serve a stage and train on local data."""
     from peer.procs import start_reaper
 
@@ -204,7 +221,8 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
         announce_period=announce_period, status_every=status_every, request_timeout=request_timeout,
         client_mode=client_mode, final_state=final_state, log_json=log_json,
         checkpoint_dir=checkpoint_dir, keeper=keeper, signing_key=signing_key, keeper_every=keeper_every,
-        keeper_keep=keeper_keep, eval_data=eval_data, metrics_port=metrics_port, metrics_host=metrics_host)
+        keeper_keep=keeper_keep, eval_data=eval_data, metrics_port=metrics_port, metrics_host=metrics_host,
+        rebalance_period=_rebalance_period(rebalance_period, stage), rebalance_cooldown=rebalance_cooldown)
     _exit_now(_guarded(run_peer, config))
 
 

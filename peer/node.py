@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import signal
 import sys
 import threading
@@ -21,7 +22,8 @@ import torch
 
 from peer import __version__
 from peer.averaging import make_stage_optimizer
-from peer.balancing import choose_stage
+from peer.balancing import RebalancePolicy, choose_stage
+from peer.churn import StageEpochs, check_move, epochs_lost, next_check_delay
 from peer.identity import Identity, cleanup_identity, load_or_create_identity
 from peer.model import LlamaStage
 from peer.server import StageServer, WireCounters
@@ -62,6 +64,10 @@ class PeerConfig:
     keeper_every: float = 300.0
     keeper_keep: int = 3
     eval_data: Optional[str] = None
+    # Churn (peer.churn): seconds between rebalancing checks (randomised around it; 0: never
+    # move) and the policy's cool-down after a join or a move.
+    rebalance_period: float = 0.0
+    rebalance_cooldown: float = 120.0
     metrics_port: Optional[int] = None  # Prometheus /metrics (peer.metrics); 0: any free port
     metrics_host: str = "127.0.0.1"
 
@@ -124,11 +130,28 @@ class Peer:
         self.loop: Optional[LoopThread] = None
         self.stage: Optional[int] = None
         self.spec: Optional[RunSpec] = None
+        # Churn: when this peer last joined or moved (the policy's cool-down), when it next
+        # looks for a move, and the highest epoch seen per stage (work lost on a recovery).
+        self._last_move_at: Optional[float] = None
+        self._next_rebalance_at: Optional[float] = None
+        self._stage_epochs = StageEpochs()
+        self._rng = random.Random()
+        self._contributed = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
+        import os
+
+        peer_pid = os.getpid()
+
         def request_stop(signum, _frame):
+            if os.getpid() != peer_pid:
+                # A process hivemind forked from this one (an averager) inherited the handler:
+                # it must die on the reaper's SIGTERM, not print a 'stopping' of the peer.
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
             if self.stop_event.is_set():
                 self._second_signal = True  # a second Ctrl-C: stop waiting for anything
                 return
@@ -169,10 +192,19 @@ class Peer:
         self.out.event("stage", f"taking stage {self.stage} of {spec.num_stages} (layers {stage_spec.start}..{stage_spec.end - 1})",
                        stage=self.stage)
         self._announce()  # 'joining': visible to status, not yet routed to
+        # Keep the 'joining' record alive while the stage loads (restore, catch-up): a record
+        # that expires meanwhile makes the stage look empty to the others' balancing policy.
+        threading.Thread(target=self._announcer, name="announcer", daemon=True).start()
 
         self.loop = LoopThread()
         self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
         self._open_stage(self.stage)
+        resumed = self._resume_if_group_gone()
+        if resumed is not None:
+            weights = "restored" if self.restored_step is not None else "initial"
+            self.out.event("resumed_alone", f"no other peer serves stage {self.stage}: continuing its epoch count at "
+                                            f"{resumed} with the {weights} weights",
+                           stage=self.stage, epoch=resumed, restored_step=self.restored_step)
         if cfg.data:
             self.trainer = Trainer(spec, self.p2p, self.swarm.peer_id, snapshot=lambda: self._snapshot,
                                    local_stage=self.stage, local_worker=self.worker,
@@ -180,7 +212,8 @@ class Peer:
                                    seed=hash(self.swarm.peer_id) & 0xFFFF)
         self.state = "online"
         self._announce()
-        threading.Thread(target=self._announcer, name="announcer", daemon=True).start()
+        self._last_move_at = time.monotonic()  # a join starts the cool-down, as a move does
+        self._schedule_rebalance()
         maddrs = visible_maddrs(self.dht)
         self.out.event("ready", f"serving stage {self.stage} as {self.swarm.peer_id}"
                        + (" and training on " + cfg.data if cfg.data else " (no --data: serving only)"),
@@ -403,6 +436,149 @@ class Peer:
         """Called every ~0.2 s from the main loop: the place for rebalancing and keeper work."""
         if self.config.keeper and self.keeper is None:
             self._start_keeper()
+        self._note_first_contribution()
+        self._maybe_rebalance()
+
+    # --- churn: rebalancing moves and empty-stage recovery (peer.churn, peer.balancing) ------
+
+    def _resume_if_group_gone(self) -> Optional[int]:
+        """If this peer is the only one left on its stage, continue the stage's epoch count
+        with the weights it has (restored or initial); returns that epoch, or None.
+
+        The stage's previous peers may be gone while their training-progress records outlive
+        them (about a minute): the optimizer would count itself epochs behind, try to load
+        state from dead peers on every step and never step. Only done when the live-state
+        catch-up left this peer behind *and* the signed peer records show no other online
+        peer on the stage; the work lost is reported by the caller."""
+        opt, worker = self.optimizer, self.worker
+        group = int(opt.tracker.global_epoch)
+        if group <= opt.local_epoch:
+            return None
+        others = [p for p in self._snapshot
+                  if p.stage == self.stage and p.state == "online" and p.peer_id != self.swarm.peer_id]
+        if others:
+            return None  # the group is alive: hivemind's own catch-up goes on
+        worker.call(lambda: self._set_local_epoch(group), timeout=60)
+        if opt.use_gradient_averaging and opt.grad_averager is not None:
+            worker.call(opt.grad_averager.reset_accumulated_grads_, timeout=60)
+        return group
+
+    def _note_first_contribution(self) -> None:
+        """Event ``contributing``, once: the first micro-batch this peer's stage accumulated
+        for its group (served) or its trainer finished (trained); how long a newcomer takes
+        to become useful."""
+        if self._contributed:
+            return
+        served = self.worker.stats.samples if self.worker is not None else 0
+        trained = self.trainer.stats.microbatches if self.trainer is not None else 0
+        if served or trained:
+            self._contributed = True
+            seconds = time.time() - self.started
+            self.out.event("contributing", f"first contribution {seconds:.1f}s after start", seconds=round(seconds, 3),
+                           served_samples=served, trained_microbatches=trained, stage=self.stage)
+
+    def _rebalance_policy(self) -> RebalancePolicy:
+        return RebalancePolicy(cooldown_s=self.config.rebalance_cooldown)
+
+    def _schedule_rebalance(self) -> None:
+        delay = next_check_delay(self.config.rebalance_period, self._rng)
+        self._next_rebalance_at = None if delay is None else time.monotonic() + delay
+
+    def _maybe_rebalance(self) -> None:
+        """Every ~--rebalance-period seconds: move to another stage if the policy names this
+        peer (a clear throughput gain, or a stage whose peers are all gone)."""
+        if self.swarm is None:
+            return
+        self._stage_epochs.observe(self._snapshot)
+        if self._next_rebalance_at is None or time.monotonic() < self._next_rebalance_at:
+            return
+        if self.stop_event.is_set() or self.state != "online":
+            return
+        self._schedule_rebalance()
+        planned = check_move(self._snapshot, self.spec.num_stages, my_peer_id=self.swarm.peer_id, my_stage=self.stage,
+                             now=time.monotonic(), last_move_at=self._last_move_at, policy=self._rebalance_policy())
+        if planned.target is None:
+            return
+        # Records may be a few seconds old: decide again on a fresh read right before moving,
+        # so that a move planned on stale records never empties a stage.
+        try:
+            fresh = self.swarm.snapshot()
+        except Exception as err:
+            log.warning("not moving: the fresh snapshot failed: %s", err)
+            return
+        self._stage_epochs.observe(fresh)
+        confirmed = check_move(fresh, self.spec.num_stages, my_peer_id=self.swarm.peer_id, my_stage=self.stage,
+                               now=time.monotonic(), last_move_at=self._last_move_at, policy=self._rebalance_policy(),
+                               planned=planned.target)
+        if confirmed.target is None:
+            self.out.event("move_cancelled", f"not moving to stage {planned.target}: {confirmed.why}",
+                           to=planned.target, reason=confirmed.why)
+            return
+        self._move_to(confirmed.target, recovery=confirmed.recovery)
+
+    def _move_to(self, target: int, *, recovery: bool) -> bool:
+        """Serve ``target`` instead of the current stage: load its state (the newest trusted
+        checkpoint, then the group's live state) before announcing it online there.
+
+        The trainer keeps going: it routes the old stage to its other peers while this one
+        closes it, and the new stage to this peer once it is open. Returns True if moved."""
+        old, started = self.stage, time.monotonic()
+        reason = "recovery" if recovery else "rebalance"
+        last_seen = self._stage_epochs.last(target)
+        self.out.event("moving", f"moving from stage {old} to stage {target} ({reason})",
+                       **{"from": old, "to": target, "reason": reason})
+        if not recovery:
+            # The old group's next round may take this peer's accumulated samples; a recovery
+            # does not wait: the pipeline is stalled until the empty stage is back.
+            try:
+                self._hand_back_gradients()
+            except Exception as err:
+                log.warning("could not hand back gradients: %s", err)
+        # Announced at the target as 'joining': routers stop sending the old stage's work here
+        # and send none of the new stage's yet, and the balancing policy of every other peer
+        # counts this peer at the target (nobody else moves to refill the same stage).
+        self.stage, self.state = target, "joining"
+        self._announce()
+        if self.trainer is not None:
+            self.trainer.local_stage, self.trainer.local_worker = None, None
+        self._close_stage()
+        try:
+            self._open_stage(target)
+        except Exception as err:
+            log.exception("opening stage %d failed", target)
+            self.out.event("move_failed", f"could not open stage {target} ({type(err).__name__}: {err}); "
+                                          f"going back to stage {old}",
+                           **{"from": old, "to": target, "reason": f"{type(err).__name__}: {err}"})
+            self.stage = old
+            self._announce()
+            self._open_stage(old)
+            target = old
+        if recovery and target != old:
+            # The group's progress records outlive its peers: the epoch they had reached.
+            group_epoch = self._resume_if_group_gone()
+            seen = [e for e in (last_seen, group_epoch) if e is not None]
+            last_seen = max(seen) if seen else None
+        self.state = "online"
+        self._announce()
+        self._last_move_at = time.monotonic()
+        if target == old:
+            return False
+        seconds = time.monotonic() - started
+        self.out.event("moved", f"now serving stage {target} (was {old}, {reason}) after {seconds:.1f}s, at epoch "
+                                f"{self._epoch()}" + (f", restored from checkpoint step {self.restored_step}"
+                                                      if self.restored_step is not None else ""),
+                       **{"from": old, "to": target, "reason": reason, "seconds": round(seconds, 3),
+                          "epoch": self._epoch(), "restored_step": self.restored_step})
+        if recovery:
+            lost = epochs_lost(last_seen, self.restored_step)
+            source = (f"checkpoint step {self.restored_step}" if self.restored_step is not None
+                      else "the spec's initialisation (no trusted checkpoint)")
+            self.out.event("recovered", f"stage {target} had no peer left: restored from {source}; "
+                                        + (f"{lost} epoch(s) of its training lost (last seen at epoch {last_seen})"
+                                           if lost is not None else "its last epoch was never seen"),
+                           stage=target, restored_step=self.restored_step, epoch_lost=lost,
+                           last_seen_epoch=last_seen, epoch=self._epoch())
+        return True
 
     async def _train(self, dataset) -> None:
         await self.trainer.run(dataset, stop=self._async_stop, max_microbatches=self.config.max_microbatches)
@@ -414,6 +590,8 @@ class Peer:
         averager = getattr(opt, "grad_averager", None)
         if averager is None or averager.local_samples_accumulated == 0 or self.worker is None:
             return
+        if opt.tracker.global_progress.num_peers <= 1:
+            return  # alone in the stage group: nobody to hand the samples to
         samples, epoch = averager.local_samples_accumulated, opt.local_epoch
         budget = self.spec.training.matchmaking_time + self.spec.training.averaging_timeout
         self.out.event("handing_back", f"waiting up to {budget:.0f}s for stage {self.stage}'s averaging round to take "
