@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the swarmtrain image WITHOUT a Docker engine, with buildah.
 #
-#   sudo scripts/build_image.sh [--tag swarmtrain:latest] [--gpu] [--rebuild-base] [--no-base]
+#   sudo scripts/build_image.sh [--tag swarmtrain:latest] [--gpu] [--rebuild-base] [--no-base] [--keep-old]
 #
 # Steps (each prints a "==>" line; any failure stops the script with a message):
 #   1. buildah and debootstrap: installed with apt-get when missing (needs root).
@@ -19,15 +19,22 @@
 #      docker/wheels/ (gitignored) when present; otherwise the Dockerfile uses the PyTorch CPU
 #      index.
 #   4. buildah bud --storage-driver vfs --isolation chroot -t TAG -f docker/Dockerfile .
+#   5. `buildah rmi --prune`: the untagged images that earlier builds left behind (with vfs each
+#      costs ~10 GB of disk); the layer cache of the new image stays. --keep-old skips it.
 #
 # Environment: SWARMTRAIN_BASE_DIR, SWARMTRAIN_WHEELS, DEBIAN_MIRROR (default
-# http://deb.debian.org/debian), STORAGE_DRIVER (default vfs), TORCH_VERSION (default 2.13.0).
+# http://deb.debian.org/debian), TORCH_VERSION (default 2.13.0), STORAGE_DRIVER (default vfs:
+# works everywhere, even nested, but every layer is a full copy, so a rebuild after a source
+# change takes minutes; STORAGE_DRIVER=overlay, where the kernel allows it, is several times
+# faster and keeps its own store in /var/lib/containers/storage-overlay; scripts/run_image.sh
+# and tests/test_docker.py must then get the same STORAGE_DRIVER).
 set -euo pipefail
 
 TAG=swarmtrain:latest
 GPU=0
 REBUILD_BASE=0
 MAKE_BASE=1
+PRUNE=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --tag) TAG="$2"; shift 2 ;;
@@ -35,7 +42,8 @@ while [[ $# -gt 0 ]]; do
         --gpu) GPU=1; shift ;;
         --rebuild-base) REBUILD_BASE=1; shift ;;
         --no-base) MAKE_BASE=0; shift ;;
-        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+        --keep-old) PRUNE=0; shift ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "build_image.sh: unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -49,6 +57,10 @@ DRIVER="${STORAGE_DRIVER:-vfs}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 BASE_IMAGE="docker.io/library/python:3.11-slim"   # what `FROM python:3.11-slim` resolves to
 BUILDAH=(buildah --storage-driver "$DRIVER")
+# Each storage driver gets its own store: one store cannot mix drivers.
+if [[ "$DRIVER" != vfs ]]; then
+    BUILDAH+=(--root "/var/lib/containers/storage-$DRIVER" --runroot "/run/containers/storage-$DRIVER")
+fi
 # Bump when the base recipe below changes: a cached rootfs of another recipe is rebuilt.
 BASE_RECIPE=1
 
@@ -168,4 +180,8 @@ cd "$ROOT"
     -f docker/Dockerfile \
     .
 say "built $TAG in $(( $(date +%s) - start ))s"
+if [[ $PRUNE == 1 ]]; then
+    say "removing untagged images left by earlier builds (--keep-old keeps them)"
+    "${BUILDAH[@]}" rmi --prune >/dev/null || echo "build_image.sh: warning: buildah rmi --prune failed" >&2
+fi
 "${BUILDAH[@]}" images "$TAG"

@@ -14,6 +14,7 @@
 #
 # SIGINT/SIGTERM are passed on to the program in the container; the container is removed on
 # exit. The exit status is the program's. STORAGE_DRIVER (default vfs) must match the build.
+# With vfs, starting takes ~25 s (the container is a full copy of the image); overlay: ~1 s.
 set -euo pipefail
 
 IMAGE=swarmtrain:latest
@@ -40,7 +41,11 @@ done
 
 command -v buildah >/dev/null || { echo "run_image.sh: buildah is not installed (apt-get install -y buildah)" >&2; exit 2; }
 [[ $(id -u) == 0 ]] || { echo "run_image.sh: run as root (buildah chroot isolation needs it)" >&2; exit 2; }
-BUILDAH=(buildah --storage-driver "${STORAGE_DRIVER:-vfs}")
+DRIVER="${STORAGE_DRIVER:-vfs}"
+BUILDAH=(buildah --storage-driver "$DRIVER")
+if [[ "$DRIVER" != vfs ]]; then   # the same per-driver store as build_image.sh
+    BUILDAH+=(--root "/var/lib/containers/storage-$DRIVER" --runroot "/run/containers/storage-$DRIVER")
+fi
 
 # The image's entrypoint, command and user, as `docker run` would use them.
 config_json=$("${BUILDAH[@]}" inspect --type image "$IMAGE" | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["OCIv1"]["config"]))') \
