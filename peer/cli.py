@@ -347,5 +347,11 @@ def dashboard(initial_peers, run_id, spec_path, spec_digest, port, host, poll_pe
                        host=host, port=port, period=poll_period, log_json=log_json, max_seconds=max_seconds))
 
 
+def entry() -> None:
+    """The console script: every option can also come from SWARMTRAIN_<COMMAND>_<OPTION>
+    (e.g. SWARMTRAIN_RUN_INITIAL_PEERS), which is how the Docker image is configured."""
+    main(auto_envvar_prefix="SWARMTRAIN")
+
+
 if __name__ == "__main__":
-    main()
+    entry()
