@@ -441,6 +441,31 @@ class Peer:
 
     # --- churn: rebalancing moves and empty-stage recovery (peer.churn, peer.balancing) ------
 
+    def _close_stage_for_move(self) -> None:
+        """``_close_stage`` without waiting for the old stage group's pending update (hivemind's
+        optimizer shutdown waits for its background averaging round, up to the averaging
+        timeout): it would only change weights this peer is dropping. The old optimizer and its
+        processes shut down in the background."""
+        optimizer, self.optimizer = self.optimizer, None
+        self._close_stage()
+        if optimizer is not None:
+            def shutdown():
+                try:
+                    optimizer.shutdown()
+                except Exception as err:
+                    log.debug("old optimizer shutdown: %s", err)
+
+            threading.Thread(target=shutdown, name="old-stage-optimizer", daemon=True).start()
+
+    def _checkpoints_announced(self, stage: int) -> bool:
+        """Whether the swarm announces a checkpoint of ``stage`` (unverified: a hint to retry)."""
+        if not self.spec.trust.trusted_keys:
+            return False
+        try:
+            return bool(self._checkpoint_service().announcements(stage))
+        except Exception:
+            return False
+
     def _resume_if_group_gone(self) -> Optional[int]:
         """If this peer is the only one left on its stage, continue the stage's epoch count
         with the weights it has (restored or initial); returns that epoch, or None.
@@ -541,9 +566,17 @@ class Peer:
         self._announce()
         if self.trainer is not None:
             self.trainer.local_stage, self.trainer.local_worker = None, None
-        self._close_stage()
+        self._close_stage_for_move()
+        closed = time.monotonic()
         try:
             self._open_stage(target)
+            if recovery and self.restored_step is None and self._checkpoints_announced(target):
+                # The stage's signed checkpoint exists but this try failed (a broken transfer):
+                # one more try before restarting a whole stage from the spec's init.
+                self.out.event("restore_retry", f"stage {target} has signed checkpoints but none could be loaded; "
+                                                "trying once more", stage=target)
+                self._close_stage()
+                self._open_stage(target)
         except Exception as err:
             log.exception("opening stage %d failed", target)
             self.out.event("move_failed", f"could not open stage {target} ({type(err).__name__}: {err}); "
@@ -568,6 +601,7 @@ class Peer:
                                 f"{self._epoch()}" + (f", restored from checkpoint step {self.restored_step}"
                                                       if self.restored_step is not None else ""),
                        **{"from": old, "to": target, "reason": reason, "seconds": round(seconds, 3),
+                          "close_s": round(closed - started, 3), "open_s": round(time.monotonic() - closed, 3),
                           "epoch": self._epoch(), "restored_step": self.restored_step})
         if recovery:
             lost = epochs_lost(last_seen, self.restored_step)
