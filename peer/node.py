@@ -78,8 +78,10 @@ class Output:
     def __init__(self, as_json: bool):
         self.as_json = as_json
         # Events come from several threads (main loop, keeper, checkpoint service): one write
-        # per line under a lock, so that two JSON lines never interleave.
-        self._lock = threading.Lock()
+        # per line under a lock, so that two JSON lines never interleave. Reentrant: the
+        # Ctrl-C handler prints 'stopping' on the main thread, possibly while that thread is
+        # inside this method (a plain Lock deadlocked the peer there, Ctrl-C included).
+        self._lock = threading.RLock()
 
     def event(self, name: str, text: str, **fields) -> None:
         if self.as_json:
