@@ -53,6 +53,10 @@ def _reference_update(spec, data, trainer_peer_id):
     return [{k: v.detach().clone() for k, v in s.state_dict().items()} for s in stages], stages
 
 
+# Slow: five processes for ~2 minutes. It passed on a lightly loaded machine and failed once
+# under a load average of 14 (one stage-1 peer ended its epoch without the update): a timing
+# race in how an idle peer joins a round, still open.
+@pytest.mark.slow
 def test_swarm_update_equals_single_process_update(tmp_path):
     spec = preset_spec(
         "tiny", stages=2, run_id="parity",
