@@ -8,14 +8,15 @@ Pure functions over snapshots (lists of ``PeerInfo``) and plain numbers, like
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from peer.balancing import ACTIVE_STATES, RebalancePolicy, plan_move
 from protocol.records import PeerInfo
 
-__all__ = ["DEFAULT_REBALANCE_PERIOD", "next_check_delay", "MoveCheck", "check_move", "StageEpochs", "epochs_lost",
-           "missed_round"]
+__all__ = ["DEFAULT_REBALANCE_PERIOD", "next_check_delay", "MoveCheck", "check_move", "recovery_fallback",
+           "EmptyStages", "StageEpochs", "epochs_lost", "missed_round"]
 
 # Seconds between two looks at the snapshot (randomised around it, see next_check_delay).
 DEFAULT_REBALANCE_PERIOD = 15.0
@@ -46,6 +47,60 @@ class MoveCheck:
     why: str = ""
 
 
+def recovery_fallback(
+    peers: Sequence[PeerInfo],
+    num_stages: int,
+    *,
+    my_peer_id: str,
+    now: float,
+    empty_since: Mapping[int, float],
+    grace: float,
+) -> Optional[int]:
+    """The empty stage this peer should refill because the peer the policy named did not.
+
+    ``plan_move`` names one peer per empty stage, but that peer may never move (a peer with a
+    fixed ``--stage`` and no ``--rebalance-period``), and the stage would stay empty for good.
+    So the candidates take turns: the policy's choice first, then the online peers of stages
+    that keep an active peer without them, most populated stage first, then by peer id (an
+    order every peer computes alike); the one at rank r acts once the stage has been empty
+    for r x ``grace`` seconds (``empty_since``: when this peer first saw it empty). ``grace``
+    must exceed the time a mover's 'joining' record takes to be seen, so that one refill is
+    seen before the next candidate's turn.
+    """
+    active = [p for p in peers if p.state in ACTIVE_STATES and 0 <= p.stage < num_stages]
+    count = Counter(p.stage for p in active)
+    empty = [s for s in range(num_stages) if count[s] == 0]
+    if not empty:
+        return None
+    target = empty[0]
+    since = empty_since.get(target)
+    if since is None:
+        return None
+    candidates = [p for p in active if p.state == "online" and count[p.stage] >= 2]
+    named = {p.peer_id for p in candidates
+             if plan_move(peers, num_stages, my_peer_id=p.peer_id, now=now, last_move_at=None) == target}
+    order = sorted(candidates, key=lambda p: (p.peer_id not in named, -count[p.stage], p.peer_id))
+    rank = next((i for i, p in enumerate(order) if p.peer_id == my_peer_id), None)
+    if rank is None or now - since < rank * grace:
+        return None
+    return target
+
+
+class EmptyStages:
+    """When each stage was first seen with no active peer (for ``recovery_fallback``)."""
+
+    def __init__(self):
+        self.since: dict[int, float] = {}
+
+    def observe(self, peers: Sequence[PeerInfo], num_stages: int, now: float) -> None:
+        served = {p.stage for p in peers if p.state in ACTIVE_STATES}
+        for stage in range(num_stages):
+            if stage in served:
+                self.since.pop(stage, None)
+            else:
+                self.since.setdefault(stage, now)
+
+
 def check_move(
     peers: Sequence[PeerInfo],
     num_stages: int,
@@ -56,18 +111,25 @@ def check_move(
     last_move_at: Optional[float],
     policy: RebalancePolicy,
     planned: Optional[int] = None,
+    empty_since: Optional[Mapping[int, float]] = None,
+    fallback_grace: float = 30.0,
 ) -> MoveCheck:
     """Whether to move now, from a snapshot.
 
     Called twice per move: on the periodic snapshot to plan it, and on a snapshot read right
     before moving with ``planned`` set, so that a move planned on stale records (a peer that
     left, another that moved meanwhile) is dropped. A move is made only if both agree, the
-    snapshot shows this peer where it is, and the stage it leaves keeps an active peer.
+    snapshot shows this peer where it is, and the stage it leaves keeps an active peer. With
+    ``empty_since``, a stage left empty by the peer the policy named is refilled by the next
+    candidates in turn (``recovery_fallback``).
     """
     me = [p for p in peers if p.peer_id == my_peer_id]
     if not me or me[0].stage != my_stage or me[0].state != "online":
         return MoveCheck(None, why="this peer is not announced online at its stage yet")
     target = plan_move(peers, num_stages, my_peer_id=my_peer_id, now=now, last_move_at=last_move_at, policy=policy)
+    if target is None and empty_since is not None:
+        target = recovery_fallback(peers, num_stages, my_peer_id=my_peer_id, now=now, empty_since=empty_since,
+                                   grace=fallback_grace)
     if target is None:
         return MoveCheck(None, why="the policy keeps this peer where it is")
     if planned is not None and target != planned:

@@ -23,7 +23,7 @@ import torch
 from peer import __version__
 from peer.averaging import make_stage_optimizer
 from peer.balancing import RebalancePolicy, choose_stage
-from peer.churn import StageEpochs, check_move, epochs_lost, next_check_delay
+from peer.churn import EmptyStages, StageEpochs, check_move, epochs_lost, next_check_delay
 from peer.identity import Identity, cleanup_identity, load_or_create_identity
 from peer.model import LlamaStage
 from peer.server import StageServer, WireCounters
@@ -137,6 +137,7 @@ class Peer:
         self._last_move_at: Optional[float] = None
         self._next_rebalance_at: Optional[float] = None
         self._stage_epochs = StageEpochs()
+        self._empty_stages = EmptyStages()
         self._rng = random.Random()
         self._contributed = False
 
@@ -516,14 +517,21 @@ class Peer:
         peer (a clear throughput gain, or a stage whose peers are all gone)."""
         if self.swarm is None:
             return
-        self._stage_epochs.observe(self._snapshot)
+        snapshot = self._snapshot
+        self._stage_epochs.observe(snapshot)
+        if any(p.peer_id == self.swarm.peer_id for p in snapshot):  # a read that found the swarm
+            self._empty_stages.observe(snapshot, self.spec.num_stages, time.monotonic())
         if self._next_rebalance_at is None or time.monotonic() < self._next_rebalance_at:
             return
         if self.stop_event.is_set() or self.state != "online":
             return
         self._schedule_rebalance()
-        planned = check_move(self._snapshot, self.spec.num_stages, my_peer_id=self.swarm.peer_id, my_stage=self.stage,
-                             now=time.monotonic(), last_move_at=self._last_move_at, policy=self._rebalance_policy())
+        # A candidate's turn to refill an empty stage comes two check periods after the
+        # previous one's: time enough for a mover's 'joining' record to be seen.
+        turns = dict(empty_since=self._empty_stages.since, fallback_grace=2 * self.config.rebalance_period)
+        planned = check_move(snapshot, self.spec.num_stages, my_peer_id=self.swarm.peer_id, my_stage=self.stage,
+                             now=time.monotonic(), last_move_at=self._last_move_at, policy=self._rebalance_policy(),
+                             **turns)
         if planned.target is None:
             return
         # Records may be a few seconds old: decide again on a fresh read right before moving,
@@ -536,7 +544,7 @@ class Peer:
         self._stage_epochs.observe(fresh)
         confirmed = check_move(fresh, self.spec.num_stages, my_peer_id=self.swarm.peer_id, my_stage=self.stage,
                                now=time.monotonic(), last_move_at=self._last_move_at, policy=self._rebalance_policy(),
-                               planned=planned.target)
+                               planned=planned.target, **turns)
         if confirmed.target is None:
             self.out.event("move_cancelled", f"not moving to stage {planned.target}: {confirmed.why}",
                            to=planned.target, reason=confirmed.why)

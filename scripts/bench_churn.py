@@ -5,7 +5,10 @@ Both runs: a bootstrap and STAGES x PEERS_PER_STAGE peers (pinned stages, one to
 each, every peer trains on the Python standard library's sources) train the tiny model for
 ``--seconds`` once every peer is training. In the churn run, a third of the peers are
 SIGKILLed at random moments (seeded) and each is replaced at once by a new peer started with
-``--stage auto --rebalance-period R``, which picks the stage that lost throughput.
+``--stage auto``, which picks the stage with the least throughput. Every peer rebalances
+(``--rebalance-period``, ``--rebalance-cooldown``): right after a crash the dead peer's record
+is still in the DHT (three announce periods), so a replacement may pick the wrong stage and the
+policy then moves a peer.
 
 Measurements (one JSON object per line on stdout, progress on stderr):
 - ``run``: per run, the swarm's tokens/s over the measured window (every trainer's tokens, the
@@ -158,8 +161,11 @@ class Run:
         final = self.cluster.workdir / f"{name}.safetensors"
         extra = ["--data-suffix", ".py", "--final-state", str(final), "--status-every", "1",
                  "--request-timeout", str(self.args.request_timeout)]
-        if stage is None:
-            extra += ["--rebalance-period", str(self.args.rebalance_period)]
+        # Every peer may move (a pinned one only with an explicit period): a replacement can
+        # land on the wrong stage while the dead peer's record has not expired yet, and the
+        # policy may name any peer to fix that, not only the newcomer.
+        extra += ["--rebalance-period", str(self.args.rebalance_period),
+                  "--rebalance-cooldown", str(self.args.rebalance_cooldown)]
         spawned = time.time()
         proc = self.cluster.peer(name, [self.addr], spec_path=self.spec_path, stage=stage, data=str(self.args.data),
                                  extra=extra)
@@ -258,7 +264,8 @@ def main() -> int:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--peers-per-stage", type=int, default=3)
     parser.add_argument("--kill-fraction", type=float, default=1 / 3)
-    parser.add_argument("--rebalance-period", type=float, default=5.0, help="of the replacements")
+    parser.add_argument("--rebalance-period", type=float, default=5.0, help="of every peer")
+    parser.add_argument("--rebalance-cooldown", type=float, default=30.0, help="of every peer")
     parser.add_argument("--request-timeout", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, default=stdlib_text_path())
@@ -287,12 +294,13 @@ def main() -> int:
     rng = random.Random(args.seed)
     # Kill moments: spread over the middle of the run, at least 20 s apart, so that each
     # recovery is measured on its own and the end of the run sees the swarm settled.
-    slots = sorted(rng.uniform(0.15, 0.7) * args.seconds for _ in range(n_kills))
+    slots = sorted(rng.uniform(0.15, 0.5) * args.seconds for _ in range(n_kills))
     kills = []
     for t in slots:
         kills.append(max(t, kills[-1] + 20.0) if kills else t)
     emit("config", seconds=args.seconds, stages=args.stages, peers_per_stage=args.peers_per_stage, kills=n_kills,
-         kill_at_s=kills, seed=args.seed, rebalance_period=args.rebalance_period, workdir=str(workdir),
+         kill_at_s=kills, seed=args.seed, rebalance_period=args.rebalance_period,
+         rebalance_cooldown=args.rebalance_cooldown, workdir=str(workdir),
          cpus=os.cpu_count(), loadavg_1m=os.getloadavg()[0], python=platform.python_version(),
          torch=torch.__version__)
     results = {}

@@ -14,7 +14,7 @@ from typing import Optional
 import pytest
 
 from peer.balancing import RebalancePolicy
-from peer.churn import StageEpochs, check_move, epochs_lost, missed_round, next_check_delay
+from peer.churn import EmptyStages, StageEpochs, check_move, epochs_lost, missed_round, next_check_delay
 from protocol.records import PeerInfo
 
 POLICY = RebalancePolicy(cooldown_s=60.0)
@@ -25,10 +25,11 @@ def peer(peer_id: str, stage: int, throughput: float = 10.0, state: str = "onlin
     return PeerInfo(peer_id=peer_id, stage=stage, state=state, throughput=throughput, epoch=epoch)
 
 
-def check(peers, me: str, *, num_stages: int = 2, last_move_at: Optional[float] = LONG_AGO, planned=None, now=0.0):
+def check(peers, me: str, *, num_stages: int = 2, last_move_at: Optional[float] = LONG_AGO, planned=None, now=0.0,
+          **turns):
     my_stage = next(p.stage for p in peers if p.peer_id == me)
     return check_move(peers, num_stages, my_peer_id=me, my_stage=my_stage, now=now, last_move_at=last_move_at,
-                      policy=POLICY, planned=planned)
+                      policy=POLICY, planned=planned, **turns)
 
 
 # --- when to look ---------------------------------------------------------------------------------
@@ -101,8 +102,10 @@ def test_never_empties_the_stage_it_leaves_over_random_swarms(seed):
         peers = [peer(f"p{i}", rng.randrange(num_stages), throughput=rng.choice([0.0, 1.0, 5.0, 20.0]),
                       state=rng.choice(["online", "online", "online", "joining", "leaving"]))
                  for i in range(rng.randint(1, 7))]
+        # With and without the fallback turns (everyone's turn has come).
+        turns = rng.choice([{}, dict(empty_since={s: 0.0 for s in range(num_stages)}, fallback_grace=1.0)])
         for p in peers:
-            v = check(peers, p.peer_id, num_stages=num_stages)
+            v = check(peers, p.peer_id, num_stages=num_stages, now=1e6, **turns)
             if v.target is None:
                 continue
             assert p.state == "online" and v.target != p.stage
@@ -119,6 +122,35 @@ def test_no_move_unless_announced_online_where_it_is():
     # A record that still shows the previous stage (right after a move) is not acted on.
     assert check_move(peers, 2, my_peer_id="b", my_stage=1, now=0.0, last_move_at=LONG_AGO,
                       policy=POLICY).target is None
+
+
+def test_when_the_named_peer_does_not_refill_an_empty_stage_the_others_take_turns():
+    # Stage 2 is empty; stage 0 can spare two peers, stage 1 none.
+    peers = [peer("a", 0), peer("b", 0), peer("c", 0), peer("d", 1)]
+    since = {2: 100.0}
+
+    def movers(now):
+        return {pid: v.target for pid in "abcd"
+                if (v := check(peers, pid, num_stages=3, now=now, empty_since=since, fallback_grace=10.0)).target}
+
+    named = movers(100.0)
+    assert list(named.values()) == [2]  # at first only the policy's choice
+    (first,) = named
+    assert len(movers(110.0)) == 2 and len(movers(120.0)) == 3  # one more candidate every grace period
+    assert "d" not in movers(1000.0)  # never the last peer of a stage
+    # Without the record of when the stage emptied, only the policy's choice moves.
+    assert {pid for pid in "abcd" if check(peers, pid, num_stages=3, now=1000.0).target} == {first}
+
+
+def test_empty_stages_remember_when_a_stage_emptied():
+    empty = EmptyStages()
+    empty.observe([peer("a", 0), peer("b", 1)], 2, now=1.0)
+    assert empty.since == {}
+    empty.observe([peer("a", 0), peer("b", 1, state="leaving")], 2, now=2.0)
+    empty.observe([peer("a", 0)], 2, now=3.0)
+    assert empty.since == {1: 2.0}
+    empty.observe([peer("a", 0), peer("c", 1, state="joining")], 2, now=4.0)
+    assert empty.since == {}
 
 
 # --- what a recovery lost -------------------------------------------------------------------------
