@@ -226,6 +226,11 @@ def make_stage_optimizer(spec: RunSpec, stage: int, module: torch.nn.Module, dht
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(training)),
         matchmaking_time=training.matchmaking_time,
         averaging_timeout=training.averaging_timeout,
+        # A group member that starts its part of the all-reduce a few seconds late (it learns
+        # that the group reached the target at its next progress refresh, or after the request
+        # it is serving) is waited for, not dropped after matchmaking_time: a dropped part is a
+        # partial round in which the two sides apply different updates.
+        next_chunk_timeout=max(training.matchmaking_time, training.averaging_timeout / 2),
         load_state_timeout=max(30.0, training.averaging_timeout),
         delay_optimizer_step=delayed,
         delay_grad_averaging=delayed and grad_averager_factory is None,
@@ -236,6 +241,6 @@ def make_stage_optimizer(spec: RunSpec, stage: int, module: torch.nn.Module, dht
         load_state_compression=hivemind.compression.NoCompression(),
         accept_live_state=spec.trust.accept_untrusted_live_state,
         verbose=verbose,
-        tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=training.matchmaking_time,
+        tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=min(1.0, training.matchmaking_time),
                           default_refresh_period=1.0),
     )
