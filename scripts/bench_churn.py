@@ -97,11 +97,12 @@ def rate(series, t0: float, t1: float) -> float:
     return (swarm_tokens(series, t1) - swarm_tokens(series, t0)) / max(t1 - t0, 1e-9)
 
 
-def recovery_seconds(series, kill_at: float, end: float, *, before: float = 20.0, window: float = 8.0,
+def recovery_seconds(series, kill_at: float, end: float, *, before: float = 30.0, window: float = 15.0,
                      step: float = 0.5, level: float = 0.9) -> tuple[Optional[float], float]:
     """(seconds after the kill until the swarm's rate over the next ``window`` seconds is back
     to ``level`` x its rate over the ``before`` seconds before the kill, baseline rate); None
-    if it never was before ``end``."""
+    if it never was before ``end``. The windows are long because the rate of a healthy swarm
+    already dips for seconds at a time (averaging rounds, a loaded machine)."""
     baseline = rate(series, kill_at - before, kill_at)
     t = kill_at
     while t + window <= end:
