@@ -1,5 +1,6 @@
 """Churn at the peer level: when a running peer checks for a move, whether a planned move
-still holds right before it is made, and what a recovered stage lost.
+still holds right before it is made, who refills an empty stage when the peer the policy
+named does not, what a recovered stage lost, and when a lagging peer's gradients are stale.
 
 Pure functions over snapshots (lists of ``PeerInfo``) and plain numbers, like
 ``peer.balancing``: the node (``peer.node.Peer._maybe_rebalance``/``_move_to``) does the I/O.
