@@ -110,6 +110,10 @@ class BoundedOptimizer(hivemind.Optimizer):
         self.load_state_attempts = load_state_attempts
         self.accept_live_state = accept_live_state
         self.last_load_state_error: Optional[str] = None
+        # Set when this peer's gradient round failed while its group had other members: the
+        # others may have applied the averaged update, this peer did not (see
+        # _load_local_gradients_into_optimizer); it catches up from them at its next tick.
+        self.missed_group_update = False
         with _keeping_sigint_handler():
             super().__init__(*args, **kwargs)
 
@@ -129,9 +133,29 @@ class BoundedOptimizer(hivemind.Optimizer):
         # on empty gradients. Only real progress counts: the group reached its target batch,
         # or others already moved to the next epoch.
         tracker = self.tracker
+        if tracker.global_epoch > tracker.local_progress.epoch and tracker.local_progress.samples_accumulated == 0:
+            # The group finished a round without this peer (it had nothing to add, and the
+            # others may not even have counted it). Stepping into the next epoch here would
+            # apply an empty update and leave it at the group's epoch with older weights.
+            log.info("the stage group moved to epoch %d without this peer (it had no samples); loading its state",
+                     tracker.global_epoch)
+            self.load_state_from_peers()
+            return
         if (tracker.global_epoch > tracker.local_progress.epoch
                 or tracker.global_progress.samples_accumulated >= self.target_batch_size):
             self._update_global_epoch(None)
+
+    def _load_local_gradients_into_optimizer(self):
+        """hivemind's fallback when a gradient round fails. In hivemind 1.1.12 it applies
+        *zero* gradients, not the local ones: the round already moved the accumulators into
+        the averager and reset them, and the fallback reloads the (now empty) accumulators.
+        Meanwhile the group members whose round succeeded applied the averaged update, so this
+        peer now holds other weights at the same epoch, and nothing but the next parameter
+        averaging would reconcile them (or never, if it fails too). So remember it, and load
+        the group's state at the next tick. Alone in the group there is nobody to differ from."""
+        if self.tracker.global_progress.num_peers > 1:
+            self.missed_group_update = True
+        super()._load_local_gradients_into_optimizer()
 
     def _should_load_state_from_peers(self) -> bool:
         """hivemind's rule (exact sync once per epoch, else catch up when 2+ epochs behind),
@@ -140,6 +164,11 @@ class BoundedOptimizer(hivemind.Optimizer):
         (``peer.churn.missed_round``). Loading state drops them."""
         if super()._should_load_state_from_peers():
             return True
+        if self.missed_group_update:
+            self.missed_group_update = False
+            if self.tracker.global_progress.num_peers > 1:
+                log.warning("this peer's gradient round failed while its group went on; loading the group's state")
+                return True
         tracker = self.tracker
         why = missed_round(local_epoch=self.local_epoch, group_epoch=tracker.global_epoch,
                            group_samples=tracker.global_progress.samples_accumulated, target=self.target_batch_size)

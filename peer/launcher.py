@@ -115,6 +115,23 @@ class Cluster:
         ready = proc.wait_event("ready", timeout)
         return proc, ready["maddrs"][0]
 
+    def stock_dht(self, name: str = "hivemind-dht", *, timeout: float = 60.0) -> tuple[Proc, str]:
+        """hivemind's own ``hivemind-dht`` as the bootstrap (it publishes no spec: peers need
+        ``--spec``); returns it and the first multiaddr it prints."""
+        exe = Path(sys.executable).parent / "hivemind-dht"
+        if not exe.exists():
+            raise FileNotFoundError(f"{exe}: hivemind's CLI is not installed beside this Python")
+        proc = self.start(name, ["--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--identity_path",
+                                 str(self.workdir / f"{name}.id")], command=[str(exe)])
+        deadline = time.monotonic() + timeout
+        while (maddr := find_maddr("".join(proc.lines))) is None:
+            if not proc.alive():
+                raise RuntimeError(f"{name} exited before printing its address:\n{''.join(proc.lines)[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} printed no address within {timeout:.0f}s")
+            time.sleep(0.2)
+        return proc, maddr
+
     def peer(self, name: str, initial_peers: Sequence[str], *, spec_path: Optional[Path] = None,
              run_id: Optional[str] = None, stage: Optional[int] = None, data: Optional[str] = None,
              extra: Sequence[str] = ()) -> Proc:

@@ -266,6 +266,50 @@ def test_a_peer_that_missed_its_round_drops_its_gradients():
             dht.shutdown()
 
 
+@pytest.mark.timeout(180)
+def test_a_peer_whose_gradient_round_failed_loads_its_groups_state():
+    """hivemind 1.1.12's fallback after a failed gradient round applies *zero* gradients (the
+    round already took and reset the accumulators). A member whose round failed while its
+    group had other members thus holds other weights than those whose round went through,
+    at the same epoch: it must load the group's state at its next tick, once."""
+    import uuid
+
+    import hivemind
+    import torch
+
+    from peer.averaging import BoundedOptimizer
+
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    param = torch.nn.Parameter(torch.zeros(8))
+    opt = BoundedOptimizer(
+        dht=dht, run_id=f"fail{uuid.uuid4().hex[:8]}", target_batch_size=4, batch_size_per_step=4, params=[param],
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), matchmaking_time=1.0, averaging_timeout=3.0,
+        load_state_timeout=5.0, delay_optimizer_step=False, average_state_every=1000)
+    try:
+        # The group progress set below must not be refreshed from the DHT: stop the tracker's
+        # background thread (the optimizer still reads and updates its fields).
+        opt.tracker.shutdown(timeout=10)
+        param.grad = torch.ones_like(param)
+        opt.grad_averager.accumulate_grads_(batch_size=4)
+        # The group as this peer sees it while a partner trains along; the partner never
+        # shows up for the round, so matchmaking finds nobody and the round fails.
+        opt.tracker.global_progress.num_peers = 2
+        opt.tracker.global_progress.samples_accumulated = 8
+        opt._update_global_epoch(None)
+        assert opt.local_epoch == 1
+        assert torch.equal(param.detach(), torch.zeros(8)), "hivemind's fallback applied gradients after all"
+        assert opt.missed_group_update
+        assert opt._should_load_state_from_peers(), "a peer that missed its group's update must catch up"
+        assert not opt._should_load_state_from_peers(), "it catches up once, not on every step"
+        # Alone in its group, a failed round leaves nobody to differ from.
+        opt.tracker.global_progress.num_peers = 1
+        opt._load_local_gradients_into_optimizer()
+        assert not opt.missed_group_update
+    finally:
+        opt.shutdown()
+        dht.shutdown()
+
+
 # --- real peers on 127.0.0.1 (slow) ---------------------------------------------------------------
 
 READY = 300.0  # a loaded 2-core machine takes a minute or more to start hivemind, p2pd and a stage

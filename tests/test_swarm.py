@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import torch
 from safetensors import safe_open
 
 from conftest import assert_all_gone, dump_logs, make_tiny_spec
-from peer.launcher import find_maddr
 from peer.model import LlamaStage
 from peer.procs import descendants
 from protocol.spec import load_spec
@@ -210,13 +208,7 @@ def test_status_then_sigkilled_peer_leaves_no_children(cluster, tmp_path, spec_p
 def test_peers_join_through_a_stock_hivemind_dht(cluster, tmp_path, spec_path, text_data):
     """A stock `hivemind-dht` as the bootstrap: it publishes no spec, so peers pass --spec; two
     peers (one per stage) find each other through it and train together."""
-    exe = Path(sys.executable).parent / "hivemind-dht"
-    assert exe.exists(), exe
-    dht = cluster.start("hivemind-dht", ["--host_maddrs", "/ip4/127.0.0.1/tcp/0",
-                                         "--identity_path", str(tmp_path / "dht.id")], command=[str(exe)])
-    wait_until(lambda: find_maddr("".join(dht.lines)) is not None or not dht.alive(), STARTUP, "hivemind-dht's address")
-    addr = find_maddr("".join(dht.lines))
-    assert addr and dht.alive(), "".join(dht.lines)
+    _dht, addr = cluster.stock_dht(timeout=STARTUP)
     data = ["--data", str(text_data)]
     a = cluster.peer("a", [addr], spec_path=spec_path, stage=0, extra=data)
     b = cluster.peer("b", [addr], spec_path=spec_path, stage=1, extra=data)
