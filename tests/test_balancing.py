@@ -242,6 +242,26 @@ def test_joining_peer_is_not_asked_to_move():
 # --- plan_move: cool-down ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_peers_reading_noisy_snapshots_name_one_mover(seed):
+    """Three peers on stage 0, one on stage 1. Each peer reads the swarm at its own moment, and
+    every throughput report is off by up to +-20% in each read: all of them must still name
+    the same single mover (ranked by exact throughput, each named itself in a live test and
+    all three left stage 0 together)."""
+    rng = random.Random(seed)
+    ids = [f"Qm{rng.getrandbits(64):016x}" for _ in range(4)]
+
+    def snapshot():
+        return [peer(pid, 0 if i < 3 else 1, 10.0 * rng.uniform(0.8, 1.2)) for i, pid in enumerate(ids)]
+
+    movers = set()
+    for pid in ids[:3]:
+        for _ in range(5):  # several checks each, every one on a fresh read
+            if plan_move(snapshot(), 2, my_peer_id=pid, now=0.0, last_move_at=LONG_AGO) is not None:
+                movers.add(pid)
+    assert movers == {min(ids[:3])}, movers
+
+
 def test_cooldown_is_respected():
     peers = swarm([100.0, 100.0, 100.0], [100.0])
     (mover, target), = all_moves(peers, 2).items()
