@@ -146,18 +146,18 @@ def _recovery_moves(members: list[list[PeerInfo]]) -> dict[str, int]:
     return moves
 
 
-# Moves whose resulting swarm minimum is within this fraction of the best move's count as
-# equally good, and the smallest peer id among them is the one named. A peer's throughput
-# report varies from one read to the next, and peers read the snapshot at different moments:
-# ranked by exact throughput, three peers of one stage each found themselves named in their
-# own snapshot (measured in tests/test_churn.py) and left together, emptying their stage.
-MOVER_TOLERANCE = 0.25
-
-
 def _best_move(members: list[list[PeerInfo]], policy: RebalancePolicy) -> Optional[tuple[float, str, int]]:
-    """The swarm's single best move (new minimum, peer id, target), if any peer may move."""
+    """The swarm's single best move (new minimum, peer id, target), if any peer may move.
+
+    Among the moves that clear the margin, the best one picks the source stage, and the peer
+    that moves out of it is the one with the smallest peer id among that stage's peers whose
+    move clears the margin, not the one with the best exact figure. Throughput reports vary
+    from one read to the next and each peer reads at its own moment: ranked by exact
+    throughput, several peers of one stage each found themselves named in their own snapshot
+    and left together, emptying their stage (tests/test_churn.py)."""
     totals = _totals(members)
-    candidates: list[tuple[float, str, int]] = []
+    old_min = min(totals)
+    moves: list[tuple[float, int, str, int]] = []  # (new minimum, source, peer id, target)
     for source, stage in enumerate(members):
         if len(stage) - 1 < policy.min_peers_left:
             continue
@@ -165,12 +165,16 @@ def _best_move(members: list[list[PeerInfo]], policy: RebalancePolicy) -> Option
             without = list(totals)
             without[source] -= max(peer.throughput, 0.0)
             new_min, target = _best_target(without, source, max(peer.throughput, 0.0))
-            candidates.append((new_min, peer.peer_id, target))
-    if not candidates:
+            moves.append((new_min, source, peer.peer_id, target))
+    if not moves:
         return None
-    best_min = max(c[0] for c in candidates)
-    # Near-ties go to the smallest peer id: any fixed rule works as long as all peers agree.
-    return min((c for c in candidates if c[0] >= (1.0 - MOVER_TOLERANCE) * best_min), key=lambda c: c[1])
+    clearing = [m for m in moves if m[0] > old_min and m[0] >= policy.margin * old_min]
+    if not clearing:
+        best = max(moves, key=lambda m: (m[0], -m[1]))
+        return best[0], best[2], best[3]
+    source = max(clearing, key=lambda m: (m[0], -m[1]))[1]
+    new_min, _, peer_id, target = min((m for m in clearing if m[1] == source), key=lambda m: m[2])
+    return new_min, peer_id, target
 
 
 def plan_move(

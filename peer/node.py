@@ -123,6 +123,7 @@ class Peer:
         self._snapshot: list[PeerInfo] = []
         self.identity: Optional[Identity] = None
         self.dht = self.swarm = self.worker = self.server = self.optimizer = self.trainer = self.p2p = None
+        self._measured_throughput: Optional[float] = None  # the last stage worker's, kept across moves
         self.restored_step: Optional[int] = None
         self.checkpoints = self.keeper = None  # peer.ckpt_transfer.CheckpointService, peer.keeper.Keeper
         self._ckpt_tmp: Optional[str] = None
@@ -685,8 +686,14 @@ class Peer:
 
     def _throughput(self) -> float:
         if self.worker is not None and self.worker.stats.throughput > 0:
-            return float(self.worker.stats.throughput)
-        return 1.0  # unmeasured yet: a small positive value so routers try the new peer
+            self._measured_throughput = float(self.worker.stats.throughput)
+            return self._measured_throughput
+        # Right after a move the new stage's worker has measured nothing yet. Announcing the
+        # placeholder there made the target stage still look starved, and the other peers of
+        # the source stage followed one by one until they emptied it (tests/test_churn.py).
+        # The speed measured on the previous stage is the better estimate (stages are of
+        # similar size); a new peer's small positive value only lets routers try it.
+        return self._measured_throughput or 1.0
 
     def _info(self) -> dict:
         return dict(state=self.state, throughput=self._throughput(), epoch=self._epoch(), version=__version__)
