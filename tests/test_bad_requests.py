@@ -59,6 +59,27 @@ class Swarm:
     def run(self, coro, timeout=120):
         return self.loop.run(coro, timeout)
 
+    # The stream to a peer is occasionally reset before any byte of the reply arrives (seen in
+    # about one full-suite run in three on a 2-core machine, with no error logged by the
+    # server; the cause is not pinned down). The trainer retries such a failure on
+    # another peer; here the request is sent again on a new stream, at most twice. An error
+    # *reply* is never retried, and every retry is counted and printed.
+    transport_retries = 0
+
+    def exchange(self, make_coro, timeout=120):
+        for attempt in range(3):
+            try:
+                return self.run(make_coro(), timeout)
+            except (asyncio.IncompleteReadError, ConnectionError) as err:
+                failure = err
+            except RemoteError as err:
+                if err.code != "unreachable":
+                    raise
+                failure = err
+            Swarm.transport_retries += 1
+            print(f"transport failure, sending again on a new stream ({attempt + 1}/2): {failure}")
+        raise failure
+
     def header(self, stage=1, **fields) -> StageRequest:
         return StageRequest(**{**dict(spec_digest=self.digest, stage=stage, microbatch_id=f"attack-{time.time_ns()}",
                                       timeout=30.0), **fields})
@@ -84,7 +105,7 @@ class Swarm:
             finally:
                 writer.close()
 
-        return self.run(exchange())
+        return self.exchange(exchange)
 
     def request(self, peer_id, header, names, protos, **kw) -> list[StageResponse]:
         frames = [header]
@@ -103,9 +124,9 @@ class Swarm:
         m = self.spec.model
         x = torch.randn(2, 16, m.hidden_size)
         ids = torch.randint(0, m.vocab_size, (2, 16))
-        head, tensors = self.run(call_stage(self.p2p, self.ready1["peer_id"], backward=False,
-                                            header=self.header(microbatch_id=f"valid-{time.time_ns()}"),
-                                            names=["inputs", "labels"], tensors=[x, ids], codec="fp16", timeout=60))
+        head, tensors = self.exchange(lambda: call_stage(
+            self.p2p, self.ready1["peer_id"], backward=False, header=self.header(microbatch_id=f"valid-{time.time_ns()}"),
+            names=["inputs", "labels"], tensors=[x, ids], codec="fp16", timeout=60))
         assert tensors["grad_inputs"].shape == x.shape
         return head.loss
 
