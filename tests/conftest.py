@@ -74,6 +74,14 @@ def text_data(tmp_path_factory) -> Path:
     return write_text_data(tmp_path_factory.mktemp("text-data"))
 
 
+def command_line(pid: int) -> str:
+    """The command line of a live process, or "" once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def assert_all_gone(pids: Iterable[int], timeout: float = 20.0) -> None:
     """Every pid has exited (zombies count as gone), waiting up to ``timeout`` for the
     reapers, which poll their peer every 0.2 s and give the group 3 s before SIGKILL."""
@@ -84,13 +92,7 @@ def assert_all_gone(pids: Iterable[int], timeout: float = 20.0) -> None:
         time.sleep(0.2)
         left = alive(left)
     if left:
-        described = []
-        for pid in left:
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                cmd = "?"
-            described.append(f"{pid}: {cmd[:160]}")
+        described = [f"{pid}: {(command_line(pid) or '?')[:160]}" for pid in left]
         raise AssertionError("processes still alive:\n" + "\n".join(described))
 
 

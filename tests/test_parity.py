@@ -18,10 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import assert_all_gone
+from conftest import TrackedCluster, assert_all_gone, command_line
 from peer.data import PackedDataset
-from peer.launcher import Cluster
-from peer.procs import descendants
 from peer.model import build_stages, causal_lm_loss, chain_forward
 from peer.tokenizer import ByteTokenizer
 from protocol.spec import preset_spec
@@ -84,7 +82,7 @@ def test_swarm_update_equals_single_process_update(tmp_path):
     spec.save(spec_path)
     data = str(_write_corpus(tmp_path / "data"))
     finals = {}
-    with Cluster(tmp_path / "swarm") as cluster:
+    with TrackedCluster(tmp_path / "swarm") as cluster:
         _dht, maddr = cluster.stock_dht(timeout=120)
         peers = {}
 
@@ -115,15 +113,14 @@ def test_swarm_update_equals_single_process_update(tmp_path):
                 # A member whose round failed loads its group's state at its next idle tick
                 # (every 0.5 s): give it a few, one status period (2 s) at least.
                 p.wait_event("status", 60, lambda e, at=at: e["time"] >= at + 2.0)
-        everyone = {p.pid for p in cluster.procs} | {c for p in cluster.procs for c in descendants(p.pid)}
-        assert any("p2pd" in _cmdline(pid) for pid in everyone), "expected real p2pd daemons"
+        assert any("p2pd" in command_line(pid) for pid in cluster.track()), "expected real p2pd daemons"
         for p in peers.values():
             cluster.stop(p)
         for p in peers.values():
             assert p.popen.returncode == 0, f"{p.name} exited with {p.popen.returncode}"
         for name in peers:
             finals[name] = load_file(str(tmp_path / f"{name}.safetensors"))
-    assert_all_gone(everyone, timeout=30)  # peers, their p2pd, DHT and averager processes, the DHT
+    assert_all_gone(cluster.seen, timeout=30)  # peers, their p2pd, DHT and averager processes, the DHT
     expected, batches = _reference_update(spec, data, ready["s0-0"]["peer_id"])
     init = [{k: v.detach().clone() for k, v in s.state_dict().items()} for s in build_stages(spec)]
     if not trainer_in_round:
@@ -141,10 +138,3 @@ def test_swarm_update_equals_single_process_update(tmp_path):
     before, after = _loss(spec, init, batches), _loss(spec, [finals["s0-1"], finals["s1-0"]], batches)
     assert after < before, (before, after)
 
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""

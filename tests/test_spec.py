@@ -39,36 +39,15 @@ def invalid(mutate) -> str:
 # --- validation errors name the field ---------------------------------------------------------
 
 
-def test_overlapping_stages_are_named():
-    def overlap(d):
-        d["stages"] = [{"start": 0, "end": 3}, {"start": 2, "end": 4}]
-
-    msg = invalid(overlap)
-    assert "stages[1]" in msg and "overlapping" in msg
-
-
-def test_gap_between_stages_is_named():
-    def gap(d):
-        d["stages"] = [{"start": 0, "end": 1}, {"start": 2, "end": 4}]
-
-    msg = invalid(gap)
-    assert "stages[1]" in msg and "layers 1..1 are in no stage" in msg
-
-
-def test_partition_must_cover_all_layers():
-    def short(d):
-        d["stages"] = [{"start": 0, "end": 1}, {"start": 1, "end": 3}]
-
-    msg = invalid(short)
-    assert "stages" in msg and "model.num_hidden_layers is 4" in msg
-
-
-def test_empty_stage_is_rejected():
-    def empty(d):
-        d["stages"] = [{"start": 1, "end": 1}, {"start": 1, "end": 4}]
-
-    msg = invalid(empty)
-    assert "stages.0" in msg and "stage range [1, 1) is empty" in msg
+@pytest.mark.parametrize("stages, expected", [
+    ([{"start": 0, "end": 3}, {"start": 2, "end": 4}], ("stages[1]", "overlapping")),
+    ([{"start": 0, "end": 1}, {"start": 2, "end": 4}], ("stages[1]", "layers 1..1 are in no stage")),
+    ([{"start": 0, "end": 1}, {"start": 1, "end": 3}], ("stages", "model.num_hidden_layers is 4")),
+    ([{"start": 1, "end": 1}, {"start": 1, "end": 4}], ("stages.0", "stage range [1, 1) is empty")),
+], ids=["overlapping", "gap", "short of the layers", "empty stage"])
+def test_bad_partition_is_named(stages, expected):
+    msg = invalid(lambda d: d.update(stages=stages))
+    assert all(text in msg for text in expected), msg
 
 
 def test_missing_stages():

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import assert_all_gone, dump_logs, make_tiny_spec
+from conftest import assert_all_gone, command_line, dump_logs, make_tiny_spec
 from peer.model import LlamaStage
 from peer.procs import descendants
 from protocol.spec import load_spec
@@ -192,12 +192,7 @@ def test_status_then_sigkilled_peer_leaves_no_children(cluster, tmp_path, spec_p
     assert [s["online"] for s in view["stages"]] == [1, 0], view
     assert view["stages"][0]["peers"][0]["peer_id"] == ready["peer_id"]
 
-    commands = []
-    for pid in children:
-        try:
-            commands.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
-            pass
+    commands = [c for c in map(command_line, children) if c]
     assert any("p2pd" in c for c in commands), commands  # the daemon is among the children
     assert len(children) >= 3, commands  # reaper, DHT process, p2pd (and averagers)
     cluster.kill(peer)
