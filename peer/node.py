@@ -22,7 +22,7 @@ import torch
 
 from peer import __version__
 from peer.averaging import make_stage_optimizer
-from peer.balancing import RebalancePolicy, choose_stage
+from peer.balancing import ACTIVE_STATES, RebalancePolicy, choose_stage
 from peer.churn import EmptyStages, StageEpochs, check_move, epochs_lost, next_check_delay
 from peer.identity import Identity, cleanup_identity, load_or_create_identity
 from peer.model import LlamaStage
@@ -635,8 +635,14 @@ class Peer:
         averager = getattr(opt, "grad_averager", None)
         if averager is None or averager.local_samples_accumulated == 0 or self.worker is None:
             return
-        if opt.tracker.global_progress.num_peers <= 1:
-            return  # alone in the stage group: nobody to hand the samples to
+        # Alone in the stage group: nobody to hand the samples to. The progress tracker alone
+        # cannot tell: a peer that started seconds ago may not have fetched its partners'
+        # progress yet (the parity test's trainer left with its samples that way, and its
+        # partner waited for them forever), so the signed peer records count too.
+        partners = [p for p in self._snapshot if p.stage == self.stage and p.peer_id != self.swarm.peer_id
+                    and p.state in ACTIVE_STATES]
+        if opt.tracker.global_progress.num_peers <= 1 and not partners:
+            return
         samples, epoch = averager.local_samples_accumulated, opt.local_epoch
         budget = self.spec.training.matchmaking_time + self.spec.training.averaging_timeout
         self.out.event("handing_back", f"waiting up to {budget:.0f}s for stage {self.stage}'s averaging round to take "
