@@ -181,6 +181,9 @@ def _check_keeper(keeper, signing_key, checkpoint_dir):
 @click.option("--rebalance-cooldown", type=click.FloatRange(min=0.0), default=120.0, show_default=True,
               help="Seconds a peer stays on a stage after joining or moving before a rebalancing move "
                    "(refilling an empty stage does not wait).")
+@click.option("--throughput", type=click.FloatRange(min=0.0, min_open=True, max=1e9), default=None,
+              help="Samples/s this peer announces for its stage, which stage choice and rebalancing weigh. "
+                   "Default: measured when a stage opens (the best of a few forward+backward passes).")
 @click.option("--final-state", type=click.Path(dir_okay=False), default=None,
               help="On exit, write this peer's stage weights (safetensors) here.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
@@ -195,7 +198,7 @@ def _check_keeper(keeper, signing_key, checkpoint_dir):
 @click.option("-v", "--verbose", is_flag=True)
 def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stage, host_maddrs, announce_maddrs,
         identity, threads, max_seconds, max_microbatches, announce_period, status_every, request_timeout,
-        client_mode, rebalance_period, rebalance_cooldown, final_state, checkpoint_dir, keeper, signing_key,
+        client_mode, rebalance_period, rebalance_cooldown, throughput, final_state, checkpoint_dir, keeper, signing_key,
         keeper_every, keeper_keep, eval_data, metrics_port, metrics_host, log_json, verbose):
     """Join a swarm as a peer: serve a stage and train on local data."""
     from peer.procs import start_reaper
@@ -222,7 +225,8 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
         client_mode=client_mode, final_state=final_state, log_json=log_json,
         checkpoint_dir=checkpoint_dir, keeper=keeper, signing_key=signing_key, keeper_every=keeper_every,
         keeper_keep=keeper_keep, eval_data=eval_data, metrics_port=metrics_port, metrics_host=metrics_host,
-        rebalance_period=_rebalance_period(rebalance_period, stage), rebalance_cooldown=rebalance_cooldown)
+        rebalance_period=_rebalance_period(rebalance_period, stage), rebalance_cooldown=rebalance_cooldown,
+        throughput=throughput)
     _exit_now(_guarded(run_peer, config))
 
 

@@ -63,7 +63,7 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "stage_rejected": ("counter", "Stage requests rejected by validation.", ()),
     "stage_discarded": ("counter", "Stage results discarded (past their deadline, or duplicates).", ()),
     "stage_compute_seconds": ("counter", "Seconds spent computing forward/backward in this stage.", ()),
-    "stage_throughput": ("gauge", "Samples/s through forward+backward of this stage (EMA), as announced.", ()),
+    "stage_throughput": ("gauge", "Samples/s through forward+backward of this stage, as announced (measured when the stage opened).", ()),
     "stage_queue_depth": ("gauge", "Requests waiting for this peer's stage worker.", ()),
     # averaging (the stage group's hivemind optimizer)
     "epoch": ("gauge", "The stage optimizer's local epoch (averaged updates applied).", ()),

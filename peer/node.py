@@ -23,6 +23,7 @@ import torch
 from peer import __version__
 from peer.averaging import make_stage_optimizer
 from peer.balancing import ACTIVE_STATES, RebalancePolicy, choose_stage
+from peer.capacity import measure_stage_capacity
 from peer.churn import EmptyStages, StageEpochs, check_move, epochs_lost, next_check_delay
 from peer.identity import Identity, cleanup_identity, load_or_create_identity
 from peer.model import LlamaStage
@@ -68,6 +69,9 @@ class PeerConfig:
     # move) and the policy's cool-down after a join or a move.
     rebalance_period: float = 0.0
     rebalance_cooldown: float = 120.0
+    # Samples/s this peer announces for its stage; None: measured when the stage opens
+    # (peer.capacity). Rebalancing weighs the peers by it.
+    throughput: Optional[float] = None
     metrics_port: Optional[int] = None  # Prometheus /metrics (peer.metrics); 0: any free port
     metrics_host: str = "127.0.0.1"
 
@@ -123,7 +127,7 @@ class Peer:
         self._snapshot: list[PeerInfo] = []
         self.identity: Optional[Identity] = None
         self.dht = self.swarm = self.worker = self.server = self.optimizer = self.trainer = self.p2p = None
-        self._measured_throughput: Optional[float] = None  # the last stage worker's, kept across moves
+        self._capacity: Optional[float] = None  # announced samples/s (peer.capacity), kept across a move
         self.restored_step: Optional[int] = None
         self.checkpoints = self.keeper = None  # peer.ckpt_transfer.CheckpointService, peer.keeper.Keeper
         self._ckpt_tmp: Optional[str] = None
@@ -242,6 +246,7 @@ class Peer:
         spec = self.spec
         module = LlamaStage.from_spec(spec, stage)
         self.restored_step = self._restore_stage_state(stage, module)
+        self._measure_capacity(stage, module)
         self.optimizer = make_stage_optimizer(spec, stage, module, self.dht)
         self._catch_up()
         self.worker = StageWorker(module, is_last=stage == spec.num_stages - 1, optimizer=self.optimizer)
@@ -250,6 +255,20 @@ class Peer:
         self.stage = stage
         if self.trainer is not None:
             self.trainer.local_stage, self.trainer.local_worker = stage, self.worker
+
+    def _measure_capacity(self, stage: int, module: LlamaStage) -> None:
+        """The figure this peer announces for ``stage`` until it serves another one: measured
+        here once (or given by --throughput), not the live rate, which swings with the load
+        of the machine and made peers move back and forth (peer.capacity)."""
+        if self.config.throughput is not None:
+            self._capacity = float(self.config.throughput)
+            return
+        capacity = measure_stage_capacity(self.spec, module)
+        self._capacity = capacity.samples_per_s
+        self.out.event("capacity", f"stage {stage}: {capacity.samples_per_s:.1f} samples/s (best of "
+                                   f"{capacity.passes} forward+backward passes, {capacity.seconds:.1f}s)",
+                       stage=stage, samples_per_s=round(capacity.samples_per_s, 3), passes=capacity.passes,
+                       seconds=round(capacity.seconds, 3))
 
     def _close_stage(self) -> None:
         """Stop serving the current stage; in-flight requests get 'busy' and are retried elsewhere."""
@@ -691,15 +710,11 @@ class Peer:
         return int(self.optimizer.local_epoch) if self.optimizer is not None else 0
 
     def _throughput(self) -> float:
-        if self.worker is not None and self.worker.stats.throughput > 0:
-            self._measured_throughput = float(self.worker.stats.throughput)
-            return self._measured_throughput
-        # Right after a move the new stage's worker has measured nothing yet. Announcing the
-        # placeholder there made the target stage still look starved, and the other peers of
+        # Before its first stage opens, a new peer's small positive figure only lets routers
+        # try it. While a moving peer loads its target stage it announces the old stage's
+        # figure: the placeholder made the target still look starved, and the other peers of
         # the source stage followed one by one until they emptied it (tests/test_churn.py).
-        # The speed measured on the previous stage is the better estimate (stages are of
-        # similar size); a new peer's small positive value only lets routers try it.
-        return self._measured_throughput or 1.0
+        return self._capacity or 1.0
 
     def _info(self) -> dict:
         return dict(state=self.state, throughput=self._throughput(), epoch=self._epoch(), version=__version__)

@@ -344,3 +344,52 @@ def test_heterogeneous_swarm_settles_without_oscillation(seed):
         for (src1, dst1), (src2, dst2) in zip(path, path[1:]):
             assert not (dst2 == src1 and src2 == dst1), f"{pid} flapped: {path}"
     assert set(stages.values()) == set(range(num_stages))
+
+
+def simulate_measured(base: dict[str, float], stages: dict[str, int], cost: list[float], *, rounds: int,
+                      error: float, seed: int, period_s: float = 30.0) -> list[tuple[int, str, int, int]]:
+    """Like ``simulate``, but as peers announce since peer.capacity: a peer's figure is
+    measured when it opens a stage, as its base speed divided by the stage's cost, times a
+    measurement error of up to +-error drawn at that moment, and held until it moves again."""
+    rng = random.Random(seed)
+    policy = RebalancePolicy()
+
+    def measure(pid: str) -> float:
+        return base[pid] / cost[stages[pid]] * rng.uniform(1 - error, 1 + error)
+
+    figure = {pid: measure(pid) for pid in sorted(base)}
+    last_move_at = {pid: 0.0 for pid in base}
+    history = []
+    for r in range(rounds):
+        now = (r + 1) * period_s
+        order = sorted(base)
+        rng.shuffle(order)
+        for pid in order:
+            peers = [peer(q, stages[q], figure[q]) for q in sorted(base)]
+            target = plan_move(peers, len(cost), my_peer_id=pid, now=now, last_move_at=last_move_at[pid],
+                               policy=policy)
+            if target is not None:
+                history.append((r, pid, stages[pid], target))
+                stages[pid], last_move_at[pid] = target, now
+                figure[pid] = measure(pid)
+                assert set(stages.values()) == set(range(len(cost))), "a move emptied a stage"
+    return history
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_figures_measured_once_per_stage_settle_on_stages_of_unequal_cost(seed):
+    # The last stage runs the head and the loss (1.6x the work here); the machines differ 5x and
+    # each figure is off by up to 40% (measured while other processes competed for the CPU).
+    rng = random.Random(seed)
+    cost = [1.0, 1.0, 1.6]
+    base = {f"p{i}": rng.uniform(40.0, 200.0) for i in range(9)}
+    stages = {pid: rng.randrange(len(cost)) for pid in sorted(base)}
+    for s in range(len(cost)):  # no stage starts empty (recovery is tested above)
+        stages[f"p{s}"] = s
+    history = simulate_measured(base, stages, cost, rounds=60, error=0.4, seed=seed)
+    assert len(history) <= len(base), history
+    assert all(r < 30 for r, *_ in history), history  # settled: nothing moves in the second half
+    for pid in base:
+        path = [(src, dst) for _, p, src, dst in history if p == pid]
+        for (src1, dst1), (src2, dst2) in zip(path, path[1:]):
+            assert not (dst2 == src1 and src2 == dst1), f"{pid} flapped: {path}"
