@@ -23,7 +23,7 @@ import torch
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
 from peer import wire_stats
-from peer.churn import missed_round
+from peer.churn import left_out_of_round, missed_round
 from protocol.codecs import gradient_compression
 from protocol.records import averaging_run_id
 from protocol.spec import RunSpec, TrainingSpec
@@ -133,12 +133,10 @@ class BoundedOptimizer(hivemind.Optimizer):
         # on empty gradients. Only real progress counts: the group reached its target batch,
         # or others already moved to the next epoch.
         tracker = self.tracker
-        if tracker.global_epoch > tracker.local_progress.epoch and tracker.local_progress.samples_accumulated == 0:
-            # The group finished a round without this peer (it had nothing to add, and the
-            # others may not even have counted it). Stepping into the next epoch here would
-            # apply an empty update and leave it at the group's epoch with older weights.
-            log.info("the stage group moved to epoch %d without this peer (it had no samples); loading its state",
-                     tracker.global_epoch)
+        why = left_out_of_round(local_epoch=tracker.local_progress.epoch, group_epoch=tracker.global_epoch,
+                                local_samples=tracker.local_progress.samples_accumulated)
+        if why is not None:
+            log.info("%s; loading its state", why)
             self.load_state_from_peers()
             return
         if (tracker.global_epoch > tracker.local_progress.epoch

@@ -17,7 +17,7 @@ from peer.balancing import ACTIVE_STATES, RebalancePolicy, plan_move
 from protocol.records import PeerInfo
 
 __all__ = ["DEFAULT_REBALANCE_PERIOD", "next_check_delay", "MoveCheck", "check_move", "recovery_fallback",
-           "EmptyStages", "StageEpochs", "epochs_lost", "missed_round"]
+           "EmptyStages", "StageEpochs", "epochs_lost", "missed_round", "left_out_of_round"]
 
 # Seconds between two looks at the snapshot (randomised around it, see next_check_delay).
 DEFAULT_REBALANCE_PERIOD = 15.0
@@ -189,3 +189,18 @@ def missed_round(*, local_epoch: int, group_epoch: int, group_samples: int, targ
         return (f"the group is at epoch {group_epoch} and already has a whole batch for its next round "
                 f"({group_samples}/{target} samples): the round for epoch {local_epoch} is over")
     return None
+
+
+def left_out_of_round(*, local_epoch: int, group_epoch: int, local_samples: int) -> Optional[str]:
+    """Why an idle peer must load its group's state rather than step into the group's epoch,
+    or None.
+
+    A stage peer that got no micro-batch for a while has nothing to add to its group's round,
+    and the group may finish that round without it. Moving to the group's epoch by stepping
+    (hivemind's transition) would apply an empty update: the peer would be at the group's
+    epoch with the weights from before the round. With samples of its own the peer is still
+    in the round (``missed_round`` judges whether they are stale).
+    """
+    if group_epoch <= local_epoch or local_samples > 0:
+        return None
+    return f"the stage group moved to epoch {group_epoch} without this peer (it had no samples)"

@@ -14,7 +14,8 @@ from typing import Optional
 import pytest
 
 from peer.balancing import RebalancePolicy
-from peer.churn import EmptyStages, StageEpochs, check_move, epochs_lost, missed_round, next_check_delay
+from peer.churn import (EmptyStages, StageEpochs, check_move, epochs_lost, left_out_of_round, missed_round,
+                        next_check_delay)
 from protocol.records import PeerInfo
 
 POLICY = RebalancePolicy(cooldown_s=60.0)
@@ -181,6 +182,15 @@ def test_missed_round():
     assert "whole batch" in missed_round(local_epoch=4, group_epoch=5, group_samples=32, target=32)
     # Two or more epochs behind.
     assert "2 epochs behind" in missed_round(local_epoch=3, group_epoch=5, group_samples=0, target=32)
+
+
+def test_an_idle_peer_left_out_of_a_round_loads_state_instead_of_stepping():
+    assert "epoch 5 without this peer" in left_out_of_round(local_epoch=4, group_epoch=5, local_samples=0)
+    # With samples of its own it is still part of the round (missed_round judges staleness).
+    assert left_out_of_round(local_epoch=4, group_epoch=5, local_samples=8) is None
+    # In step (or ahead, when its own progress record is the newest), there is nothing to load.
+    assert left_out_of_round(local_epoch=5, group_epoch=5, local_samples=0) is None
+    assert left_out_of_round(local_epoch=6, group_epoch=5, local_samples=0) is None
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
