@@ -252,11 +252,28 @@ class Run:
             emit("join", run=self.name, peer=p.name, stage=(ready or {}).get("stage"),
                  seconds_to_ready=ready["time"] - replacement.spawned if ready else None,
                  seconds_to_first_step=contributing["time"] - replacement.spawned if contributing else None,
-                 peer_reported_seconds=contributing["seconds"] if contributing else None)
+                 peer_reported_seconds=contributing["seconds"] if contributing else None,
+                 phases=join_phases(p, replacement.spawned))
             recovered, baseline = recovery_seconds(series, victim.killed_at, end)
             emit("recovery", run=self.name, killed=victim.proc.name, at_s=victim.killed_at - start,
                  seconds_to_90pct=recovered, baseline_tokens_per_s=baseline)
         return result
+
+
+# A joining peer's milestones, in the order they happen (peer.node events).
+JOIN_PHASES = ("starting", "stage", "restored", "restore_skipped", "capacity", "catch_up", "ready", "contributing")
+
+
+def join_phases(proc: Proc, spawned: float) -> dict:
+    """Seconds from the process spawn to the first of each milestone event: where a newcomer's
+    time to its first step goes (start-up and imports, DHT join, checkpoint, capacity,
+    live catch-up, the first micro-batch)."""
+    phases = {}
+    for event in proc.events:
+        name = event.get("event")
+        if name in JOIN_PHASES and name not in phases:
+            phases[name] = round(event["time"] - spawned, 2)
+    return phases
 
 
 def main() -> int:
