@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -149,6 +150,13 @@ def _rebalance_period(period, stage) -> float:
     return DEFAULT_REBALANCE_PERIOD if stage == "auto" else 0.0
 
 
+def _finite(ctx, param, value):
+    # click's FloatRange lets "nan" through (every comparison with NaN is false).
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of samples/s")
+    return value
+
+
 def _check_keeper(keeper, signing_key, checkpoint_dir):
     if keeper and (signing_key is None or checkpoint_dir is None):
         raise click.UsageError("--keeper needs --signing-key KEY.pem and --checkpoint-dir DIR")
@@ -181,7 +189,7 @@ def _check_keeper(keeper, signing_key, checkpoint_dir):
 @click.option("--rebalance-cooldown", type=click.FloatRange(min=0.0), default=120.0, show_default=True,
               help="Seconds a peer stays on a stage after joining or moving before a rebalancing move "
                    "(refilling an empty stage does not wait).")
-@click.option("--throughput", type=click.FloatRange(min=0.0, min_open=True, max=1e9), default=None,
+@click.option("--throughput", type=click.FloatRange(min=0.0, min_open=True, max=1e9), default=None, callback=_finite,
               help="Samples/s this peer announces for its stage, which stage choice and rebalancing weigh. "
                    "Default: measured when a stage opens (the best of a few forward+backward passes).")
 @click.option("--final-state", type=click.Path(dir_okay=False), default=None,
