@@ -21,7 +21,6 @@ from typing import Optional
 import hivemind
 import torch
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
-from hivemind.optim.progress_tracker import ProgressTracker
 
 from peer import wire_stats
 from peer.churn import left_out_of_round, missed_round
@@ -102,22 +101,6 @@ def _keeping_sigint_handler():
             signal.signal(signal.SIGINT, handler)
 
 
-class _CountedProgressTracker(ProgressTracker):
-    """hivemind's tracker, except that the group moves to its next epoch on counted samples
-    only (the target reached, or others already moved on), never on the estimated time.
-
-    hivemind also steps once its ETA, extrapolated from each peer's samples/s, has passed. A
-    peer that had just accumulated its first micro-batch after idling estimated the target
-    as reached, saw no partner yet (num_peers 1), skipped averaging and applied its own
-    gradient alone, while its partner waited for a round that never came and fell back to
-    zero gradients (test_parity, once in a clean-clone CI run)."""
-
-    @property
-    def ready_to_update_epoch(self) -> bool:
-        return (self.global_epoch > self.local_progress.epoch
-                or self.global_progress.samples_accumulated >= self.target_batch_size)
-
-
 class BoundedOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer whose catch-up gives up after a few tries instead of retrying
     forever (hivemind 1.1.12 loops until it succeeds), and which can be told not to take
@@ -133,8 +116,6 @@ class BoundedOptimizer(hivemind.Optimizer):
         self.missed_group_update = False
         with _keeping_sigint_handler():
             super().__init__(*args, **kwargs)
-        # Same object and thread, one property changed (hivemind builds the tracker itself).
-        self.tracker.__class__ = _CountedProgressTracker
 
     def tick(self) -> None:
         """What ``step`` does besides accumulating: catch up when behind, and join the group's
