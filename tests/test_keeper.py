@@ -278,7 +278,10 @@ def test_keeper_resumes_numbering_and_announces_existing(host, client, spec, key
     for p in stages:
         p.epoch = 2
     keeper, swarm, events, service = _keeper(host, client, spec, keys, stages, tmp_path)
-    assert keeper.run_round().step == 2
+    result = keeper.run_round()
+    # It returned None once in a clean-clone CI run (399 other tests passed; 9 runs here did
+    # not repeat it): the keeper's events say which stage it skipped and why.
+    assert result is not None and result.step == 2, events.items
     # A restarted keeper serves what it has and continues after it.
     keeper2, swarm2, events2, service2 = _keeper(host, client, spec, keys, stages, tmp_path)
     keeper2._offer_existing()
