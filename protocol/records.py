@@ -9,13 +9,47 @@ schema (hivemind's SchemaValidator, pydantic v1 models, as hivemind requires).
 from __future__ import annotations
 
 import dataclasses
+from enum import Enum
 from typing import Dict, Optional
 
 import pydantic.v1 as pydantic
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator, conbytes
 
-PEER_STATES = ("joining", "online", "leaving")
+from protocol import PROTOCOL_VERSION
+
+
+class PeerState(str, Enum):
+    """What a peer announces about its stage. ``joining``: loading it, visible to balancing but
+    not routed to; ``online``: serving it; ``leaving``: finishing in-flight work."""
+
+    JOINING = "joining"
+    ONLINE = "online"
+    LEAVING = "leaving"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PEER_STATES = tuple(s.value for s in PeerState)
+# States that count a peer on its stage (a joining peer will serve it soon).
+ACTIVE_STATES = (PeerState.JOINING, PeerState.ONLINE)  # a tuple: str-enum members hash by name
+
+
+def protocol_compatible(theirs: str, ours: str = PROTOCOL_VERSION) -> bool:
+    """Whether a peer announcing protocol ``theirs`` can talk to one speaking ``ours``: the
+    same major version (the same minor while the major is 0); a minor (0.x: patch) bump only
+    adds fields that older peers ignore."""
+    def parts(v: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(x) for x in v.split(".")[:3])
+        except ValueError:
+            return ()
+
+    a, b = parts(theirs), parts(ours)
+    if len(a) < 2 or len(b) < 2:
+        return False
+    return a[:2] == b[:2] if b[0] == 0 else a[0] == b[0]
 
 
 def run_prefix(run_id: str, digest: str) -> str:
@@ -112,7 +146,7 @@ class PeerInfo:
 
     peer_id: str
     stage: int
-    state: str
+    state: PeerState
     throughput: float
     epoch: int = 0
     loss: Optional[float] = None
@@ -127,7 +161,9 @@ class PeerInfo:
     @classmethod
     def from_record(cls, peer_id: str, record: dict, expiration: float = 0.0) -> "PeerInfo":
         parsed = PeerRecordModel.parse_obj(record)
-        return cls(peer_id=peer_id, expiration=expiration, **parsed.dict())
+        fields = parsed.dict()
+        fields["state"] = PeerState(fields["state"])
+        return cls(peer_id=peer_id, expiration=expiration, **fields)
 
     def to_record(self) -> dict:
         return PeerRecordModel(

@@ -11,10 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tomllib
 from pathlib import Path
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SPEC_FORMAT_VERSION = 1
@@ -27,9 +30,19 @@ class SpecError(ValueError):
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # The fields of spec format 1. The digest always covers these; a field added later is left
+    # out of the canonical JSON while it holds its default, so that a spec which does not set
+    # it keeps the digest it had (peers of the previous version still find it).
+    _DIGEST_V1: ClassVar[frozenset[str]] = frozenset()
+
+    def canonical_dict(self) -> dict:
+        """``model_dump(mode="json")`` less the post-format-1 fields at their defaults."""
+        return _canonical(self, self.model_dump(mode="json"))
+
 
 class ModelSpec(_Strict):
     """Llama-family architecture, in Hugging Face ``LlamaConfig`` field names."""
+    _DIGEST_V1 = frozenset({"hidden_size", "initializer_range", "intermediate_size", "max_position_embeddings", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps", "rope_theta", "tie_word_embeddings", "vocab_size"})
 
     vocab_size: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
@@ -81,6 +94,7 @@ class ModelSpec(_Strict):
 
 class StageSpec(_Strict):
     """A half-open range of transformer blocks ``[start, end)``."""
+    _DIGEST_V1 = frozenset({"end", "start"})
 
     start: int = Field(ge=0)
     end: int = Field(gt=0)
@@ -93,6 +107,7 @@ class StageSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
+    _DIGEST_V1 = frozenset({"average_state_every", "averaging_timeout", "betas", "delay_optimizer_step", "eps", "grad_clip", "lr", "lr_schedule", "matchmaking_time", "micro_batch_size", "optimizer", "seq_len", "target_batch_size", "total_steps", "warmup_steps", "weight_decay"})
     optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -120,6 +135,7 @@ GradientCodec = Literal["none", "fp16", "uniform8bit", "blockwise8bit", "powersg
 
 
 class CompressionSpec(_Strict):
+    _DIGEST_V1 = frozenset({"activations", "gradients", "min_compressed_size", "powersgd_rank"})
     activations: ActivationCodec = "fp16"
     gradients: GradientCodec = "blockwise8bit"
     powersgd_rank: int = Field(default=8, gt=0)
@@ -129,6 +145,7 @@ class CompressionSpec(_Strict):
 
 
 class TrustSpec(_Strict):
+    _DIGEST_V1 = frozenset({"accept_untrusted_live_state", "max_live_state_lag", "min_signatures", "trusted_keys"})
     trusted_keys: tuple[str, ...] = Field(default=(), description="PEM public keys (ECDSA P-256)")
     min_signatures: int = Field(default=1, ge=1)
     accept_untrusted_live_state: bool = True
@@ -146,6 +163,7 @@ class TrustSpec(_Strict):
 
 
 class TokenizerSpec(_Strict):
+    _DIGEST_V1 = frozenset({"kind", "path", "sha256"})
     kind: Literal["bytes", "file"] = "bytes"
     path: Optional[str] = None
     sha256: Optional[str] = None
@@ -160,6 +178,7 @@ class TokenizerSpec(_Strict):
 
 
 class RunSpec(_Strict):
+    _DIGEST_V1 = frozenset({"compression", "format_version", "model", "run_id", "seed", "stages", "tokenizer", "training", "trust"})
     format_version: int = SPEC_FORMAT_VERSION
     run_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
     seed: int = Field(default=0, ge=0)
@@ -200,7 +219,7 @@ class RunSpec(_Strict):
         return len(self.stages)
 
     def canonical_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.canonical_dict(), sort_keys=True, separators=(",", ":"))
 
     def digest(self) -> str:
         """SHA-256 (hex) of the canonical JSON: equal specs, equal digests; any change, a new one."""
@@ -346,3 +365,19 @@ def preset_spec(
         else:
             data[section] = values
     return spec_from_dict(data)
+
+
+def _canonical(model: BaseModel, dumped: dict) -> dict:
+    out = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        if name not in type(model)._DIGEST_V1 and not info.is_required() and value == info.get_default(
+                call_default_factory=True):
+            continue
+        item = dumped[name]
+        if isinstance(value, BaseModel):
+            item = _canonical(value, item)
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, BaseModel) for v in value):
+            item = [_canonical(v, d) for v, d in zip(value, item)]
+        out[name] = item
+    return out

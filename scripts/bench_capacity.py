@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How much the capacity a peer announces (peer.capacity) depends on what else runs on the
+"""How much the capacity a peer announces (peer.model.capacity) depends on what else runs on the
 machine, side by side in one run: each stage of the tiny preset measured by one process
 alone, then by ``--procs`` processes measuring at the same time.
 
@@ -25,8 +25,8 @@ WORKER = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
 torch.set_num_threads(1)
-from peer.capacity import measure_stage_capacity
-from peer.model import LlamaStage
+from peer.model.capacity import measure_stage_capacity
+from peer.model.llama import LlamaStage
 from protocol.spec import preset_spec
 spec = preset_spec("tiny", stages=2)
 out = {{}}

@@ -25,7 +25,7 @@ Measurements (one JSON object per line on stdout, progress on stderr):
     .venv/bin/python scripts/bench_churn.py                 # 2 x 3 peers, 240 s per run
     .venv/bin/python scripts/bench_churn.py --quick         # 2 x 2 peers, 90 s per run (a smoke run)
 
-Every process is started through ``peer.launcher.Cluster`` and waited on through its JSON
+Every process is started through ``peer.dev.launcher.Cluster`` and waited on through its JSON
 events; everything is killed on exit, Ctrl-C and SIGTERM included.
 """
 
@@ -51,9 +51,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from peer.data import fixed_batch, stdlib_text_path  # noqa: E402
-from peer.launcher import Cluster, Proc  # noqa: E402
-from peer.model import build_stages, causal_lm_loss, chain_forward  # noqa: E402
-from peer.tokenizer import load_tokenizer  # noqa: E402
+from peer.data.tokenizer import load_tokenizer  # noqa: E402
+from peer.dev.launcher import Cluster, Proc  # noqa: E402
+from peer.model.llama import build_stages, causal_lm_loss, chain_forward  # noqa: E402
 from protocol.spec import RunSpec, preset_spec  # noqa: E402
 
 BENCH = "churn"
@@ -260,7 +260,7 @@ class Run:
         return result
 
 
-# A joining peer's milestones, in the order they happen (peer.node events).
+# A joining peer's milestones, in the order they happen (peer.node.peer events).
 JOIN_PHASES = ("starting", "stage", "restored", "restore_skipped", "capacity", "catch_up", "ready", "contributing")
 
 

@@ -11,15 +11,14 @@ import math
 import platform
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from peer.data import fixed_batch
-from peer.model import build_stages, causal_lm_loss, chain_forward
-from peer.tokenizer import load_tokenizer
+from peer.data.tokenizer import load_tokenizer
+from peer.model.llama import build_stages, causal_lm_loss, chain_forward
 from protocol.spec import RunSpec
 
 

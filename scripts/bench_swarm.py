@@ -3,7 +3,7 @@
 
 1. Pipeline efficiency: tokens/s of a swarm (bootstrap + 2 stages x 1 peer, 1 torch thread
    each, the stage-0 peer drives the data) / tokens/s of one process training the same model
-   on the same data, micro-batch and optimizer with 2 torch threads (``peer.local_train``).
+   on the same data, micro-batch and optimizer with 2 torch threads (``peer.dev.local_train``).
    Both rates leave out the first seconds after tokens start to flow (the same rule for both).
 
 2. Bytes on the wire per trained token, per codec, against no compression, with the final loss
@@ -15,14 +15,14 @@
    - activations: the stage servers' and the trainer's own counters (``bytes_sent``, key
      "activations" of every peer's last status event: each message counted once, by its
      sender; token ids and labels included);
-   - averaging: measured inside hivemind's averager processes (``peer.wire_stats``, enabled
+   - averaging: measured inside hivemind's averager processes (``peer.averaging.wire_stats``, enabled
      with SWARMTRAIN_WIRE_STATS): the serialized size of every all-reduce message each peer
      sends (parts out, averaged deltas back), gradients and state averaging separately;
    - loss: the driver's training-loss EMA after the last micro-batch (same batches in every
      run), and the loss of the final weights (stage 0 from the driver, stage 1 from a stage-1
      peer) on fixed held-out batches.
 
-Every process is started through ``peer.launcher.Cluster`` and waited on through its JSON
+Every process is started through ``peer.dev.launcher.Cluster`` and waited on through its JSON
 events; everything is killed on exit, Ctrl-C and SIGTERM included. Output: one JSON object per
 measurement on stdout (``bench: "swarm"``), progress on stderr.
 
@@ -44,16 +44,25 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, when run from anywhere
 
-from bench_common import (emit, eval_batches, eval_loss, machine, say, sigterm_as_interrupt, status_points, steady_rate,
-                          weights_finite)
-
-from peer.data import stdlib_text_path
-from peer.identity import load_or_create_identity
-from peer.launcher import Cluster
-from peer.model import stage_param_shapes
-from peer.wire_stats import ENV as WIRE_STATS_ENV
-from peer.wire_stats import read_totals
+from peer.averaging.wire_stats import ENV as WIRE_STATS_ENV
+from peer.averaging.wire_stats import read_totals
+from peer.data.datasets import stdlib_text_path
+from peer.dev.launcher import Cluster
+from peer.model.llama import stage_param_shapes
+from peer.swarm.identity import load_or_create_identity
 from protocol.spec import preset_spec
+
+from bench_common import (
+    emit,
+    eval_batches,
+    eval_loss,
+    machine,
+    say,
+    sigterm_as_interrupt,
+    status_points,
+    steady_rate,
+    weights_finite,
+)
 
 BENCH = "swarm"
 ACTIVATION_CODECS = ("none", "fp16", "uniform8bit", "blockwise8bit")
@@ -133,7 +142,7 @@ def run_swarm_throughput(args, work: Path, spec_path: Path, driver_id: Path, sec
 
 def run_local_throughput(args, work: Path, spec_path: Path, peer_key: str, seconds: float) -> dict:
     with Cluster(work) as cluster:
-        cmd = [sys.executable, "-m", "peer.local_train"]
+        cmd = [sys.executable, "-m", "peer.dev.local_train"]
         proc = cluster.start("local", ["--spec", str(spec_path), "--data", args.data, "--threads", str(args.local_threads),
                                        "--steps", str(10**9), "--max-seconds", f"{seconds:.0f}", "--status-every", "1",
                                        "--warmup", "0", "--peer-key", peer_key, "--log-json",

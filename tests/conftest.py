@@ -3,7 +3,7 @@
 - ``tiny_spec`` / ``spec_path``: the tiny preset (2 stages) with test-speed averaging, saved as
   TOML for ``--spec``;
 - ``text_data``: a directory of generated, learnable text (a loss curve shows within seconds);
-- ``cluster``: a ``peer.launcher.Cluster`` in ``tmp_path`` that is always closed, and that
+- ``cluster``: a ``peer.dev.launcher.Cluster`` in ``tmp_path`` that is always closed, and that
   checks afterwards that none of its processes (peers, bootstrap, p2pd, hivemind's helpers)
   is left alive;
 - ``assert_all_gone``: the same check for any set of pids.
@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from peer.launcher import Cluster  # noqa: E402
-from peer.procs import alive  # noqa: E402
+from peer.base.procs import alive  # noqa: E402
+from peer.dev.launcher import Cluster  # noqa: E402
 from protocol.spec import RunSpec, preset_spec  # noqa: E402
 
 # Averaging timings short enough for tests; the tiny preset's own values are already small.

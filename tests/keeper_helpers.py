@@ -10,7 +10,7 @@ from typing import Optional
 
 from hivemind.p2p import P2P
 
-from peer.node import LoopThread
+from peer.base import LoopThread
 from protocol import signing
 from protocol.records import PeerInfo
 

@@ -2,7 +2,7 @@
 
 A bootstrap, a peer serving stage 0 that also trains (its trainer sends every micro-batch to
 the stage 1 peer), and a peer serving stage 1 (the last stage) run as real processes. The test
-process opens its own P2P daemon and talks to the stage handlers with ``peer.wire`` framing:
+process opens its own P2P daemon and talks to the stage handlers with ``peer.net.framing`` framing:
 wrong shape, wrong dtype, oversized, NaN, wrong spec digest, wrong stage, garbage bytes,
 truncated tensors, out-of-range token ids. Each gets an error reply with the right code, and
 afterwards the server still answers a valid request and the trainer's micro-batches keep going
@@ -20,13 +20,14 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.streaming import split_for_streaming
 
-from conftest import TrackedCluster, assert_all_gone, dump_logs, make_tiny_spec, write_text_data
-from peer.node import LoopThread
-from peer.server import BACKWARD, FORWARD, INFO, MAX_FRAMES
-from peer.stage_client import RemoteError, call_info, call_stage
-from peer.wire import MAX_FRAME_BYTES, read_frame
+from peer.base import LoopThread
+from peer.net.framing import read_frame
+from peer.pipeline.client import RemoteError, call_info, call_stage
 from protocol.codecs import encode
 from protocol.messages_pb2 import StageRequest, StageResponse
+from protocol.rpc import BACKWARD, FORWARD, INFO, MAX_FRAME_BYTES, MAX_FRAMES
+
+from conftest import TrackedCluster, assert_all_gone, dump_logs, make_tiny_spec, write_text_data
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import pytest
 
-from peer.balancing import RebalancePolicy, choose_stage, plan_move, stage_throughputs
+from peer.swarm.balancing import RebalancePolicy, choose_stage, plan_move, stage_throughputs
 from protocol.records import PeerInfo
 
 LONG_AGO = -1e9  # a last_move_at outside any cool-down
@@ -348,7 +348,7 @@ def test_heterogeneous_swarm_settles_without_oscillation(seed):
 
 def simulate_measured(base: dict[str, float], stages: dict[str, int], cost: list[float], *, rounds: int,
                       error: float, seed: int, period_s: float = 30.0) -> list[tuple[int, str, int, int]]:
-    """Like ``simulate``, but as peers announce since peer.capacity: a peer's figure is
+    """Like ``simulate``, but as peers announce since peer.model.capacity: a peer's figure is
     measured when it opens a stage, as its base speed divided by the stage's cost, times a
     measurement error of up to +-error drawn at that moment, and held until it moves again."""
     rng = random.Random(seed)

@@ -1,12 +1,12 @@
-"""The capacity a peer announces for its stage (peer.capacity)."""
+"""The capacity a peer announces for its stage (peer.model.capacity)."""
 
 import itertools
 
 import pytest
 import torch
 
-from peer.capacity import best_rate, measure_stage_capacity
-from peer.model import LlamaStage
+from peer.model.capacity import best_rate, measure_stage_capacity
+from peer.model.llama import LlamaStage
 from protocol.spec import preset_spec
 
 

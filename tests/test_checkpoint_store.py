@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from peer import checkpoint_store as cs
-from peer.checkpoint_store import CheckpointStore, list_checkpoints, load_into_module, load_verified, write_checkpoint
-from peer.model import LlamaStage, stage_param_shapes
+from peer.checkpoints import store as cs
+from peer.checkpoints.store import CheckpointStore, list_checkpoints, load_into_module, load_verified, write_checkpoint
+from peer.model.llama import LlamaStage, stage_param_shapes
 from protocol import signing
 from protocol.checkpoint import CheckpointRefused, manifest_digest, verify_checkpoint
 from protocol.spec import preset_spec
@@ -405,8 +405,8 @@ def test_hard_crash_mid_write(tmp_path, spec, keys):
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from peer import checkpoint_store as cs
-        from peer.model import LlamaStage
+        from peer.checkpoints import store as cs
+        from peer.model.llama import LlamaStage
         from protocol.spec import spec_from_json
         spec = spec_from_json({spec.canonical_json()!r})
         cs._publish = lambda tmp, target: os._exit(9)

@@ -1,8 +1,8 @@
 """Churn: peers that join late, leave, crash, move to another stage, refill an empty stage and
 restart.
 
-The first part tests the node-level move logic (``peer.churn``) as pure functions; the rest
-starts real peers on 127.0.0.1 (``peer.launcher.Cluster``) and is marked slow.
+The first part tests the node-level move logic (``peer.swarm.churn``) as pure functions; the rest
+starts real peers on 127.0.0.1 (``peer.dev.launcher.Cluster``) and is marked slow.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Optional
 
 import pytest
 
-from peer.balancing import RebalancePolicy
-from peer.churn import (EmptyStages, StageEpochs, check_move, epochs_lost, left_out_of_round, missed_round,
-                        next_check_delay)
+from peer.averaging.staleness import left_out_of_round, missed_round
+from peer.swarm.balancing import RebalancePolicy
+from peer.swarm.churn import EmptyStages, StageEpochs, check_move, epochs_lost, next_check_delay
 from protocol.records import PeerInfo
 
 POLICY = RebalancePolicy(cooldown_s=60.0)
@@ -45,7 +45,7 @@ def test_check_delay_is_randomised_around_the_period_and_off_at_zero():
 
 
 def test_cli_rebalances_auto_peers_by_default_and_pinned_ones_on_request():
-    from peer.cli import _rebalance_period
+    from peer.cli.main import _rebalance_period
 
     assert _rebalance_period(None, "auto") == 15.0
     assert _rebalance_period(None, "1") == 0.0
@@ -215,7 +215,7 @@ def test_a_peer_that_missed_its_round_drops_its_gradients():
     import hivemind
     import torch
 
-    from peer.averaging import BoundedOptimizer
+    from peer.averaging.optimizer import BoundedOptimizer
 
     run_id = f"lag{uuid.uuid4().hex[:8]}"
     dhts, opts = [], []
@@ -287,7 +287,7 @@ def test_a_peer_whose_gradient_round_failed_loads_its_groups_state():
     import hivemind
     import torch
 
-    from peer.averaging import BoundedOptimizer
+    from peer.averaging.optimizer import BoundedOptimizer
 
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     param = torch.nn.Parameter(torch.zeros(8))
@@ -347,8 +347,9 @@ def test_sigkill_is_absorbed_and_ctrl_c_leaves_cleanly(cluster, spec_path, text_
     training and their loss keeps falling, its reaper kills everything it had started (p2pd,
     DHT and averager processes). Then a stage-0 peer gets Ctrl-C: it announces 'leaving',
     finishes, writes its final state and exits 0 with no process left; the rest train on."""
+    from peer.base.procs import descendants
+
     from conftest import assert_all_gone, dump_logs
-    from peer.procs import descendants
 
     boot, addr = cluster.bootstrap(spec_path=spec_path, timeout=READY)
     peers = {name: cluster.peer(name, [addr], spec_path=spec_path, stage=int(name[1]), data=str(text_data),
@@ -429,9 +430,10 @@ def test_late_joiner_catches_up_and_ends_with_its_groups_weights(cluster, tmp_pa
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from conftest import TEST_TRAINING, dump_logs
-    from peer.model import LlamaStage
+    from peer.model.llama import LlamaStage
     from protocol.spec import preset_spec
+
+    from conftest import TEST_TRAINING, dump_logs
 
     spec = preset_spec("tiny", stages=2, run_id="churnlate", training=dict(TEST_TRAINING),
                        compression=dict(gradients="none"))
@@ -515,9 +517,10 @@ def test_emptied_stage_is_recovered_from_the_signed_checkpoint_and_restart_resum
     is gone: it loads the verified checkpoint it kept on disk, without a download."""
     import subprocess
 
-    from conftest import TEST_TRAINING, dump_logs
-    from peer.launcher import SWARMTRAIN
+    from peer.dev.launcher import SWARMTRAIN
     from protocol.spec import preset_spec
+
+    from conftest import TEST_TRAINING, dump_logs
 
     key = tmp_path / "keeper.pem"
     subprocess.run([*SWARMTRAIN, "keygen", str(key)], capture_output=True, text=True, check=True, timeout=120)
@@ -589,7 +592,7 @@ def test_a_peer_moves_to_the_slower_stage_and_trains_there(cluster, spec_path, t
     the swarm keeps training at 2 + 2; nobody moves back (the cool-down and the margin).
 
     Every peer announces the same ``--throughput``, so that 2 + 2 is the balance to expect.
-    Measured figures (peer.capacity) depend on the stage (the last one runs the head and the
+    Measured figures (peer.model.capacity) depend on the stage (the last one runs the head and the
     loss) and on the moment: on this 2-core machine a peer measuring during its move, with
     the old stage's optimizer still shutting down, got 67 samples/s where its neighbour on
     the same stage had 152, and the policy then rightly moved a second peer to stage 1.

@@ -10,27 +10,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from keeper_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
-from peer.checkpoint_store import CheckpointStore, LocalCheckpoint, write_checkpoint
-from peer.ckpt_transfer import (
-    CKPT,
-    MAX_READ_BYTES,
+from peer.checkpoints import (
     CheckpointFetcher,
     CheckpointServer,
     CheckpointService,
     FetchFailed,
     SourceFailed,
-    check_listing,
-    file_size_limits,
-    list_remote,
     live_state_verdict,
-    read_remote,
     restore_candidates,
 )
-from peer.model import LlamaStage
+from peer.checkpoints.fetch import list_remote, read_remote
+from peer.checkpoints.limits import MAX_READ_BYTES, check_listing, file_size_limits
+from peer.checkpoints.store import CheckpointStore, LocalCheckpoint, write_checkpoint
+from peer.model.llama import LlamaStage
 from protocol import signing
-from protocol.checkpoint import META_FILE, MODEL_FILE, CheckpointMeta, CheckpointRefused, manifest_digest
+from protocol.checkpoint import META_FILE, MODEL_FILE, CheckpointMeta, CheckpointRefused
 from protocol.spec import preset_spec
+
+from keeper_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -313,7 +310,7 @@ def test_restore_without_trusted_keys_is_skipped(tmp_path):
 
 
 def test_announced_checkpoints_grouped_by_digest():
-    from peer.ckpt_transfer import announced_checkpoints
+    from peer.checkpoints import announced_checkpoints
 
     d1, d2 = "1" * 64, "2" * 64
     rows = announced_checkpoints([

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from peer.cli import main
+from peer.cli.main import main
 
 COMMANDS = ("demo", "run", "bootstrap", "status", "keygen", "spec", "checkpoint")
 SWARMTRAIN = Path(sys.executable).parent / "swarmtrain"

@@ -13,9 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from peer.checkpoint_store import write_checkpoint
-from peer.cli import main
-from peer.model import LlamaStage, chain_forward
+from peer.checkpoints.store import write_checkpoint
+from peer.cli.main import main
+from peer.model.llama import LlamaStage, chain_forward
 from protocol import signing
 from protocol.spec import load_spec
 

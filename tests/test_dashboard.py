@@ -25,9 +25,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from conftest import dump_logs
 
-from peer.dashboard import History, Poller, _handler_for, downsample, finite, page_html, windowed_rate
+from peer.observe.dashboard import History, Poller, _handler_for, downsample, finite, page_html, windowed_rate
+
+from conftest import dump_logs
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 
@@ -265,7 +266,7 @@ def test_page_renders_checkpoints_and_empty_stages(tmp_path):
     """The parts the live swarm below does not show: checkpoint rows with trusted and untrusted
     signers (grouped by digest: two announcers, one row), a joining peer, a stage with no peer."""
     need_chromium()
-    from peer.dashboard import checkpoint_decorator
+    from peer.observe.dashboard import checkpoint_decorator
 
     t0 = time.time() - 20
     snaps = iter([_eventful_snapshot(t0 + 2 * i, i) for i in range(100)])

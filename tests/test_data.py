@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import peer.data as data_module
+import peer.data.files as data_module
 from peer.data import DataError, PackedDataset, discover_files, fixed_batch, stdlib_text_path
-from peer.tokenizer import ByteTokenizer
+from peer.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 EOS = TOK.eos_id

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from peer.procs import descendants
+from peer.base.procs import descendants
 
 
 def test_demo_trains_and_cleans_up(tmp_path):
@@ -19,7 +19,7 @@ def test_demo_trains_and_cleans_up(tmp_path):
         out, err = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
-            from peer.procs import kill_process_tree
+            from peer.base.procs import kill_process_tree
 
             kill_process_tree(proc)
     assert proc.returncode == 0, err[-3000:]

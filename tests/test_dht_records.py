@@ -12,8 +12,8 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
-from peer.identity import cleanup_identity, load_or_create_identity
-from peer.swarm_dht import SwarmDHT, owner_of, parse_peer_records, start_dht, visible_maddrs
+from peer.swarm.dht import SwarmDHT, owner_of, parse_peer_records, start_dht, visible_maddrs
+from peer.swarm.identity import cleanup_identity, load_or_create_identity
 from protocol import records
 from protocol.records import PeerInfo
 from protocol.spec import preset_spec
@@ -173,3 +173,25 @@ def test_checkpoint_announcements_must_match_their_stage_prefix(swarms):
     assert not b.dht.store(b.checkpoints_key, value, get_dht_time() + 60, subkey=b"1" + owner_subkey(a))
     got = b.checkpoint_announcements()
     assert [(pid, r["stage"], r["step"]) for pid, r in got] == [(str(a.identity.peer_id), 1, 3)]
+
+
+def test_protocol_compatibility_rule():
+    from protocol.records import protocol_compatible
+
+    assert protocol_compatible("0.1.0", "0.1.0") and protocol_compatible("0.1.7", "0.1.0")
+    assert not protocol_compatible("0.2.0", "0.1.0")  # 0.x: a minor bump may change the wire
+    assert protocol_compatible("1.4.0", "1.0.2") and not protocol_compatible("2.0.0", "1.0.0")
+    for junk in ("", "x", "1", "1.x.0", "9" * 40):
+        assert not protocol_compatible(junk, "0.1.0")
+
+
+def test_a_peer_of_an_incompatible_protocol_is_left_out_with_a_warning(swarms, caplog):
+    a, b = swarms
+    assert b.announce(info(b.peer_id, stage=1, version="9.0.0"), ttl=3600)  # newer than earlier tests' records
+    with caplog.at_level("WARNING", logger="swarmtrain.dht"):
+        assert b.peer_id not in {p.peer_id for p in a.snapshot()}
+        a.snapshot()
+    warnings = [r.getMessage() for r in caplog.records if b.peer_id in r.getMessage()]
+    assert len(warnings) == 1 and "protocol '9.0.0'" in warnings[0]
+    assert b.announce(info(b.peer_id, stage=1), ttl=3700)  # back to this version: seen again
+    assert b.peer_id in {p.peer_id for p in a.snapshot()}

@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import peer.hf_io as hf_io
-from peer.hf_io import (
+import peer.model.hf_io as hf_io
+from peer.model.hf_io import (
     CheckpointError,
     config_from_hf,
     export_hf_dir,
@@ -17,7 +17,7 @@ from peer.hf_io import (
     load_stage_safetensors,
     save_stage_safetensors,
 )
-from peer.model import EMBED, HEAD, LlamaStage, build_stages, chain_forward, stage_param_names
+from peer.model.llama import EMBED, HEAD, LlamaStage, build_stages, chain_forward, stage_param_names
 from protocol.spec import ModelSpec, preset_spec, spec_from_dict
 
 transformers = pytest.importorskip("transformers")

@@ -3,7 +3,6 @@ real stage servers (p2pd on 127.0.0.1), and (slow) the whole story with real pro
 
 from __future__ import annotations
 
-import asyncio
 import math
 import shutil
 from pathlib import Path
@@ -11,10 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from keeper_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
-from peer.checkpoint_store import CheckpointStore
-from peer.ckpt_transfer import CheckpointService
-from peer.keeper import (
+from peer.checkpoints import CheckpointService
+from peer.checkpoints.keeper import (
     Keeper,
     KeeperConfig,
     StateRejected,
@@ -23,15 +20,19 @@ from peer.keeper import (
     loss_verdict,
     pull_stage_state,
 )
-from peer.model import LlamaStage, stage_param_shapes
-from peer.server import STATE, StageServer
-from peer.stage_worker import StageWorker
-from peer.wire import read_frame, split_message, write_frame
+from peer.checkpoints.store import CheckpointStore
+from peer.model.llama import LlamaStage, stage_param_shapes
+from peer.net.framing import read_frame, split_message, write_frame
+from peer.pipeline.server import ServedInfo, StageServer
+from peer.pipeline.worker import StageWorker
 from protocol.checkpoint import verify_checkpoint
 from protocol.codecs import encode
 from protocol.messages_pb2 import StateRequest, StateResponse
 from protocol.records import PeerInfo
+from protocol.rpc import STATE
 from protocol.spec import preset_spec
+
+from keeper_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -65,7 +66,7 @@ class StagePeer:
         self.module = LlamaStage.from_spec(spec, stage)
         self.epoch = 0
         self.worker = StageWorker(self.module, is_last=stage == spec.num_stages - 1)
-        self.server = StageServer(spec, stage, self.worker, info=lambda: {"epoch": self.epoch, "state": "online"})
+        self.server = StageServer(spec, stage, self.worker, info=lambda: ServedInfo(state="online", throughput=0.0, epoch=self.epoch, version=""))
         self.node = host.new(client)
         host.run(self.server.start(self.node))
         self.peer_id = peer_id(self.node)
@@ -299,7 +300,7 @@ def test_refused_live_state_joins_the_group_epoch_with_own_weights():
 
     import hivemind
 
-    from peer.averaging import make_stage_optimizer
+    from peer.averaging.optimizer import make_stage_optimizer
 
     spec = preset_spec("tiny", stages=2, trust=dict(accept_untrusted_live_state=False))
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
@@ -335,10 +336,9 @@ def test_keeper_signs_and_a_new_peer_joins_from_another_peer(tmp_path):
     load it; `checkpoint list` shows who serves what."""
     import json
     import subprocess
-    import sys
 
     from peer.data import stdlib_text_path
-    from peer.launcher import SWARMTRAIN, Cluster
+    from peer.dev.launcher import SWARMTRAIN, Cluster
 
     key = tmp_path / "keeper.pem"
     out = subprocess.run([*SWARMTRAIN, "keygen", str(key)], capture_output=True, text=True, check=True)
@@ -408,7 +408,7 @@ def test_keeper_signs_and_a_new_peer_joins_from_another_peer(tmp_path):
 def test_cli_refuses_unusable_keeper_setups(tmp_path, spec, keys):
     import subprocess
 
-    from peer.launcher import SWARMTRAIN
+    from peer.dev.launcher import SWARMTRAIN
 
     spec_path = tmp_path / "spec.toml"
     spec.save(spec_path)

@@ -10,8 +10,8 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from peer.local_train import train_local
-from peer.model import stage_param_names
+from peer.dev.local_train import train_local
+from peer.model.llama import stage_param_names
 from protocol.spec import preset_spec
 
 
@@ -65,7 +65,7 @@ def test_cli_json_progress_and_final_state(corpus, tmp_path):
     _spec().save(spec_path)
     out = tmp_path / "state"
     proc = subprocess.run(
-        [sys.executable, "-m", "peer.local_train", "--spec", str(spec_path), "--data", str(corpus), "--steps", "8",
+        [sys.executable, "-m", "peer.dev.local_train", "--spec", str(spec_path), "--data", str(corpus), "--steps", "8",
          "--threads", "1", "--status-every", "0", "--log-json", "--final-state", str(out)],
         capture_output=True, text=True, timeout=120,
     )

@@ -7,14 +7,14 @@ import time
 import urllib.request
 from types import SimpleNamespace
 
-import pytest
-from conftest import dump_logs
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from peer.metrics import AveragingObserver, PeerMetrics
-from peer.routing_policy import BanList
+from peer.observe.metrics import AveragingObserver, PeerMetrics
+from peer.pipeline.routing import BanList
 from protocol.records import PeerInfo
+
+from conftest import dump_logs
 
 
 def parse(text: str) -> dict[tuple[str, tuple], float]:
@@ -73,11 +73,12 @@ def fake_peer():
     worker = SimpleNamespace(stats=SimpleNamespace(forward=0, backward=0, samples=0, rejected=0, discarded=0,
                                                    compute_s=0.0, throughput=0.0, loss_ema=None), queue_depth=3)
     spec = SimpleNamespace(run_id="r", num_stages=2, digest=lambda: "ab" * 32)
-    return SimpleNamespace(spec=spec, swarm=SimpleNamespace(peer_id="QmMe"), started=time.time() - 5, stage=0,
-                           state="online", trainer=trainer, worker=worker, optimizer=FakeOptimizer(),
-                           counters=SimpleNamespace(sent={"activations": 10}, received={}),
-                           _snapshot=[PeerInfo("QmMe", 0, "online", 1.0), PeerInfo("QmB", 1, "online", 1.0),
-                                      PeerInfo("QmC", 1, "joining", 1.0)])
+    return SimpleNamespace(spec=spec, swarm=SimpleNamespace(peer_id="QmMe"), started=time.time() - 5,
+                           status=SimpleNamespace(stage=0, state="online"), trainer=trainer, worker=worker,
+                           optimizer=FakeOptimizer(),
+                           counters=SimpleNamespace(sent={"activations": 10}, received={}, rejected={}),
+                           peers=[PeerInfo("QmMe", 0, "online", 1.0), PeerInfo("QmB", 1, "online", 1.0),
+                                  PeerInfo("QmC", 1, "joining", 1.0)])
 
 
 def test_collector_reads_the_peer():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peer.model import (
+from peer.model.llama import (
     EMBED,
     HEAD,
     LlamaStage,
@@ -132,7 +132,7 @@ def test_init_is_identical_in_another_process(tmp_path):
     out = tmp_path / "stage1.safetensors"
     code = (
         "from safetensors.torch import save_file; from protocol.spec import preset_spec;"
-        "from peer.model import LlamaStage;"
+        "from peer.model.llama import LlamaStage;"
         "s = LlamaStage.from_spec(preset_spec('tiny', stages=2, seed=7), 1);"
         f"save_file({{n: p.detach().contiguous() for n, p in s.named_parameters()}}, {str(out)!r})"
     )

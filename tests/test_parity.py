@@ -18,11 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TrackedCluster, assert_all_gone, command_line
 from peer.data import PackedDataset
-from peer.model import build_stages, causal_lm_loss, chain_forward
-from peer.tokenizer import ByteTokenizer
+from peer.data.tokenizer import ByteTokenizer
+from peer.model.llama import build_stages, causal_lm_loss, chain_forward
 from protocol.spec import preset_spec
+
+from conftest import TrackedCluster, assert_all_gone, command_line
 
 MICRO, TARGET, LR = 4, 8, 0.05
 

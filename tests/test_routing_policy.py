@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from peer.routing_policy import BanList, ThroughputEMA, choose_peer
+from peer.pipeline.routing import BanList, ThroughputEMA, choose_peer
 
 # --- BanList -----------------------------------------------------------------------------------
 

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import tomllib
 
 import pytest
+import tomllib
 from click.testing import CliRunner
 
-from peer.cli import main
-from peer.model import stage_param_shapes
+from peer.cli.main import main
+from peer.model.llama import stage_param_shapes
 from protocol import signing
 from protocol.spec import (
     RunSpec,
@@ -245,3 +245,39 @@ def test_spec_show(tmp_path):
     bad.write_text(out.read_text().replace("num_attention_heads = 4", "num_attention_heads = 3"))
     r = invoke("spec", "show", bad)
     assert r.exit_code != 0 and "model.num_attention_heads (3) must divide" in r.output
+
+
+# --- digests stay stable as the spec grows -------------------------------------------------------
+
+# The digest of `spec init --preset tiny --stages 2` as of spec format 1 (swarmtrain 0.1.0). Peers of
+# that version key every DHT record and RPC by it: it must never change for the same spec.
+TINY_2_STAGES_DIGEST = "7e9c1b25451cceb22c397613954ebb198ef27236dfc7e870406a297846aca184"
+
+
+def test_the_digest_of_a_preset_spec_is_pinned():
+    assert preset_spec("tiny", stages=2).digest() == TINY_2_STAGES_DIGEST
+
+
+def test_a_new_field_at_its_default_leaves_the_digest_unchanged():
+    from typing import Literal
+
+    from protocol.spec import RunSpec, TrainingSpec
+
+    class RunSpecWithMode(RunSpec):  # what a later issue adds: a field with a default
+        averaging: Literal["per_step", "outer"] = "per_step"
+
+    class TrainingWithH(TrainingSpec):
+        inner_steps: int = 30
+
+    base = preset_spec("tiny", stages=2)
+    fields = base.model_dump()
+    assert RunSpecWithMode(**fields).digest() == base.digest()
+    assert RunSpecWithMode(**fields, averaging="outer").digest() != base.digest()
+    assert TrainingWithH(**fields["training"]).canonical_dict() == base.training.canonical_dict()
+    assert TrainingWithH(**fields["training"], inner_steps=10).canonical_dict() != base.training.canonical_dict()
+
+
+def test_a_format_1_field_at_its_default_still_counts():
+    base = preset_spec("tiny", stages=2)
+    assert "seed" in base.canonical_dict() and base.seed == 0
+    assert "rope_theta" in base.canonical_dict()["model"]

@@ -15,10 +15,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import assert_all_gone, command_line, dump_logs, make_tiny_spec
-from peer.model import LlamaStage
-from peer.procs import descendants
+from peer.base.procs import descendants
+from peer.model.llama import LlamaStage
 from protocol.spec import load_spec
+
+from conftest import assert_all_gone, command_line, dump_logs, make_tiny_spec
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -149,7 +150,7 @@ def test_two_stages_two_peers_each_train_and_agree(cluster, tmp_path, text_data)
         assert len(losses) >= 2, logs
         assert losses[-1] < losses[0] - 0.2, (t.name, losses)
     # No stage ever produced or received non-finite values. (A skipped optimizer step after a
-    # partial all-reduce is logged, not an error: see peer.averaging._clip_before_step.)
+    # partial all-reduce is logged, not an error: see peer.averaging.optimizer._clip_before_step.)
     for p in peers.values():
         bad = [line for line in p.lines if "NaN or infinite" in line or "gradients are not finite;" in line]
         assert not bad, (p.name, bad[:3])

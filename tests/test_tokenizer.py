@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from peer.data import PackedDataset
-from peer.tokenizer import ByteTokenizer, FileTokenizer, TokenizerError, load_tokenizer
+from peer.data.tokenizer import ByteTokenizer, FileTokenizer, TokenizerError, load_tokenizer
 from protocol.spec import BYTE_VOCAB_SIZE, TokenizerSpec
 
 CORPUS = ["the quick brown fox", "jumps over the lazy dog", "the dog sleeps", "a fox runs"]

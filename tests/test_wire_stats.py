@@ -1,11 +1,11 @@
-"""peer.wire_stats: the benchmark's averaging byte counts (pure parts; the live path runs in
+"""peer.averaging.wire_stats: the benchmark's averaging byte counts (pure parts; the live path runs in
 scripts/bench_swarm.py, where hivemind's averager processes write the files)."""
 
 from __future__ import annotations
 
 import json
 
-from peer import wire_stats
+from peer.averaging import wire_stats
 
 
 def test_role_of_hivemind_prefixes():

@@ -1,0 +1,149 @@
+"""The mover: when a running peer changes stage (rebalancing, or refilling an emptied stage),
+and the move itself. The decisions are ``peer.swarm.churn``'s pure functions; this module
+does the I/O around them and owns the churn state (cool-down, next check, epochs seen)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Optional
+
+from peer.swarm.balancing import RebalancePolicy
+from peer.swarm.churn import EmptyStages, StageEpochs, check_move, epochs_lost, next_check_delay
+from protocol.records import PeerState
+
+if TYPE_CHECKING:
+    from peer.node.peer import Peer
+
+log = logging.getLogger("swarmtrain.peer")
+
+
+class Mover:
+    def __init__(self, peer: "Peer", *, period: float, cooldown: float):
+        self.peer, self.period, self.policy = peer, period, RebalancePolicy(cooldown_s=cooldown)
+        # When this peer last joined or moved (the policy's cool-down), when it next looks for
+        # a move, and the highest epoch seen per stage (work lost on a recovery).
+        self.last_move_at: Optional[float] = None
+        self._next_check_at: Optional[float] = None
+        self._stage_epochs = StageEpochs()
+        self._empty_stages = EmptyStages()
+        self._rng = random.Random()
+
+    def joined(self) -> None:
+        """A join starts the cool-down, as a move does."""
+        self.last_move_at = time.monotonic()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        delay = next_check_delay(self.period, self._rng)
+        self._next_check_at = None if delay is None else time.monotonic() + delay
+
+    def maybe_move(self) -> None:
+        """Every ~--rebalance-period seconds: move to another stage if the policy names this
+        peer (a clear throughput gain, or a stage whose peers are all gone)."""
+        peer, presence = self.peer, self.peer.presence
+        if peer.swarm is None:
+            return
+        snapshot = presence.peers
+        self._stage_epochs.observe(snapshot)
+        if any(p.peer_id == presence.peer_id for p in snapshot):  # a read that found the swarm
+            self._empty_stages.observe(snapshot, peer.spec.num_stages, time.monotonic())
+        if self._next_check_at is None or time.monotonic() < self._next_check_at:
+            return
+        if peer.stop_event.is_set() or presence.status.state != PeerState.ONLINE:
+            return
+        self._schedule()
+        # A candidate's turn to refill an empty stage comes two check periods after the
+        # previous one's: time enough for a mover's 'joining' record to be seen.
+        turns = dict(empty_since=self._empty_stages.since, fallback_grace=2 * self.period)
+        here = dict(my_peer_id=presence.peer_id, my_stage=presence.status.stage)
+        planned = check_move(snapshot, peer.spec.num_stages, now=time.monotonic(), last_move_at=self.last_move_at,
+                             policy=self.policy, **here, **turns)
+        if planned.target is None:
+            return
+        # Records may be a few seconds old: decide again on a fresh read right before moving,
+        # so that a move planned on stale records never empties a stage.
+        try:
+            fresh = peer.swarm.snapshot()
+        except Exception as err:
+            log.warning("not moving: the fresh snapshot failed: %s", err)
+            return
+        self._stage_epochs.observe(fresh)
+        confirmed = check_move(fresh, peer.spec.num_stages, now=time.monotonic(), last_move_at=self.last_move_at,
+                               policy=self.policy, planned=planned.target, **here, **turns)
+        if confirmed.target is None:
+            peer.out.event("move_cancelled", f"not moving to stage {planned.target}: {confirmed.why}",
+                           to=planned.target, reason=confirmed.why)
+            return
+        self.move_to(confirmed.target, recovery=confirmed.recovery)
+
+    def move_to(self, target: int, *, recovery: bool) -> bool:
+        """Serve ``target`` instead of the current stage: load its state (the newest trusted
+        checkpoint, then the group's live state) before announcing it online there.
+
+        The trainer keeps going: it routes the old stage to its other peers while this one
+        closes it, and the new stage to this peer once it is open. Returns True if moved."""
+        peer, presence = self.peer, self.peer.presence
+        old, started = presence.status.stage, time.monotonic()
+        reason = "recovery" if recovery else "rebalance"
+        last_seen = self._stage_epochs.last(target)
+        peer.out.event("moving", f"moving from stage {old} to stage {target} ({reason})",
+                       **{"from": old, "to": target, "reason": reason})
+        if not recovery:
+            # The old group's next round may take this peer's accumulated samples; a recovery
+            # does not wait: the pipeline is stalled until the empty stage is back.
+            peer.hand_back_gradients()
+        # Announced at the target as 'joining', in one update: routers stop sending the old
+        # stage's work here and send none of the new stage's yet, and the balancing policy of
+        # every other peer counts this peer at the target (nobody else moves to refill it).
+        presence.update(stage=target, state=PeerState.JOINING)
+        presence.announce()
+        peer.close_slot(for_move=True)
+        closed = time.monotonic()
+        try:
+            peer.open_slot(target)
+            if recovery and peer.slot.restored_step is None and peer.checkpoints_announced(target):
+                # The stage's signed checkpoint exists but this try failed (a broken transfer):
+                # one more try before restarting a whole stage from the spec's init.
+                peer.out.event("restore_retry", f"stage {target} has signed checkpoints but none could be loaded; "
+                                                "trying once more", stage=target)
+                peer.close_slot(for_move=False)
+                peer.open_slot(target)
+        except Exception as err:
+            log.exception("opening stage %d failed", target)
+            peer.out.event("move_failed", f"could not open stage {target} ({type(err).__name__}: {err}); "
+                                          f"going back to stage {old}",
+                           **{"from": old, "to": target, "reason": f"{type(err).__name__}: {err}"})
+            presence.update(stage=old)
+            presence.announce()
+            peer.open_slot(old)
+            target = old
+        if recovery and target != old:
+            # The group's progress records outlive its peers: the epoch they had reached.
+            group_epoch = peer.resume_if_group_gone()
+            seen = [e for e in (last_seen, group_epoch) if e is not None]
+            last_seen = max(seen) if seen else None
+        presence.update(state=PeerState.ONLINE)
+        presence.announce()
+        self.last_move_at = time.monotonic()
+        if target == old:
+            return False
+        slot = peer.slot
+        seconds = time.monotonic() - started
+        peer.out.event("moved", f"now serving stage {target} (was {old}, {reason}) after {seconds:.1f}s, at epoch "
+                                f"{slot.epoch}" + (f", restored from checkpoint step {slot.restored_step}"
+                                                   if slot.restored_step is not None else ""),
+                       **{"from": old, "to": target, "reason": reason, "seconds": round(seconds, 3),
+                          "close_s": round(closed - started, 3), "open_s": round(time.monotonic() - closed, 3),
+                          "epoch": slot.epoch, "restored_step": slot.restored_step})
+        if recovery:
+            lost = epochs_lost(last_seen, slot.restored_step)
+            source = (f"checkpoint step {slot.restored_step}" if slot.restored_step is not None
+                      else "the spec's initialisation (no trusted checkpoint)")
+            peer.out.event("recovered", f"stage {target} had no peer left: restored from {source}; "
+                                        + (f"{lost} epoch(s) of its training lost (last seen at epoch {last_seen})"
+                                           if lost is not None else "its last epoch was never seen"),
+                           stage=target, restored_step=slot.restored_step, epoch_lost=lost,
+                           last_seen_epoch=last_seen, epoch=slot.epoch)
+        return True

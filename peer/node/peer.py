@@ -1,0 +1,339 @@
+"""A peer: joins the DHT, takes a stage, serves it, trains on local data, announces itself.
+
+``Peer`` is the start order, the main loop and the shutdown. The parts own their state:
+``StageSlot`` (one stage's module, optimizer, worker and server), ``Mover`` (rebalancing and
+recovery moves), ``Presence`` (the status snapshot, the announcer, the swarm's records), the
+checkpoint service and keeper (``peer.node.checkpointing``), and the trainer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Optional
+
+import torch
+
+from peer.base import LoopThread, Output
+from peer.base.config import PeerConfig
+from peer.model.tensor_files import save_tensors
+from peer.net import WireCounters
+from peer.node.checkpointing import CheckpointSide
+from peer.node.mover import Mover
+from peer.node.presence import PeerStatus, Presence, TrainingFigures
+from peer.node.report import FirstContribution, print_status
+from peer.node.slot import SlotContext, StageSlot
+from peer.pipeline import ServedInfo, Trainer
+from peer.swarm import Identity, SwarmDHT, cleanup_identity, load_or_create_identity, start_dht, visible_maddrs
+from peer.swarm.balancing import choose_stage
+from peer.swarm.dht import resolve_run_spec
+from protocol import PROTOCOL_VERSION
+from protocol.records import ACTIVE_STATES, PeerState
+from protocol.spec import RunSpec
+
+log = logging.getLogger("swarmtrain.peer")
+
+
+class Peer:
+    def __init__(self, config: PeerConfig):
+        self.config = config
+        self.out = Output(config.output.log_json)
+        self.stop_event = threading.Event()
+        self.counters = WireCounters()
+        self.started = time.time()
+        self.presence = Presence("", PROTOCOL_VERSION, self.started, period=config.network.announce_period,
+                                 figures=self._figures)
+        self.mover = Mover(self, period=config.churn.rebalance_period, cooldown=config.churn.rebalance_cooldown)
+        self.identity: Optional[Identity] = None
+        self.dht = self.swarm = self.p2p = None
+        self.loop: Optional[LoopThread] = None
+        self.spec: Optional[RunSpec] = None
+        self.slot: Optional[StageSlot] = None
+        self.trainer: Optional[Trainer] = None
+        self.ckpt: Optional[CheckpointSide] = None
+        self.metrics = None  # a peer.observe.metrics object when --metrics-port is given
+        self._capacity: Optional[float] = None  # announced samples/s, kept across a move
+        self._second_signal = False
+        self._first_contribution = FirstContribution()
+
+    # --- what others read (metrics, the status line): public, never private fields ---------
+
+    @property
+    def status(self) -> PeerStatus:
+        return self.presence.status
+
+    @property
+    def peers(self):
+        return self.presence.peers
+
+    @property
+    def worker(self):
+        return self.slot.worker if self.slot is not None else None
+
+    @property
+    def optimizer(self):
+        return self.slot.optimizer if self.slot is not None else None
+
+    @property
+    def epoch(self) -> int:
+        return self.slot.epoch if self.slot is not None else 0
+
+    @property
+    def requests_rejected(self) -> dict[str, int]:
+        """Refused requests by RPC, over every stage this peer served and its checkpoints."""
+        return dict(self.counters.rejected)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        peer_pid = os.getpid()
+
+        def request_stop(signum, _frame):
+            if os.getpid() != peer_pid:
+                # A process hivemind forked from this one (an averager) inherited the handler:
+                # it must die on the reaper's SIGTERM, not print a 'stopping' of the peer.
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            if self.stop_event.is_set():
+                self._second_signal = True  # a second Ctrl-C: stop waiting for anything
+                return
+            self.out.event("stopping", f"{signal.Signals(signum).name}: announcing 'leaving' and finishing in-flight work",
+                           signal=signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+
+    def run(self) -> int:
+        torch.set_num_threads(max(1, self.config.threads))
+        try:
+            self._start()
+            self._main_loop()
+            return 0
+        finally:
+            self._shutdown()
+
+    def _start(self) -> None:
+        cfg, net = self.config, self.config.network
+        if cfg.output.metrics_port is not None:
+            self._start_metrics()  # first: a port that is taken fails before joining the swarm
+        self.identity = load_or_create_identity(net.identity)
+        self.out.event("starting", f"peer {self.identity.peer_id} starting the DHT", peer_id=str(self.identity.peer_id))
+        self.dht = start_dht(self.identity, initial_peers=net.initial_peers, host_maddrs=net.host_maddrs,
+                             announce_maddrs=net.announce_maddrs, client_mode=net.client_mode)
+        self.spec = spec = resolve_run_spec(self.dht, cfg.run.spec, cfg.run.run_id, cfg.run.spec_digest)
+        self.swarm = SwarmDHT(self.dht, spec, self.identity)
+        self.presence.peer_id = self.swarm.peer_id
+        self.presence.swarm = self.swarm
+        self.presence.refresh()
+        stage = cfg.churn.stage if cfg.churn.stage is not None else self._choose_stage()
+        if not 0 <= stage < spec.num_stages:
+            raise SystemExit(f"--stage {stage} is out of range: the spec has {spec.num_stages} stages")
+        stage_spec = spec.stages[stage]
+        self.out.event("stage", f"taking stage {stage} of {spec.num_stages} (layers {stage_spec.start}.."
+                                f"{stage_spec.end - 1})", stage=stage)
+        self.presence.update(stage=stage, state=PeerState.JOINING)
+        self.presence.announce()  # 'joining': visible to status, not yet routed to
+        self.presence.start(self.swarm)
+
+        self.loop = LoopThread()
+        self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+        self.ckpt = CheckpointSide(self.spec, cfg.checkpoints, net, swarm=self.swarm, p2p=self.p2p, loop=self.loop,
+                                   event=self.out.event, counters=self.counters)
+        self.open_slot(stage)
+        resumed = self.resume_if_group_gone()
+        if resumed is not None:
+            restored = self.slot.restored_step
+            weights = "restored" if restored is not None else "initial"
+            self.out.event("resumed_alone", f"no other peer serves stage {stage}: continuing its epoch count at "
+                                            f"{resumed} with the {weights} weights",
+                           stage=stage, epoch=resumed, restored_step=restored)
+        if cfg.data.path:
+            self.trainer = Trainer(spec, self.p2p, self.swarm.peer_id, snapshot=lambda: self.presence.peers,
+                                   local_stage=stage, local_worker=self.worker,
+                                   request_timeout=net.request_timeout, counters=self.counters,
+                                   seed=hash(self.swarm.peer_id) & 0xFFFF)
+        self.presence.update(state=PeerState.ONLINE)
+        self.presence.announce()
+        self.mover.joined()
+        self.out.event("ready", f"serving stage {stage} as {self.swarm.peer_id}"
+                       + (" and training on " + cfg.data.path if cfg.data.path else " (no --data: serving only)"),
+                       peer_id=self.swarm.peer_id, stage=stage, maddrs=visible_maddrs(self.dht), digest=spec.digest())
+
+    def _start_metrics(self) -> None:
+        from peer.observe.metrics import PeerMetrics
+
+        cfg = self.config.output
+        self.metrics = PeerMetrics()
+        try:
+            port = self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
+        except OSError as err:
+            raise SystemExit(f"--metrics-port {cfg.metrics_port}: cannot listen on {cfg.metrics_host}: {err}")
+        url = f"http://{cfg.metrics_host}:{port}/metrics"
+        self.out.event("metrics", f"Prometheus metrics at {url}", port=port, url=url)
+
+    def _choose_stage(self) -> int:
+        # Records appear within an announce period; a short wait avoids herding into stage 0.
+        deadline = time.monotonic() + min(3.0, self.config.network.announce_period)
+        while time.monotonic() < deadline and not self.presence.peers:
+            time.sleep(0.5)
+            self.presence.refresh()
+        return choose_stage(self.presence.peers, self.spec.num_stages, my_throughput=1.0,
+                            my_peer_id=self.swarm.peer_id)
+
+    def _main_loop(self) -> None:
+        cfg = self.config
+        deadline = time.monotonic() + cfg.max_seconds if cfg.max_seconds else None
+        train_future = None
+        if self.trainer is not None:
+            from peer.data import PackedDataset, load_tokenizer
+
+            tokenizer = load_tokenizer(self.spec.tokenizer)
+            dataset = PackedDataset(cfg.data.path, tokenizer, seq_len=self.spec.training.seq_len,
+                                    batch_size=self.spec.training.micro_batch_size, seed=self.spec.seed,
+                                    peer_key=self.swarm.peer_id, suffixes=cfg.data.suffixes)
+            self._async_stop = asyncio.Event()
+            train_future = self.loop.submit(self.trainer.run(dataset, stop=self._async_stop,
+                                                             max_microbatches=cfg.max_microbatches))
+        last_status = time.monotonic()
+        while not self.stop_event.is_set():
+            time.sleep(0.2)
+            if deadline is not None and time.monotonic() > deadline:
+                self.out.event("deadline", "--max-seconds reached", seconds=cfg.max_seconds)
+                break
+            if train_future is not None and train_future.done():
+                exc = train_future.exception()
+                if exc is not None:
+                    raise exc
+                break
+            if self.metrics is not None:
+                self.metrics.update(self)
+            self._periodic()
+            if time.monotonic() - last_status >= cfg.output.status_every:
+                last_status = time.monotonic()
+                print_status(self)
+        if train_future is not None:
+            self.loop.loop.call_soon_threadsafe(self._async_stop.set)
+            try:
+                train_future.result(timeout=cfg.network.request_timeout * (self.spec.num_stages + 1))
+            except Exception as err:
+                log.warning("trainer stopped with %s", err)
+        print_status(self)
+
+    def _periodic(self) -> None:
+        """Called every ~0.2 s from the main loop: the place for rebalancing and keeper work."""
+        if self.config.checkpoints.keeper is not None and self.ckpt.keeper is None:
+            self.ckpt.start_keeper(local_state=self._local_stage_state)
+        self._first_contribution.check(self)
+        self.mover.maybe_move()
+
+    def _shutdown(self) -> None:
+        if self.ckpt is not None:
+            self.ckpt.stop()
+        self.hand_back_gradients()
+        if self.swarm is not None and self.status.stage is not None:
+            self.presence.update(state=PeerState.LEAVING)
+            self.presence.announce(ttl=max(5.0, self.config.network.announce_period))
+        self.presence.stop()
+        slot = self.slot
+        self.close_slot(for_move=False)
+        if slot is not None and slot.worker is not None and self.config.final_state:
+            save_tensors(slot.worker.module.state_dict(), self.config.final_state,
+                             metadata={"epoch": str(slot.epoch)})
+        if self.loop is not None:
+            self.loop.stop()
+        if self.dht is not None:
+            try:
+                self.dht.shutdown()
+            except Exception:
+                pass
+        if self.identity is not None:
+            cleanup_identity(self.identity)
+        self.out.event("stopped", "stopped cleanly")
+
+    # --- the stage slot (opened on start, swapped on a move) --------------------------------
+
+    def open_slot(self, stage: int) -> None:
+        ctx = SlotContext(spec=self.spec, dht=self.dht, p2p=self.p2p, loop=self.loop, counters=self.counters,
+                          event=self.out.event, info=self._served_info, checkpoints=self.ckpt.service,
+                          throughput=self.config.churn.throughput)
+        slot = StageSlot.open(ctx, stage, held_step=self.ckpt.held_step(stage))
+        if slot.restored_step is not None:
+            self.ckpt.hold(stage, slot.restored_step)
+        self.slot = slot
+        self._capacity = slot.capacity
+        self.presence.update(throughput=self._throughput())
+        if self.trainer is not None:
+            self.trainer.local_stage, self.trainer.local_worker = stage, slot.worker
+
+    def close_slot(self, *, for_move: bool) -> None:
+        if self.trainer is not None:
+            self.trainer.local_stage, self.trainer.local_worker = None, None
+        if self.slot is not None:
+            self.slot.close(wait_for_optimizer=not for_move)
+
+    def resume_if_group_gone(self) -> Optional[int]:
+        others = self.presence.others_on(self.status.stage, (PeerState.ONLINE,))
+        return self.slot.resume_if_group_gone(others)
+
+    def hand_back_gradients(self) -> None:
+        if self.slot is None or self.spec is None:
+            return
+        training = self.spec.training
+        try:
+            self.slot.hand_back_gradients(partners=self.presence.others_on(self.slot.stage, ACTIVE_STATES),
+                                          budget=training.matchmaking_time + training.averaging_timeout,
+                                          give_up=lambda: self._second_signal)
+        except Exception as err:
+            log.warning("could not hand back gradients: %s", err)
+
+    def checkpoints_announced(self, stage: int) -> bool:
+        return self.ckpt.announced(stage)
+
+    def _local_stage_state(self, stage: int):
+        """(epoch, parameters) of the stage this peer serves, for ``run --keeper``."""
+        slot = self.slot
+        if slot is None or slot.worker is None or slot.stage != stage:
+            return None
+        return slot.parameters()
+
+    # --- what this peer reports ------------------------------------------------------------
+
+    def _throughput(self) -> float:
+        # Before its first stage opens, a new peer's small positive figure only lets routers
+        # try it. While a moving peer loads its target stage it announces the old stage's
+        # figure: the placeholder made the target still look starved, and the other peers of
+        # the source stage followed one by one until they emptied it (tests/test_churn.py).
+        return self._capacity or 1.0
+
+    def _served_info(self) -> ServedInfo:
+        status = self.status
+        return ServedInfo(state=status.state, throughput=status.throughput, epoch=self.epoch, version=PROTOCOL_VERSION)
+
+    def _figures(self) -> TrainingFigures:
+        trainer, worker = self.trainer, self.worker
+        loss = None
+        if trainer is not None and trainer.stats.loss_ema is not None:
+            loss = float(trainer.stats.loss_ema)
+        elif worker is not None and worker.stats.loss_ema is not None:
+            loss = float(worker.stats.loss_ema)
+        if trainer is None:
+            return TrainingFigures(epoch=self.epoch, loss=loss)
+        stats = trainer.stats
+        elapsed = max(1e-6, time.monotonic() - stats.started)
+        return TrainingFigures(epoch=self.epoch, loss=loss, tokens=stats.tokens, samples_per_s=stats.samples / elapsed,
+                               has_data=True)
+
+
+def run_peer(config: PeerConfig) -> int:
+    peer = Peer(config)
+    peer.install_signal_handlers()
+    try:
+        return peer.run()
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,294 @@
+"""Driving local data through the pipeline: SWARM-style routing of micro-batches.
+
+For every micro-batch and stage the trainer picks one peer, weighted by measured throughput
+and load, computes the stage it holds itself without a network hop, and keeps several
+micro-batches in flight so that every stage works at once.
+
+Exactly-once accounting per stage: a forward changes nothing on a server, so a failed forward
+is retried on another peer; the last stage accumulates with its forward, and each earlier
+stage with its backward, so a failed backward is retried *only at that stage* (on another
+peer, re-sending the cached input so it can recompute). A micro-batch is done when every
+stage accumulated it once; it is never dropped while a peer of each stage exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from hivemind.p2p import P2P
+
+from peer.net import WireCounters
+from peer.pipeline.client import RemoteError, call_stage
+from peer.pipeline.routing import BanList, ThroughputEMA, choose_peer
+from peer.pipeline.worker import StageError, StageWorker
+from protocol.messages_pb2 import StageRequest
+from protocol.records import PeerInfo
+from protocol.spec import RunSpec
+
+log = logging.getLogger("swarmtrain.trainer")
+
+LOCAL = "local"
+
+
+@dataclass
+class TrainerStats:
+    microbatches: int = 0
+    samples: int = 0
+    tokens: int = 0
+    retries: int = 0
+    failures: int = 0
+    loss_ema: Optional[float] = None
+    last_loss: Optional[float] = None
+    started: float = 0.0
+
+    def record(self, loss: float, samples: int, tokens: int) -> None:
+        self.microbatches += 1
+        self.samples += samples
+        self.tokens += tokens
+        self.last_loss = loss
+        self.loss_ema = loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * loss
+
+
+class NoPeerForStage(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(
+        self,
+        spec: RunSpec,
+        p2p: P2P,
+        my_peer_id: str,
+        *,
+        snapshot: Callable[[], Sequence[PeerInfo]],
+        local_stage: Optional[int] = None,
+        local_worker: Optional[StageWorker] = None,
+        request_timeout: float = 30.0,
+        max_inflight: Optional[int] = None,
+        wait_for_peers: float = 60.0,
+        counters: Optional[WireCounters] = None,
+        seed: int = 0,
+    ):
+        self.spec, self.p2p, self.my_peer_id = spec, p2p, my_peer_id
+        self.digest = spec.digest()
+        self.snapshot = snapshot
+        self.local_stage, self.local_worker = local_stage, local_worker
+        self.request_timeout = request_timeout
+        self.max_inflight = max_inflight or spec.num_stages + 1
+        self.wait_for_peers = wait_for_peers
+        self.counters = counters or WireCounters()
+        self.bans = BanList()
+        self.ema = ThroughputEMA()
+        self.inflight: dict[str, int] = {}
+        self.rng = random.Random(seed)
+        self.stats = TrainerStats(started=time.monotonic())
+        self._ids = itertools.count()
+        self._tag = uuid.uuid4().hex[:8]
+        self.codec = spec.compression.activations
+        self._stopping = False  # set on shutdown: no waiting for peers that may be leaving too
+        self.stop_grace = 15.0
+
+    # --- routing ---------------------------------------------------------------------------
+
+    def _candidates(self, stage: int) -> list[tuple[str, float, int]]:
+        out = []
+        for p in self.snapshot():
+            if p.stage != stage or p.state != "online":
+                continue
+            if p.peer_id == self.my_peer_id:
+                continue  # our own stage is served by the local worker, never over the network
+            throughput = self.ema.get(p.peer_id, p.throughput)
+            out.append((p.peer_id, throughput, self.inflight.get(p.peer_id, 0)))
+        if stage == self.local_stage and self.local_worker is not None:
+            rate = self.local_worker.stats.throughput
+            out.append((LOCAL, self.ema.get(LOCAL, rate), self.local_worker.queue_depth))
+        return out
+
+    async def _pick(self, stage: int, exclude: Sequence[str] = ()) -> str:
+        deadline = time.monotonic() + self.wait_for_peers
+        while True:
+            now = time.monotonic()
+            banned = self.bans.banned(now) | set(exclude)
+            choice = choose_peer(self._candidates(stage), banned=banned, rng=self.rng)
+            if choice is not None:
+                return choice
+            if exclude and choose_peer(self._candidates(stage), banned=self.bans.banned(now), rng=self.rng):
+                exclude = ()  # the only live peer is the one that just failed: try it again
+                continue
+            if now > deadline or self._stopping:
+                raise NoPeerForStage(f"no reachable peer serves stage {stage} (waited {self.wait_for_peers:.0f}s)")
+            await asyncio.sleep(0.5)
+
+    def _header(self, stage: int, mb_id: str, accumulate: bool = True) -> StageRequest:
+        return StageRequest(spec_digest=self.digest, stage=stage, microbatch_id=mb_id, accumulate=accumulate)
+
+    # --- one hop -----------------------------------------------------------------------------
+
+    async def _hop(self, peer: str, stage: int, mb_id: str, *, backward: bool, names, tensors):
+        """One forward or backward at one peer; returns (response loss, tensors by name)."""
+        start = time.monotonic()
+        samples = tensors[0].shape[0]
+        self.inflight[peer] = self.inflight.get(peer, 0) + 1
+        try:
+            if peer == LOCAL:
+                result = await self._local(stage, mb_id, backward, dict(zip(names, tensors)))
+            else:
+                head, out = await call_stage(self.p2p, peer, backward=backward, header=self._header(stage, mb_id),
+                                             names=names, tensors=tensors, codec=self.codec,
+                                             timeout=self.request_timeout, counters=self.counters)
+                result = (head.loss, out)
+            self.ema.update(peer, samples, time.monotonic() - start)
+            self.bans.record_success(peer)
+            return result
+        finally:
+            self.inflight[peer] -= 1
+
+    async def _local(self, stage, mb_id, backward, named):
+        worker = self.local_worker
+        deadline = time.monotonic() + self.request_timeout
+        try:
+            if backward:
+                grad = await asyncio.wrap_future(worker.backward(mb_id, named["grad_outputs"], named.get("inputs"),
+                                                                 deadline=deadline))
+                return 0.0, ({} if grad is None else {"grad_inputs": grad})
+            if "labels" in named:
+                loss, grad = await asyncio.wrap_future(worker.forward(mb_id, named["inputs"], named["labels"],
+                                                                      deadline=deadline))
+                return loss, ({} if grad is None else {"grad_inputs": grad})
+            out = await asyncio.wrap_future(worker.forward(mb_id, named["inputs"]))
+            return 0.0, {"outputs": out}
+        except StageError as err:
+            raise RemoteError(err.code, str(err)) from None
+
+    async def _with_retries(self, stage: int, first: Optional[str], attempt_fn):
+        """Run attempt_fn(peer) until it succeeds, moving to another peer after a failure."""
+        peer = first or await self._pick(stage)
+        failed: list[str] = []
+        while True:
+            try:
+                return peer, await attempt_fn(peer)
+            except RemoteError as err:
+                if err.code == "bad_request":
+                    raise  # our own request is wrong: retrying elsewhere would not help
+                self.stats.retries += 1
+                if peer != LOCAL:
+                    duration = self.bans.ban(peer, time.monotonic())
+                    log.info("stage %d peer %s failed (%s); banned for %.0fs, retrying elsewhere", stage,
+                             peer[:12], err, duration)
+                failed.append(peer)
+                peer = await self._pick(stage, exclude=failed[-1:])
+
+    # --- one micro-batch -------------------------------------------------------------------
+
+    async def train_microbatch(self, input_ids: torch.Tensor) -> float:
+        mb_id = f"{self._tag}-{next(self._ids)}"
+        last = self.spec.num_stages - 1
+        hops: list[tuple[str, torch.Tensor]] = []  # (peer, input) per non-last stage
+        x = input_ids
+        for stage in range(last):
+            async def forward(peer, stage=stage, x=x):
+                _, out = await self._hop(peer, stage, mb_id, backward=False, names=["inputs"], tensors=[x])
+                if "outputs" not in out:
+                    raise RemoteError("bad_response", "forward returned no outputs")
+                return out["outputs"]
+
+            peer, out = await self._with_retries(stage, None, forward)
+            hops.append((peer, x))
+            x = out
+
+        async def forward_last(peer, x=x):
+            loss, out = await self._hop(peer, last, mb_id, backward=False, names=["inputs", "labels"],
+                                        tensors=[x, input_ids])
+            if last > 0 and "grad_inputs" not in out:
+                raise RemoteError("bad_response", "last stage returned no input gradient")
+            return loss, out.get("grad_inputs")
+
+        _, (loss, grad) = await self._with_retries(last, None, forward_last)
+
+        for stage in reversed(range(last)):
+            first_peer, inputs = hops[stage]
+
+            async def backward(peer, stage=stage, grad=grad, inputs=inputs, first_peer=first_peer):
+                if peer == first_peer:
+                    try:
+                        _, out = await self._hop(peer, stage, mb_id, backward=True, names=["grad_outputs"],
+                                                 tensors=[grad])
+                        return out.get("grad_inputs")
+                    except RemoteError as err:
+                        if err.code != "cache_miss":
+                            raise
+                # Another peer (or a cache miss): re-send the input so it can recompute forward.
+                _, out = await self._hop(peer, stage, mb_id, backward=True, names=["grad_outputs", "inputs"],
+                                         tensors=[grad, inputs])
+                return out.get("grad_inputs")
+
+            _, grad = await self._with_retries(stage, first_peer, backward)
+            if stage > 0 and grad is None:
+                raise RemoteError("bad_response", f"stage {stage} returned no input gradient")
+
+        self.stats.record(loss, input_ids.shape[0], input_ids.numel())
+        return loss
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def run(self, batches, *, stop: asyncio.Event, max_microbatches: Optional[int] = None,
+                  on_microbatch: Optional[Callable[[float], None]] = None) -> None:
+        """Feed batches until stop is set; waits for in-flight micro-batches before returning."""
+        slots = asyncio.Semaphore(self.max_inflight)
+        tasks: set[asyncio.Task] = set()
+        started = 0
+
+        async def one(batch):
+            try:
+                while True:
+                    try:
+                        loss = await self.train_microbatch(batch)
+                        if on_microbatch is not None:
+                            on_microbatch(loss)
+                        return
+                    except NoPeerForStage as err:
+                        # Nothing was accumulated anywhere for a micro-batch that failed in forward.
+                        self.stats.failures += 1
+                        log.warning("%s; retrying the micro-batch", err)
+                        if stop.is_set():
+                            return
+                    except RemoteError as err:
+                        self.stats.failures += 1
+                        log.warning("micro-batch failed: %s", err)
+                        return
+            finally:
+                slots.release()
+
+        loop = asyncio.get_running_loop()
+        batches = iter(batches)
+        while not stop.is_set() and (max_microbatches is None or started < max_microbatches):
+            await slots.acquire()
+            # Reading and tokenizing files can take a while: keep the event loop serving meanwhile.
+            batch = await loop.run_in_executor(None, next, batches, None)
+            if batch is None:
+                slots.release()
+                break
+            if stop.is_set():
+                slots.release()
+                break
+            task = asyncio.create_task(one(batch))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            started += 1
+            await asyncio.sleep(0)
+        if tasks:
+            # In-flight micro-batches get a short grace: their peers may be shutting down too.
+            self._stopping = True
+            _done, pending = await asyncio.wait(tasks, timeout=self.stop_grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.info("%d in-flight micro-batches abandoned at shutdown", len(pending))

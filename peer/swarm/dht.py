@@ -1,0 +1,225 @@
+"""The DHT, behind one thin object: announcing this peer, reading a snapshot of the swarm,
+publishing the spec and checkpoint records.
+
+Records are owner-signed (hivemind's RSASignatureValidator, keyed by the peer's identity)
+and schema-checked, so no peer can write or overwrite another's announcement; a reader also
+checks that each record's signer is the peer id the record describes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Optional, Sequence
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+
+from peer.swarm.identity import Identity, peer_id_of_ssh_public_key
+from protocol import PROTOCOL_VERSION, records
+from protocol.spec import RunSpec, SpecError, spec_from_json
+
+log = logging.getLogger("swarmtrain.dht")
+
+_OWNER_RE = re.compile(rb"^([0-9]{0,5})\[owner:(.+?)\]$")
+
+
+def owner_of(subkey) -> Optional[tuple[str, str]]:
+    """(prefix, peer id) of an owner-marked subkey, or None if it is not one."""
+    if not isinstance(subkey, bytes):
+        return None
+    match = _OWNER_RE.match(subkey)
+    if match is None:
+        return None
+    try:
+        return match.group(1).decode(), peer_id_of_ssh_public_key(match.group(2))
+    except Exception:
+        return None
+
+
+def start_dht(
+    identity: Identity,
+    *,
+    initial_peers: Sequence[str] = (),
+    host_maddrs: Sequence[str] = ("/ip4/127.0.0.1/tcp/0",),
+    announce_maddrs: Sequence[str] = (),
+    client_mode: bool = False,
+    validators: Sequence = (),
+    startup_timeout: float = 30.0,
+) -> hivemind.DHT:
+    identity.install_as_process_key()
+    kwargs = {}
+    if announce_maddrs:
+        kwargs["announce_maddrs"] = list(announce_maddrs)
+    return hivemind.DHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        host_maddrs=list(host_maddrs),
+        identity_path=str(identity.path),
+        client_mode=client_mode,
+        record_validators=[RSASignatureValidator(identity.private_key), *validators],
+        startup_timeout=startup_timeout,
+        # Several initial peers and a short wait avoid the split swarms seen at start (#624).
+        ensure_bootstrap_success=bool(initial_peers),
+        **kwargs,
+    )
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    return [str(m) for m in dht.get_visible_maddrs()]
+
+
+class SwarmDHT:
+    """The records of one run, read and written through a running hivemind.DHT."""
+
+    def __init__(self, dht: hivemind.DHT, spec: RunSpec, identity: Identity):
+        self.dht, self.spec, self.identity = dht, spec, identity
+        self.digest = spec.digest()
+        self.peer_id = identity.peer_id.to_base58()
+        dht.add_validators(records.run_validators(spec.run_id, self.digest))
+        self._owner = RSASignatureValidator(identity.private_key).local_public_key
+        self.peers_key = records.peers_key(spec.run_id, self.digest)
+        self.checkpoints_key = records.checkpoints_key(spec.run_id, self.digest)
+        self._refused: set[str] = set()  # peer ids of incompatible versions, warned about once
+
+    # --- peers -----------------------------------------------------------------------------
+
+    def announce(self, info: records.PeerInfo, ttl: float) -> bool:
+        record = info.to_record()
+        record["version"] = record["version"] or PROTOCOL_VERSION
+        return bool(self.dht.store(self.peers_key, record, get_dht_time() + ttl, subkey=self._owner))
+
+    def snapshot(self) -> list[records.PeerInfo]:
+        """Live peers of this run; records that fail validation or whose signer is not the
+        peer they describe are dropped."""
+        found = self.dht.get(self.peers_key, latest=True)
+        return self._compatible(parse_peer_records(found.value if found is not None else None))
+
+    def _compatible(self, peers: list[records.PeerInfo]) -> list[records.PeerInfo]:
+        """Peers of another protocol version cannot talk to this one: left out of routing and
+        balancing, with one warning per peer."""
+        out = []
+        for p in peers:
+            if records.protocol_compatible(p.version):
+                out.append(p)
+            elif p.peer_id not in self._refused:
+                self._refused.add(p.peer_id)
+                log.warning("ignoring peer %s: it speaks swarmtrain protocol %r, this peer %s (one of you needs "
+                            "another version of swarmtrain)", p.peer_id, p.version[:32], PROTOCOL_VERSION)
+        return out
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def announce_checkpoint(self, stage: int, record: dict, ttl: float) -> bool:
+        value = records.CheckpointAnnouncementModel(stage=stage, **record).dict()
+        subkey = str(stage).encode() + self._owner
+        return bool(self.dht.store(self.checkpoints_key, value, get_dht_time() + ttl, subkey=subkey))
+
+    def checkpoint_announcements(self, stage: Optional[int] = None) -> list[tuple[str, dict]]:
+        """(peer id, record) for every valid checkpoint announcement, newest step first."""
+        found = self.dht.get(self.checkpoints_key, latest=True)
+        out = []
+        if found is not None and isinstance(found.value, dict):
+            for subkey, item in found.value.items():
+                owner = owner_of(subkey)
+                if owner is None or item is None or item.value is None:
+                    continue
+                try:
+                    parsed = records.CheckpointAnnouncementModel.parse_obj(item.value).dict()
+                except Exception:
+                    continue
+                if owner[0] != str(parsed["stage"]) or (stage is not None and parsed["stage"] != stage):
+                    continue
+                out.append((owner[1], parsed))
+        out.sort(key=lambda pr: -pr[1]["step"])
+        return out
+
+
+def parse_peer_records(value) -> list[records.PeerInfo]:
+    peers: dict[str, records.PeerInfo] = {}
+    if not isinstance(value, dict):
+        return []
+    for subkey, item in value.items():
+        owner = owner_of(subkey)
+        if owner is None or owner[0] or item is None or item.value is None:
+            continue
+        try:
+            info = records.PeerInfo.from_record(owner[1], item.value, expiration=item.expiration_time)
+        except Exception as err:
+            log.debug("dropping malformed peer record from %s: %s", owner[1], err)
+            continue
+        peers[info.peer_id] = info
+    return sorted(peers.values(), key=lambda p: (p.stage, p.peer_id))
+
+
+# --- the spec, for peers that join by run id --------------------------------------------------
+
+
+def publish_spec(dht: hivemind.DHT, identity: Identity, spec: RunSpec, ttl: float) -> bool:
+    owner = RSASignatureValidator(identity.private_key).local_public_key
+    value = records.SpecRecordModel(spec_json=spec.canonical_json(), digest=spec.digest()).dict()
+    return bool(dht.store(records.spec_key(spec.run_id), value, get_dht_time() + ttl, subkey=owner))
+
+
+def fetch_specs(dht: hivemind.DHT, run_id: str) -> list[tuple[str, RunSpec]]:
+    """(publisher peer id, spec) for every valid published spec of run_id."""
+    dht.add_validators([records.SchemaValidator(records.SpecSchema, prefix=run_id)])
+    found = dht.get(records.spec_key(run_id), latest=True)
+    out = []
+    if found is not None and isinstance(found.value, dict):
+        for subkey, item in found.value.items():
+            owner = owner_of(subkey)
+            if owner is None or item is None or item.value is None:
+                continue
+            try:
+                parsed = records.SpecRecordModel.parse_obj(item.value)
+                spec = spec_from_json(parsed.spec_json)
+            except (SpecError, Exception) as err:
+                log.warning("ignoring an invalid spec published by %s: %s", owner[1], err)
+                continue
+            if spec.digest() != parsed.digest or spec.run_id != run_id:
+                log.warning("ignoring a spec from %s whose digest or run id does not match", owner[1])
+                continue
+            out.append((owner[1], spec))
+    return out
+
+
+def resolve_spec(
+    dht: hivemind.DHT, run_id: str, *, pinned_digest: Optional[str] = None, timeout: float = 30.0
+) -> RunSpec:
+    """The spec of run_id from the DHT, checked against a pinned digest when given."""
+    deadline = time.monotonic() + timeout
+    while True:
+        candidates = fetch_specs(dht, run_id)
+        specs = {spec.digest(): spec for _, spec in candidates}
+        if pinned_digest:
+            matching = [d for d in specs if d.startswith(pinned_digest.lower())]
+            if matching:
+                return specs[matching[0]]
+        elif len(specs) == 1:
+            return next(iter(specs.values()))
+        elif len(specs) > 1:
+            raise SpecError(
+                f"run {run_id!r} has {len(specs)} different published specs ({', '.join(d[:16] for d in specs)}); "
+                "pass --spec-digest to choose one or --spec FILE"
+            )
+        if time.monotonic() > deadline:
+            what = f"with digest {pinned_digest}" if pinned_digest else "at all"
+            raise SpecError(f"no spec for run {run_id!r} {what} was found in the DHT within {timeout:.0f}s; "
+                            "is the bootstrap started with --spec?")
+        time.sleep(1.0)
+
+
+def resolve_run_spec(dht: hivemind.DHT, spec: Optional[RunSpec], run_id: Optional[str], spec_digest: Optional[str],
+                     *, timeout: float = 30.0) -> RunSpec:
+    """The run's spec from ``--spec`` (a loaded file) or ``--run`` (the DHT), checked against
+    ``--spec-digest`` when given: the one place the three options meet."""
+    if spec is None:
+        if not run_id:
+            raise SpecError("pass --spec FILE or --run RUN_ID")
+        spec = resolve_spec(dht, run_id, pinned_digest=spec_digest, timeout=timeout)
+    if spec_digest and not spec.digest().startswith(spec_digest.lower()):
+        raise SystemExit(f"the spec's digest {spec.digest()} does not match --spec-digest {spec_digest}")
+    return spec
