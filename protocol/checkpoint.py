@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocol import signing
+from protocol.records import CheckpointAnnouncement
 from protocol.spec import RunSpec
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -170,6 +171,27 @@ def trusted_key_map(keys: Iterable[str], *, path=None) -> dict[str, str]:
         except signing.SigningError as err:
             raise CheckpointRefused(path, f"trusted key #{i + 1} is unusable: {err}") from None
     return out
+
+
+def signed_manifest(path: Path, signatures: Mapping[str, Path], trusted: Mapping[str, object], *,
+                    min_signatures: int) -> tuple[signing.SignedManifest, list[str], list[str]]:
+    """Sort a checkpoint's signatures into valid, invalid (by a trusted key, not verifying) and
+    untrusted, and apply ``check_signature_set``; returns the agreed manifest, the trusted
+    signers whose signatures verified, and the untrusted signers (present, not counted)."""
+    valid: dict[str, signing.SignedManifest] = {}
+    invalid: dict[str, str] = {}
+    untrusted: list[str] = []
+    for fp, sig_file in signatures.items():
+        if fp not in trusted:
+            untrusted.append(fp)
+            continue
+        try:
+            valid[fp] = signing.read_signed_manifest(sig_file, trusted[fp])
+        except signing.SigningError as err:
+            invalid[fp] = str(err)
+    manifest = check_signature_set(path, valid=valid, invalid=invalid, untrusted=untrusted, trusted=trusted,
+                                   min_signatures=min_signatures)
+    return manifest, sorted(valid), untrusted
 
 
 def check_signature_set(
@@ -330,10 +352,17 @@ class VerifiedCheckpoint:
         """The optimizer state dict, or None when the checkpoint has none or it was not loaded."""
         return self._optimizer_state
 
+    def announcement(self) -> CheckpointAnnouncement:
+        """How this checkpoint is announced in the DHT."""
+        return CheckpointAnnouncement(stage=self.meta.stage, step=self.meta.step, manifest_digest=self.manifest_digest,
+                                      signers=tuple(self.signers), files=len(self.files), total_bytes=self.total_bytes)
+
     def to_record(self) -> dict:
-        """The DHT record announcing this checkpoint (``protocol.records.CheckpointRecordModel``)."""
-        return {"step": self.meta.step, "manifest_digest": self.manifest_digest, "signers": list(self.signers),
-                "files": len(self.files), "total_bytes": self.total_bytes}
+        """The DHT value announcing this checkpoint under its stage's subkey
+        (``protocol.records.CheckpointRecordModel``: the announcement less its stage)."""
+        record = self.announcement().to_record()
+        del record["stage"]
+        return record
 
 
 def _read_verified(directory: Path, name: str, signed: Mapping[str, str]) -> bytes:
@@ -404,19 +433,7 @@ def verify_checkpoint(
         raise CheckpointRefused(directory, "no signature: signatures/<fingerprint>.sig is missing (an unsigned or "
                                            "incompletely written checkpoint)")
 
-    valid: dict[str, signing.SignedManifest] = {}
-    invalid: dict[str, str] = {}
-    untrusted: list[str] = []
-    for fp, sig_file in listing.signatures.items():
-        if fp not in trusted:
-            untrusted.append(fp)
-            continue
-        try:
-            valid[fp] = signing.read_signed_manifest(sig_file, trusted[fp])
-        except signing.SigningError as err:
-            invalid[fp] = str(err)
-    manifest = check_signature_set(directory, valid=valid, invalid=invalid, untrusted=untrusted,
-                                   trusted=trusted, min_signatures=needed)
+    manifest, signers, untrusted = signed_manifest(directory, listing.signatures, trusted, min_signatures=needed)
     signed = dict(manifest.files)
     check_file_set(directory, signed, listing.content, listing.stray)
 
@@ -457,7 +474,7 @@ def verify_checkpoint(
         manifest_digest=manifest_digest(signed),
         files=signed,
         total_bytes=total,
-        signers=tuple(sorted(valid)),
+        signers=tuple(signers),
         untrusted_signers=tuple(untrusted),
         tensors_loaded=load_tensors,
         _model_state=model_state,

@@ -136,6 +136,28 @@ class SpecSchema(pydantic.BaseModel):
     spec: Dict[_OwnedSubkey, Optional[SpecRecordModel]]
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointAnnouncement:
+    """A verified checkpoint of one stage as a peer announces it: claims, until fetched and
+    verified (``protocol.checkpoint.verify_checkpoint``)."""
+
+    stage: int
+    step: int
+    manifest_digest: str
+    signers: tuple[str, ...] = ()
+    files: int = 1
+    total_bytes: int = 0
+
+    @classmethod
+    def from_record(cls, record: dict) -> "CheckpointAnnouncement":
+        """A record read from the DHT, checked against ``CheckpointAnnouncementModel``."""
+        parsed = CheckpointAnnouncementModel.parse_obj(record).dict()
+        return cls(**{**parsed, "signers": tuple(parsed["signers"])})
+
+    def to_record(self) -> dict:
+        return CheckpointAnnouncementModel(**{**dataclasses.asdict(self), "signers": list(self.signers)}).dict()
+
+
 def run_validators(run_id: str, digest: str) -> list:
     return [SchemaValidator(RunSchema, prefix=run_prefix(run_id, digest)), SchemaValidator(SpecSchema, prefix=run_id)]
 
@@ -169,3 +191,12 @@ class PeerInfo:
         return PeerRecordModel(
             **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("peer_id", "expiration")}
         ).dict()
+
+
+def online_per_stage(peers, num_stages: int) -> list[int]:
+    """How many peers of a snapshot are online on each stage (records of other stages ignored)."""
+    counts = [0] * num_stages
+    for p in peers:
+        if p.state == PeerState.ONLINE and 0 <= p.stage < num_stages:
+            counts[p.stage] += 1
+    return counts

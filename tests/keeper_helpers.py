@@ -12,7 +12,7 @@ from hivemind.p2p import P2P
 
 from peer.base import LoopThread
 from protocol import signing
-from protocol.records import PeerInfo
+from protocol.records import CheckpointAnnouncement, PeerInfo
 
 
 class P2PHost:
@@ -72,7 +72,9 @@ class FakeSwarm:
         return True
 
     def checkpoint_announcements(self, stage=None):
-        return [(p, r) for p, r in self.announcements if stage is None or r["stage"] == stage]
+        """Typed, as SwarmDHT's: the fake's records are plain dicts."""
+        typed = [(p, CheckpointAnnouncement.from_record(r)) for p, r in self.announcements]
+        return [(p, r) for p, r in typed if stage is None or r.stage == stage]
 
 
 class Events:

@@ -25,6 +25,7 @@ from peer.checkpoints.store import CheckpointStore, LocalCheckpoint, write_check
 from peer.model.llama import LlamaStage
 from protocol import signing
 from protocol.checkpoint import META_FILE, MODEL_FILE, CheckpointMeta, CheckpointRefused
+from protocol.records import CheckpointAnnouncement
 from protocol.spec import preset_spec
 
 from keeper_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
@@ -119,21 +120,26 @@ def _rec(step, digest):
     return {"step": step, "manifest_digest": digest, "signers": ["a" * 16], "files": 2, "total_bytes": 10, "stage": 0}
 
 
+def _typed(announced):
+    """(peer id, record) pairs as SwarmDHT.checkpoint_announcements returns them."""
+    return [(peer, CheckpointAnnouncement.from_record(record)) for peer, record in announced]
+
+
 def test_restore_candidates_order_and_rollback():
     d1, d2, d3 = "1" * 64, "2" * 64, "3" * 64
     local = [_local("/c/step-9", 9), _local("/c/step-3", 3)]
     announced = [("peerA", _rec(9, d1)), ("peerB", _rec(12, d2)), ("peerC", _rec(12, d2)), ("peerD", _rec(2, d3)),
                  ("me", _rec(50, "4" * 64))]
-    got = restore_candidates(local, announced, held_step=3, exclude_sources=["me"])
+    got = restore_candidates(local, _typed(announced), held_step=3, exclude_sources=["me"])
     assert [(c.step, c.manifest, c.path) for c in got] == [
         (12, d2, None), (9, None, Path("/c/step-9")), (9, d1, None), (3, None, Path("/c/step-3"))]
     assert got[0].sources == ("peerB", "peerC")
     # Announcements that do not claim a trusted signer are not worth a download.
-    got = restore_candidates([], [("x", {**_rec(20, d3), "signers": ["b" * 16]}), ("y", _rec(9, d1))],
+    got = restore_candidates([], _typed([("x", {**_rec(20, d3), "signers": ["b" * 16]}), ("y", _rec(9, d1))]),
                              trusted={"a" * 16})
     assert [c.manifest for c in got] == [d1]
     # The step of a digest is the smallest any announcer claims: lying about it does not help.
-    got = restore_candidates([], [("liar", _rec(99, d1)), ("honest", _rec(9, d1))])
+    got = restore_candidates([], _typed([("liar", _rec(99, d1)), ("honest", _rec(9, d1))]))
     assert [(c.step, c.sources) for c in got] == [(9, ("liar", "honest"))]
 
 
@@ -313,9 +319,9 @@ def test_announced_checkpoints_grouped_by_digest():
     from peer.checkpoints import announced_checkpoints
 
     d1, d2 = "1" * 64, "2" * 64
-    rows = announced_checkpoints([
+    rows = announced_checkpoints(_typed([
         ("keeper", {**_rec(9, d1), "stage": 0}), ("c", {**_rec(9, d1), "stage": 0}),
         ("keeper", {**_rec(12, d2), "stage": 0}), ("keeper", {**_rec(9, "3" * 64), "stage": 1}),
-    ])
+    ]))
     assert [(r["stage"], r["step"], r["manifest_digest"], r["served_by"]) for r in rows] == [
         (0, 12, d2, ["keeper"]), (0, 9, d1, ["keeper", "c"]), (1, 9, "3" * 64, ["keeper"])]

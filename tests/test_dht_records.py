@@ -172,7 +172,7 @@ def test_checkpoint_announcements_must_match_their_stage_prefix(swarms):
     # And cannot announce under A's subkey at all.
     assert not b.dht.store(b.checkpoints_key, value, get_dht_time() + 60, subkey=b"1" + owner_subkey(a))
     got = b.checkpoint_announcements()
-    assert [(pid, r["stage"], r["step"]) for pid, r in got] == [(str(a.identity.peer_id), 1, 3)]
+    assert [(pid, r.stage, r.step) for pid, r in got] == [(str(a.identity.peer_id), 1, 3)]
 
 
 def test_protocol_compatibility_rule():

@@ -6,6 +6,9 @@ import logging
 import threading
 from typing import Iterable, Optional
 
+from peer.swarm.view import SwarmView
+from protocol.records import CheckpointAnnouncement
+
 log = logging.getLogger("swarmtrain.ckpt")
 
 
@@ -17,7 +20,7 @@ log = logging.getLogger("swarmtrain.ckpt")
 class CheckpointAnnouncer:
     """Keeps this peer's newest verified checkpoint of each stage announced in the DHT."""
 
-    def __init__(self, swarm, period: float):
+    def __init__(self, swarm: SwarmView, period: float):
         self.swarm, self.period = swarm, period
         self._records: dict[int, dict] = {}
         self._lock = threading.Lock()
@@ -64,20 +67,20 @@ class CheckpointAnnouncer:
 # listing the swarm's checkpoints (``swarmtrain checkpoint list``)
 
 
-def announced_checkpoints(announcements: Iterable[tuple[str, dict]]) -> list[dict]:
+def announced_checkpoints(announcements: Iterable[tuple[str, CheckpointAnnouncement]]) -> list[dict]:
     """Announcements grouped by (stage, manifest digest): one row per checkpoint with the peers
     that serve it, by stage then newest step first. Announced fields are claims: only a
     fetched and verified checkpoint is known to be what it says."""
     rows: dict[tuple[int, str], dict] = {}
     for peer_id, rec in announcements:
-        key = (int(rec["stage"]), rec["manifest_digest"])
+        key = (rec.stage, rec.manifest_digest)
         row = rows.get(key)
         if row is None:
-            row = rows[key] = {"stage": key[0], "step": int(rec["step"]), "manifest_digest": key[1],
-                               "signers": sorted(rec.get("signers", [])), "files": rec.get("files"),
-                               "total_bytes": rec.get("total_bytes"), "served_by": []}
-        row["step"] = min(row["step"], int(rec["step"]))  # announcers may disagree: the smallest claim
-        row["signers"] = sorted(set(row["signers"]) | set(rec.get("signers", [])))
+            row = rows[key] = {"stage": rec.stage, "step": rec.step, "manifest_digest": rec.manifest_digest,
+                               "signers": sorted(rec.signers), "files": rec.files, "total_bytes": rec.total_bytes,
+                               "served_by": []}
+        row["step"] = min(row["step"], rec.step)  # announcers may disagree: the smallest claim
+        row["signers"] = sorted(set(row["signers"]) | set(rec.signers))
         if peer_id not in row["served_by"]:
             row["served_by"].append(peer_id)
     return sorted(rows.values(), key=lambda r: (r["stage"], -r["step"], r["manifest_digest"]))

@@ -48,9 +48,9 @@ from protocol.checkpoint import (
     VerifiedCheckpoint,
     check_file_set,
     check_meta,
-    check_signature_set,
     manifest_digest,
     parse_meta,
+    signed_manifest,
     trusted_key_map,
     verify_checkpoint,
 )
@@ -306,18 +306,8 @@ class _Transfer:
         trusted = trusted_key_map(spec.trust.trusted_keys, path=self.tmp)
         if not trusted:
             raise CheckpointRefused(self.tmp, "no trusted keys: the spec's trust.trusted_keys is empty")
-        valid, invalid, untrusted = {}, {}, []
         listing = signing.list_signed_dir(self.tmp)
-        for fp, sig in listing.signatures.items():
-            if fp not in trusted:
-                untrusted.append(fp)
-                continue
-            try:
-                valid[fp] = signing.read_signed_manifest(sig, trusted[fp])
-            except signing.SigningError as err:
-                invalid[fp] = str(err)
-        manifest = check_signature_set(self.tmp, valid=valid, invalid=invalid, untrusted=untrusted,
-                                       trusted=trusted, min_signatures=spec.trust.min_signatures)
+        manifest, _, _ = signed_manifest(self.tmp, listing.signatures, trusted, min_signatures=spec.trust.min_signatures)
         signed = dict(manifest.files)
         if manifest_digest(signed) != self.manifest:
             raise CheckpointRefused(self.tmp, f"the signatures cover checkpoint {manifest_digest(signed)}, not the "

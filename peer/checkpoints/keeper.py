@@ -36,10 +36,12 @@ from peer.base.config import KeeperConfig
 from peer.checkpoints.store import CheckpointStore
 from peer.model.llama import LlamaStage, causal_lm_loss, stage_param_shapes
 from peer.net import FrameError, RemoteError, call, join_tensors
+from peer.swarm.view import SwarmView
 from protocol import signing
 from protocol.checkpoint import CheckpointRefused, VerifiedCheckpoint, verify_checkpoint
 from protocol.codecs import TensorRejected, decode
 from protocol.messages_pb2 import StateRequest, StateResponse
+from protocol.records import PeerState
 from protocol.rpc import CHUNK_BYTES, MAX_FRAMES, STATE
 from protocol.spec import RunSpec
 
@@ -124,9 +126,7 @@ def evaluate_loss(spec: RunSpec, states: Sequence[Mapping[str, torch.Tensor]], b
     x = batch
     for k, state in enumerate(states):
         module = LlamaStage.from_spec(spec, k, init=False)
-        params = dict(module.named_parameters())
-        for name, p in params.items():
-            p.copy_(state[name])
+        module.load_parameters(state, source=f"stage {k} state")
         x = module(x)
     return float(causal_lm_loss(x, batch))
 
@@ -189,7 +189,7 @@ class Keeper:
     itself, or None (a keeper inside ``swarmtrain run``).
     """
 
-    def __init__(self, spec: RunSpec, config: KeeperConfig, *, swarm, p2p: P2P, run: Callable, service,
+    def __init__(self, spec: RunSpec, config: KeeperConfig, *, swarm: SwarmView, p2p: P2P, run: Callable, service,
                  event: Callable, local_state: Optional[Callable[[int], Optional[tuple[int, dict]]]] = None):
         self.spec, self.config, self.swarm, self.p2p, self.run = spec, config, swarm, p2p, run
         self.service, self.event, self.local_state = service, event, local_state
@@ -273,7 +273,7 @@ class Keeper:
         spec = self.spec
         self.rounds += 1
         snapshot = self.swarm.snapshot()
-        by_stage = {k: sorted((p for p in snapshot if p.stage == k and p.state == "online"),
+        by_stage = {k: sorted((p for p in snapshot if p.stage == k and p.state == PeerState.ONLINE),
                               key=lambda p: (-p.epoch, -p.throughput, p.peer_id)) for k in range(spec.num_stages)}
         epochs = [p.epoch for ps in by_stage.values() for p in ps]
         floor = self.last_step if self.last_step is not None else 0

@@ -10,6 +10,7 @@ from typing import Iterable, Optional
 from peer.checkpoints.store import (
     LocalCheckpoint,
 )
+from protocol.records import CheckpointAnnouncement
 
 log = logging.getLogger("swarmtrain.ckpt")
 
@@ -35,7 +36,7 @@ class Candidate:
 
 def restore_candidates(
     local: Iterable[LocalCheckpoint],
-    announced: Iterable[tuple[str, dict]],
+    announced: Iterable[tuple[str, CheckpointAnnouncement]],
     *,
     held_step: Optional[int] = None,
     exclude_sources: Iterable[str] = (),
@@ -57,9 +58,9 @@ def restore_candidates(
     for peer_id, record in announced:
         if peer_id in excluded:
             continue
-        if trusted is not None and len(trusted & set(record.get("signers", ()))) < min_signatures:
+        if trusted is not None and len(trusted & set(record.signers)) < min_signatures:
             continue
-        step, digest = int(record["step"]), record["manifest_digest"]
+        step, digest = record.step, record.manifest_digest
         if held_step is not None and step < held_step:
             continue
         if digest in by_digest:

@@ -17,11 +17,13 @@ from peer.checkpoints.store import (
     CheckpointStore,
     load_into_module,
 )
+from peer.swarm.view import SwarmView
 from protocol import signing
 from protocol.checkpoint import (
     CheckpointRefused,
     VerifiedCheckpoint,
 )
+from protocol.records import CheckpointAnnouncement
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.ckpt")
@@ -42,7 +44,7 @@ class CheckpointService:
     ``event(name, text, **fields)`` reports (the peer's ``Output.event``).
     """
 
-    def __init__(self, spec: RunSpec, store: CheckpointStore, *, swarm, p2p: Optional[P2P], run: Optional[Callable],
+    def __init__(self, spec: RunSpec, store: CheckpointStore, *, swarm: Optional[SwarmView], p2p: Optional[P2P], run: Optional[Callable],
                  event: Callable, announce_period: float = 5.0, request_timeout: float = 30.0, counters=None):
         self.spec, self.store, self.swarm, self.p2p, self.run = spec, store, swarm, p2p, run
         self.event = event
@@ -72,7 +74,7 @@ class CheckpointService:
         if self.announcer is not None:
             self.announcer.publish(verified.meta.stage, verified.to_record())
 
-    def announcements(self, stage: int) -> list[tuple[str, dict]]:
+    def announcements(self, stage: int) -> list[tuple[str, CheckpointAnnouncement]]:
         if self.swarm is None:
             return []
         try:

@@ -245,17 +245,7 @@ def load_verified(
 @torch.no_grad()
 def load_into_module(verified: VerifiedCheckpoint, module: torch.nn.Module) -> None:
     """Copy a verified checkpoint's weights into ``module`` (names checked before any copy)."""
-    params = dict(module.named_parameters())
-    state = verified.model_state
-    missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
-    if missing or unexpected:
-        raise ValueError(f"{verified.path}: does not fit the module: missing {sorted(missing)}, "
-                         f"unexpected {sorted(unexpected)}")
-    for name, p in params.items():
-        if tuple(p.shape) != tuple(state[name].shape):
-            raise ValueError(f"{verified.path}: {name} has shape {tuple(state[name].shape)}, module has {tuple(p.shape)}")
-    for name, p in params.items():
-        p.copy_(state[name])
+    module.load_parameters(verified.model_state, source=str(verified.path))
 
 
 # ---------------------------------------------------------------------------------------------

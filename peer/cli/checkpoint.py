@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from peer.cli.options import load_spec_option, spec_or_run
 from protocol import signing
 from protocol.checkpoint import (
     CHECKPOINT_FILES,
@@ -16,7 +17,7 @@ from protocol.checkpoint import (
     parse_meta,
     verify_checkpoint,
 )
-from protocol.spec import RunSpec, SpecError, load_spec
+from protocol.spec import RunSpec, SpecError
 
 
 class CheckFailed(click.ClickException):
@@ -45,15 +46,6 @@ def keygen(out: Path, force: bool):
 @click.group()
 def checkpoint() -> None:
     """Sign, verify and export stage checkpoints."""
-
-
-def _load_spec_option(path: Path | None) -> RunSpec | None:
-    if path is None:
-        return None
-    try:
-        return load_spec(path)
-    except SpecError as err:
-        raise CheckFailed(str(err)) from None
 
 
 def _read_trusted_keys(paths) -> tuple[str, ...] | None:
@@ -150,7 +142,7 @@ def checkpoint_verify(directory: Path, spec_path, trusted_keys, min_signatures, 
     \b
       model_signing verify key DIR --signature DIR/signatures/<fingerprint>.sig --public_key PUB.pem
     """
-    spec = _load_spec_option(spec_path)
+    spec = load_spec_option(spec_path, CheckFailed)
     keys = _read_trusted_keys(trusted_keys)
     v = _verify(directory, spec, keys, min_signatures, held_step=held_step, stage=stage)
     m = v.meta
@@ -184,32 +176,16 @@ def checkpoint_export(directories, out_dir: Path, spec_path, trusted_keys, min_s
     if spec_path is None:
         raise CheckFailed("export needs --spec SPEC.toml: a checkpoint records only the spec's digest, and the "
                           "architecture (config.json) comes from the spec")
-    spec = _load_spec_option(spec_path)
+    spec = load_spec_option(spec_path, CheckFailed)
     keys = _read_trusted_keys(trusted_keys)
     verified = [_verify(d, spec, keys, min_signatures) for d in directories]
 
-    by_stage: dict[int, VerifiedCheckpoint] = {}
-    for v in verified:
-        if v.meta.stage in by_stage:
-            raise CheckFailed(f"stage {v.meta.stage} given twice: {by_stage[v.meta.stage].path} and {v.path}")
-        by_stage[v.meta.stage] = v
-    missing = [k for k in range(spec.num_stages) if k not in by_stage]
-    if missing:
-        raise CheckFailed(f"stage(s) {', '.join(map(str, missing))} missing: the spec has {spec.num_stages} stages "
-                          "and export needs one checkpoint of each")
-    steps = {v.meta.step for v in verified}
-    if len(steps) > 1:
-        detail = ", ".join(f"stage {k}: step {by_stage[k].meta.step}" for k in sorted(by_stage))
-        raise CheckFailed(f"checkpoints are of different steps ({detail}); export joins the stages of one step")
-
-    from peer.model.hf_io import export_hf_dir
+    from peer.checkpoints.export import export_checkpoints
 
     try:
-        export_hf_dir(spec, [by_stage[k].model_state for k in range(spec.num_stages)], out_dir,
-                      max_shard_bytes=max_shard_bytes)
-    except (ValueError, FileExistsError) as err:
+        step = export_checkpoints(spec, verified, out_dir, max_shard_bytes=max_shard_bytes)
+    except ValueError as err:
         raise CheckFailed(str(err)) from None
-    step = steps.pop()
     click.echo(f"exported run {spec.run_id} step {step} ({spec.num_stages} stages) to {out_dir}")
 
 
@@ -232,14 +208,13 @@ def checkpoint_list(initial_peers, run_id, spec_path, spec_digest, as_json):
 
     if not initial_peers:
         raise click.UsageError("--initial-peers is required")
-    if (spec_path is None) == (run_id is None):
-        raise click.UsageError("pass exactly one of --run RUN_ID or --spec SPEC.toml")
+    spec = spec_or_run(spec_path, run_id, run_first=True, error=CheckFailed)
     logging.getLogger("hivemind").setLevel(logging.ERROR)
     from peer.checkpoints import announced_checkpoints
     from peer.observe.status import open_observer
 
     try:
-        swarm, close = open_observer(list(initial_peers), spec=_load_spec_option(spec_path), run_id=run_id,
+        swarm, close = open_observer(list(initial_peers), spec=spec, run_id=run_id,
                                      spec_digest=spec_digest)
     except SpecError as err:
         raise CheckFailed(str(err)) from None

@@ -29,6 +29,7 @@ from peer.base.config import (
     RunConfig,
 )
 from peer.cli.checkpoint import checkpoint, keygen
+from peer.cli.options import load_spec_option, spec_or_run
 from peer.cli.spec import spec
 
 
@@ -106,17 +107,6 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):
         pass
-
-
-def _load_spec_option(spec_path):
-    from protocol.spec import SpecError, load_spec
-
-    if spec_path is None:
-        return None
-    try:
-        return load_spec(spec_path)
-    except SpecError as err:
-        raise click.ClickException(str(err)) from None
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -235,12 +225,10 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
 
     if not initial_peers:
         raise click.UsageError("--initial-peers is required (the bootstrap's multiaddr)")
-    if (spec_path is None) == (run_id is None):
-        raise click.UsageError("pass exactly one of --spec SPEC.toml or --run RUN_ID")
+    spec = spec_or_run(spec_path, run_id)
     if stage != "auto" and not stage.isdigit():
         raise click.UsageError("--stage must be 'auto' or a stage index")
     _check_keeper(keeper, signing_key, checkpoint_dir)
-    spec = _load_spec_option(spec_path)
     _setup_logging(verbose)
     start_reaper()  # before any thread or child: p2pd and hivemind's helpers die with this peer
     _raise_fd_limit()
@@ -297,7 +285,7 @@ def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, 
         raise click.UsageError("--keeper needs --spec SPEC.toml")
     if dashboard_port is not None and spec_path is None:
         raise click.UsageError("--dashboard-port needs --spec SPEC.toml (the dashboard shows one run)")
-    spec = _load_spec_option(spec_path)
+    spec = load_spec_option(spec_path)
     _setup_logging(verbose)
     start_reaper()
     from peer.node.bootstrap import run_bootstrap
@@ -323,14 +311,13 @@ def status(initial_peers, run_id, spec_path, spec_digest, as_json, watch):
 
     if not initial_peers:
         raise click.UsageError("--initial-peers is required")
-    if (spec_path is None) == (run_id is None):
-        raise click.UsageError("pass exactly one of --run RUN_ID or --spec SPEC.toml")
+    spec = spec_or_run(spec_path, run_id, run_first=True)
     _setup_logging(False)
     from peer.observe.status import format_snapshot, open_observer, swarm_snapshot
     from protocol.spec import SpecError
 
     try:
-        swarm, close = open_observer(list(initial_peers), spec=_load_spec_option(spec_path), run_id=run_id,
+        swarm, close = open_observer(list(initial_peers), spec=spec, run_id=run_id,
                                      spec_digest=spec_digest)
     except SpecError as err:
         raise click.ClickException(str(err)) from None
@@ -366,9 +353,7 @@ def dashboard(initial_peers, run_id, spec_path, spec_digest, port, host, poll_pe
 
     if not initial_peers:
         raise click.UsageError("--initial-peers is required")
-    if (spec_path is None) == (run_id is None):
-        raise click.UsageError("pass exactly one of --run RUN_ID or --spec SPEC.toml")
-    spec = _load_spec_option(spec_path)
+    spec = spec_or_run(spec_path, run_id, run_first=True)
     _setup_logging(verbose)
     start_reaper()  # the observer's p2pd dies with this process
     from peer.observe.dashboard import run_dashboard

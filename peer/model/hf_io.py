@@ -289,7 +289,5 @@ def load_stage_safetensors(path: str | Path, stage_module: LlamaStage) -> LlamaS
         if missing or unexpected:
             raise CheckpointError(f"{path}: missing tensors {sorted(missing)}, unexpected tensors {sorted(unexpected)}")
         tensors = {name: _checked(f.get_tensor(name), p.shape, name, path) for name, p in params.items()}
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name])
+    stage_module.load_parameters(tensors, source=str(path))
     return stage_module

@@ -12,6 +12,7 @@ gets the same weights, and every partition of a spec gives the same full model.
 from __future__ import annotations
 
 import hashlib
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,22 @@ class LlamaStage(nn.Module):
             g = torch.Generator().manual_seed(param_seed(seed, self._init_name(name)))
             # Drawn on CPU in float32, then copied: the same numbers on any device and dtype.
             p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, self.cfg.initializer_range, generator=g))
+
+    @torch.no_grad()
+    def load_parameters(self, state: Mapping[str, torch.Tensor], *, source: str = "state") -> None:
+        """Copy ``state`` (one tensor per distinct parameter name, as ``named_parameters()``
+        lists them) into this stage. Names and shapes are checked before any copy: a state
+        that does not fit leaves the module untouched (ValueError naming ``source``)."""
+        params = dict(self.named_parameters())
+        missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
+        if missing or unexpected:
+            raise ValueError(f"{source}: does not fit the module: missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)}")
+        for name, p in params.items():
+            if tuple(p.shape) != tuple(state[name].shape):
+                raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, module has {tuple(p.shape)}")
+        for name, p in params.items():
+            p.copy_(state[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.has_embedding:

@@ -15,25 +15,12 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Sequence
 
-from protocol.records import PeerInfo, PeerState
+from peer.swarm.view import SwarmView
+from protocol.records import PeerInfo, PeerState, online_per_stage
 
 log = logging.getLogger("swarmtrain.peer")
-
-
-class SwarmView(Protocol):
-    """The DHT as a peer uses it (``peer.swarm.SwarmDHT``; tests pass a fake)."""
-
-    peer_id: str
-
-    def announce(self, info: PeerInfo, ttl: float) -> bool: ...
-
-    def snapshot(self) -> list[PeerInfo]: ...
-
-    def announce_checkpoint(self, stage: int, record: dict, ttl: float) -> bool: ...
-
-    def checkpoint_announcements(self, stage: Optional[int] = None) -> list[tuple[str, dict]]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,11 +110,7 @@ class Presence:
             log.debug("snapshot failed: %s", err)
 
     def online_per_stage(self, num_stages: int) -> list[int]:
-        per_stage = [0] * num_stages
-        for p in self._peers:
-            if p.state == PeerState.ONLINE and 0 <= p.stage < num_stages:
-                per_stage[p.stage] += 1
-        return per_stage
+        return online_per_stage(self._peers, num_stages)
 
     def others_on(self, stage: int, states: Sequence[PeerState]) -> list[PeerInfo]:
         return [p for p in self._peers if p.stage == stage and p.state in states and p.peer_id != self.peer_id]

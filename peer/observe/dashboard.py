@@ -188,9 +188,11 @@ def checkpoint_decorator(trusted_fingerprints: set[str]) -> Callable[[dict], dic
     """Adds ``checkpoint_rows`` to a snapshot: its announcements grouped by (stage, digest),
     each signer marked trusted or not by the spec's trust keys."""
     from peer.checkpoints import announced_checkpoints
+    from protocol.records import CheckpointAnnouncement
 
     def decorate(snapshot: dict) -> dict:
-        announcements = [(c["peer_id"], c) for c in snapshot.get("checkpoints", ())]
+        announcements = [(c["peer_id"], CheckpointAnnouncement.from_record({k: v for k, v in c.items() if k != "peer_id"}))
+                         for c in snapshot.get("checkpoints", ())]
         rows = announced_checkpoints(announcements)
         for row in rows:
             row["signers"] = [{"fingerprint": s, "trusted": s in trusted_fingerprints} for s in row["signers"]]

@@ -33,7 +33,7 @@ from typing import Optional
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from protocol.records import PEER_STATES, PeerState
+from protocol.records import PEER_STATES, online_per_stage
 
 log = logging.getLogger("swarmtrain.metrics")
 
@@ -225,11 +225,7 @@ class PeerMetrics:
         for state in PEER_STATES:
             put("state", 1 if status.state == state else 0, state)
         if spec is not None:
-            online = [0] * spec.num_stages
-            for p in list(peer.peers):
-                if p.state == PeerState.ONLINE and 0 <= p.stage < len(online):
-                    online[p.stage] += 1
-            for k, n in enumerate(online):
+            for k, n in enumerate(online_per_stage(list(peer.peers), spec.num_stages)):
                 put("peers_online", n, k)
 
         trainer = peer.trainer

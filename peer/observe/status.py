@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from peer.swarm.dht import SwarmDHT, resolve_run_spec, start_dht
 from peer.swarm.identity import cleanup_identity, load_or_create_identity
+from protocol.records import PeerState
 from protocol.spec import RunSpec
 
 
@@ -17,10 +18,10 @@ def swarm_snapshot(swarm: SwarmDHT) -> dict:
     stages = []
     for k, s in enumerate(spec.stages):
         members = [p for p in peers if p.stage == k]
-        online = [p for p in members if p.state == "online"]
+        online = [p for p in members if p.state == PeerState.ONLINE]
         stages.append({
             "stage": k, "layers": [s.start, s.end],
-            "peers": [{"peer_id": p.peer_id, "state": p.state, "throughput": round(p.throughput, 3), "epoch": p.epoch,
+            "peers": [{"peer_id": p.peer_id, "state": str(p.state), "throughput": round(p.throughput, 3), "epoch": p.epoch,
                        "loss": p.loss, "tokens": p.tokens, "samples_per_s": round(p.samples_per_s, 3),
                        "has_data": p.has_data, "version": p.version} for p in members],
             "online": len(online),
@@ -29,7 +30,7 @@ def swarm_snapshot(swarm: SwarmDHT) -> dict:
         })
     losses = [p.loss for p in peers if p.loss is not None and p.has_data]
     try:
-        checkpoints = [{"peer_id": pid, **rec} for pid, rec in swarm.checkpoint_announcements()]
+        checkpoints = [{"peer_id": pid, **rec.to_record()} for pid, rec in swarm.checkpoint_announcements()]
     except Exception:
         checkpoints = []
     return {

@@ -30,7 +30,7 @@ from peer.pipeline.client import RemoteError, call_stage
 from peer.pipeline.routing import BanList, ThroughputEMA, choose_peer
 from peer.pipeline.worker import StageError, StageWorker
 from protocol.messages_pb2 import StageRequest
-from protocol.records import PeerInfo
+from protocol.records import PeerInfo, PeerState
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.trainer")
@@ -101,7 +101,7 @@ class Trainer:
     def _candidates(self, stage: int) -> list[tuple[str, float, int]]:
         out = []
         for p in self.snapshot():
-            if p.stage != stage or p.state != "online":
+            if p.stage != stage or p.state != PeerState.ONLINE:
                 continue
             if p.peer_id == self.my_peer_id:
                 continue  # our own stage is served by the local worker, never over the network
@@ -239,8 +239,7 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------
 
-    async def run(self, batches, *, stop: asyncio.Event, max_microbatches: Optional[int] = None,
-                  on_microbatch: Optional[Callable[[float], None]] = None) -> None:
+    async def run(self, batches, *, stop: asyncio.Event, max_microbatches: Optional[int] = None) -> None:
         """Feed batches until stop is set; waits for in-flight micro-batches before returning."""
         slots = asyncio.Semaphore(self.max_inflight)
         tasks: set[asyncio.Task] = set()
@@ -250,9 +249,7 @@ class Trainer:
             try:
                 while True:
                     try:
-                        loss = await self.train_microbatch(batch)
-                        if on_microbatch is not None:
-                            on_microbatch(loss)
+                        await self.train_microbatch(batch)
                         return
                     except NoPeerForStage as err:
                         # Nothing was accumulated anywhere for a micro-batch that failed in forward.

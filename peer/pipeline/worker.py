@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -55,7 +55,6 @@ class StageStats:
     throughput: float = 0.0  # samples/s through forward+backward, an EMA
     loss_ema: Optional[float] = None
     optimizer_steps: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class StageWorker:
@@ -69,11 +68,9 @@ class StageWorker:
         optimizer=None,
         cache_ttl: float = 120.0,
         cache_max: int = 256,
-        on_step: Optional[Callable[[], None]] = None,
     ):
         self.module, self.is_last, self.optimizer = module, is_last, optimizer
         self.cache_ttl, self.cache_max = cache_ttl, cache_max
-        self.on_step = on_step
         self.stats = StageStats()
         self._cache: "collections.OrderedDict[str, _Cached]" = collections.OrderedDict()
         self._accumulated: "collections.OrderedDict[str, None]" = collections.OrderedDict()
@@ -152,10 +149,7 @@ class StageWorker:
         if tick is None:
             return
         try:
-            epoch = self.optimizer.local_epoch
             tick()
-            if self.optimizer.local_epoch != epoch and self.on_step is not None:
-                self.on_step()
         except Exception:
             log.exception("optimizer tick failed")
 
@@ -256,8 +250,6 @@ class StageWorker:
             self.optimizer.step(batch_size=batch)
             self.optimizer.zero_grad(set_to_none=True)
             self.stats.optimizer_steps += 1
-            if self.on_step is not None:
-                self.on_step()
 
     # --- state, for checkpoints and tests ---------------------------------------------------
 

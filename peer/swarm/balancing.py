@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 from typing import Optional, Sequence
 
-from protocol.records import ACTIVE_STATES, PeerInfo
+from protocol.records import ACTIVE_STATES, PeerInfo, PeerState
 
 __all__ = ["RebalancePolicy", "stage_throughputs", "choose_stage", "plan_move"]
 
@@ -61,7 +61,7 @@ def _members(peers: Sequence[PeerInfo], num_stages: int, exclude: Optional[str] 
 
 
 def _online(stage: Sequence[PeerInfo]) -> list[PeerInfo]:
-    return [p for p in stage if p.state == "online"]
+    return [p for p in stage if p.state == PeerState.ONLINE]
 
 
 def _totals(members: Sequence[Sequence[PeerInfo]]) -> list[float]:

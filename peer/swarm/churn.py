@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
 from peer.swarm.balancing import RebalancePolicy, plan_move
-from protocol.records import ACTIVE_STATES, PeerInfo
+from protocol.records import ACTIVE_STATES, PeerInfo, PeerState
 
 __all__ = ["DEFAULT_REBALANCE_PERIOD", "next_check_delay", "MoveCheck", "check_move", "recovery_fallback",
            "EmptyStages", "StageEpochs", "epochs_lost"]
@@ -78,7 +78,7 @@ def recovery_fallback(
     since = empty_since.get(target)
     if since is None:
         return None
-    candidates = [p for p in active if p.state == "online" and count[p.stage] >= 2]
+    candidates = [p for p in active if p.state == PeerState.ONLINE and count[p.stage] >= 2]
     named = {p.peer_id for p in candidates
              if plan_move(peers, num_stages, my_peer_id=p.peer_id, now=now, last_move_at=None) == target}
     order = sorted(candidates, key=lambda p: (p.peer_id not in named, -count[p.stage], p.peer_id))
@@ -126,7 +126,7 @@ def check_move(
     candidates in turn (``recovery_fallback``).
     """
     me = [p for p in peers if p.peer_id == my_peer_id]
-    if not me or me[0].stage != my_stage or me[0].state != "online":
+    if not me or me[0].stage != my_stage or me[0].state != PeerState.ONLINE:
         return MoveCheck(None, why="this peer is not announced online at its stage yet")
     target = plan_move(peers, num_stages, my_peer_id=my_peer_id, now=now, last_move_at=last_move_at, policy=policy)
     if target is None and empty_since is not None:

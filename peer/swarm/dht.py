@@ -117,8 +117,8 @@ class SwarmDHT:
         subkey = str(stage).encode() + self._owner
         return bool(self.dht.store(self.checkpoints_key, value, get_dht_time() + ttl, subkey=subkey))
 
-    def checkpoint_announcements(self, stage: Optional[int] = None) -> list[tuple[str, dict]]:
-        """(peer id, record) for every valid checkpoint announcement, newest step first."""
+    def checkpoint_announcements(self, stage: Optional[int] = None) -> list[tuple[str, records.CheckpointAnnouncement]]:
+        """(peer id, announcement) for every valid checkpoint announcement, newest step first."""
         found = self.dht.get(self.checkpoints_key, latest=True)
         out = []
         if found is not None and isinstance(found.value, dict):
@@ -127,13 +127,13 @@ class SwarmDHT:
                 if owner is None or item is None or item.value is None:
                     continue
                 try:
-                    parsed = records.CheckpointAnnouncementModel.parse_obj(item.value).dict()
+                    parsed = records.CheckpointAnnouncement.from_record(item.value)
                 except Exception:
                     continue
-                if owner[0] != str(parsed["stage"]) or (stage is not None and parsed["stage"] != stage):
+                if owner[0] != str(parsed.stage) or (stage is not None and parsed.stage != stage):
                     continue
                 out.append((owner[1], parsed))
-        out.sort(key=lambda pr: -pr[1]["step"])
+        out.sort(key=lambda pr: -pr[1].step)
         return out
 
 
