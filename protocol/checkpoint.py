@@ -43,7 +43,9 @@ class CheckpointRefused(ValueError):
     def __init__(self, path: Union[str, Path, None], reason: str):
         self.path = None if path is None else Path(path)
         self.reason = reason
-        super().__init__(f"checkpoint {path} refused: {reason}" if path is not None else f"checkpoint refused: {reason}")
+        super().__init__(
+            f"checkpoint {path} refused: {reason}" if path is not None else f"checkpoint refused: {reason}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,8 +61,9 @@ class CheckpointMeta(BaseModel):
     stage: int = Field(ge=0)
     step: int = Field(ge=0)
     tokens_seen: int = Field(ge=0)
-    parent_digest: Optional[str] = Field(default=None, pattern=_HEX64,
-                                         description="manifest digest of the previous checkpoint of this stage")
+    parent_digest: Optional[str] = Field(
+        default=None, pattern=_HEX64, description="manifest digest of the previous checkpoint of this stage"
+    )
     created: float = Field(ge=0, description="unix time")
 
     def to_json_bytes(self) -> bytes:
@@ -79,8 +82,9 @@ def parse_meta(data: bytes, path: Union[str, Path, None] = None) -> CheckpointMe
     version = obj["format_version"]
     if version != CHECKPOINT_FORMAT_VERSION:
         # Checked first: a newer format fails every other field, and this message says why.
-        raise CheckpointRefused(path, f"{META_FILE}: format_version is {version!r}, this swarmtrain reads "
-                                      f"{CHECKPOINT_FORMAT_VERSION}")
+        raise CheckpointRefused(
+            path, f"{META_FILE}: format_version is {version!r}, this swarmtrain reads {CHECKPOINT_FORMAT_VERSION}"
+        )
     try:
         return CheckpointMeta.model_validate(obj)
     except ValidationError as err:
@@ -154,7 +158,7 @@ def optimizer_state_from_tensors(tensors: Mapping[str, Any], metadata: Mapping[s
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     return dict(header.get("__metadata__") or {})
 
 
@@ -173,8 +177,9 @@ def trusted_key_map(keys: Iterable[str], *, path=None) -> dict[str, str]:
     return out
 
 
-def signed_manifest(path: Path, signatures: Mapping[str, Path], trusted: Mapping[str, object], *,
-                    min_signatures: int) -> tuple[signing.SignedManifest, list[str], list[str]]:
+def signed_manifest(
+    path: Path, signatures: Mapping[str, Path], trusted: Mapping[str, object], *, min_signatures: int
+) -> tuple[signing.SignedManifest, list[str], list[str]]:
     """Sort a checkpoint's signatures into valid, invalid (by a trusted key, not verifying) and
     untrusted, and apply ``check_signature_set``; returns the agreed manifest, the trusted
     signers whose signatures verified, and the untrusted signers (present, not counted)."""
@@ -189,8 +194,9 @@ def signed_manifest(path: Path, signatures: Mapping[str, Path], trusted: Mapping
             valid[fp] = signing.read_signed_manifest(sig_file, trusted[fp])
         except signing.SigningError as err:
             invalid[fp] = str(err)
-    manifest = check_signature_set(path, valid=valid, invalid=invalid, untrusted=untrusted, trusted=trusted,
-                                   min_signatures=min_signatures)
+    manifest = check_signature_set(
+        path, valid=valid, invalid=invalid, untrusted=untrusted, trusted=trusted, min_signatures=min_signatures
+    )
     return manifest, sorted(valid), untrusted
 
 
@@ -230,23 +236,30 @@ def check_signature_set(
     for fp, other in items[1:]:
         if other.files != first.files:
             diff = signing.compare_files(first.files, other.files)
-            raise CheckpointRefused(path, f"signatures disagree: key {fp} signs different files than key "
-                                          f"{first_fp} ({diff[0]}, taking {first_fp}'s as the reference)")
+            raise CheckpointRefused(
+                path,
+                f"signatures disagree: key {fp} signs different files than key "
+                f"{first_fp} ({diff[0]}, taking {first_fp}'s as the reference)",
+            )
     return first
 
 
 def check_file_set(path, signed: Mapping[str, str], content: Sequence[str], stray: Sequence[str] = ()) -> None:
     """The signed files are exactly a v1 checkpoint's, and exactly the files present."""
     if stray:
-        raise CheckpointRefused(path, f"unexpected file(s) in signatures/: {', '.join(stray)} "
-                                      "(only <fingerprint>.sig files belong there)")
+        raise CheckpointRefused(
+            path, f"unexpected file(s) in signatures/: {', '.join(stray)} (only <fingerprint>.sig files belong there)"
+        )
     for name in REQUIRED_FILES:
         if name not in signed:
             raise CheckpointRefused(path, f"the signature does not cover {name}, which every checkpoint has")
     unknown = sorted(set(signed) - set(CHECKPOINT_FILES))
     if unknown:
-        raise CheckpointRefused(path, f"signed file(s) {', '.join(unknown)} are not part of a checkpoint "
-                                      f"(format {CHECKPOINT_FORMAT_VERSION} holds {', '.join(CHECKPOINT_FILES)})")
+        raise CheckpointRefused(
+            path,
+            f"signed file(s) {', '.join(unknown)} are not part of a checkpoint "
+            f"(format {CHECKPOINT_FORMAT_VERSION} holds {', '.join(CHECKPOINT_FILES)})",
+        )
     present = set(content)
     extra = sorted(present - set(signed))
     if extra:
@@ -259,9 +272,12 @@ def check_file_set(path, signed: Mapping[str, str], content: Sequence[str], stra
 def check_digest(path, name: str, signed: Mapping[str, str], actual_sha256: str, size: Optional[int] = None) -> None:
     if signed[name] != actual_sha256:
         size_txt = f", {size} bytes" if size is not None else ""
-        raise CheckpointRefused(path, f"{name}: content does not match the signed digest (signed sha256 "
-                                      f"{signed[name]}, file has {actual_sha256}{size_txt}): the file was "
-                                      "modified, truncated or replaced")
+        raise CheckpointRefused(
+            path,
+            f"{name}: content does not match the signed digest (signed sha256 "
+            f"{signed[name]}, file has {actual_sha256}{size_txt}): the file was "
+            "modified, truncated or replaced",
+        )
 
 
 def check_meta(
@@ -274,18 +290,25 @@ def check_meta(
 ) -> None:
     if spec is not None:
         if meta.spec_digest != spec.digest():
-            raise CheckpointRefused(path, f"{META_FILE}: spec_digest is {meta.spec_digest} but the spec's digest is "
-                                          f"{spec.digest()} (a checkpoint of another spec)")
+            raise CheckpointRefused(
+                path,
+                f"{META_FILE}: spec_digest is {meta.spec_digest} but the spec's digest is "
+                f"{spec.digest()} (a checkpoint of another spec)",
+            )
         if meta.run_id != spec.run_id:
             raise CheckpointRefused(path, f"{META_FILE}: run_id is {meta.run_id!r}, expected {spec.run_id!r}")
         if meta.stage >= spec.num_stages:
-            raise CheckpointRefused(path, f"{META_FILE}: stage is {meta.stage} but the spec has {spec.num_stages} "
-                                          f"stage(s) (0..{spec.num_stages - 1})")
+            raise CheckpointRefused(
+                path,
+                f"{META_FILE}: stage is {meta.stage} but the spec has {spec.num_stages} "
+                f"stage(s) (0..{spec.num_stages - 1})",
+            )
     if expected_stage is not None and meta.stage != expected_stage:
         raise CheckpointRefused(path, f"{META_FILE}: stage is {meta.stage}, expected {expected_stage}")
     if held_step is not None and meta.step < held_step:
-        raise CheckpointRefused(path, f"{META_FILE}: step is {meta.step}, older than the step already held "
-                                      f"({held_step}): rollback refused")
+        raise CheckpointRefused(
+            path, f"{META_FILE}: step is {meta.step}, older than the step already held ({held_step}): rollback refused"
+        )
 
 
 def check_tensors(
@@ -309,8 +332,9 @@ def check_tensors(
             raise CheckpointRefused(path, f"{name}: " + "; ".join(parts))
         for key, shape in expected_shapes.items():
             if tuple(tensors[key].shape) != tuple(shape):
-                raise CheckpointRefused(path, f"{name}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                                              f"expected {tuple(shape)}")
+                raise CheckpointRefused(
+                    path, f"{name}: tensor {key} has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}"
+                )
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         shown = ", ".join(sorted(bad)[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -343,8 +367,10 @@ class VerifiedCheckpoint:
     @property
     def model_state(self) -> dict:
         if self._model_state is None:
-            raise RuntimeError(f"{self.path} was verified without loading its tensors; "
-                               "verify it again with load_tensors=True to get them")
+            raise RuntimeError(
+                f"{self.path} was verified without loading its tensors; "
+                "verify it again with load_tensors=True to get them"
+            )
         return self._model_state
 
     @property
@@ -354,8 +380,14 @@ class VerifiedCheckpoint:
 
     def announcement(self) -> CheckpointAnnouncement:
         """How this checkpoint is announced in the DHT."""
-        return CheckpointAnnouncement(stage=self.meta.stage, step=self.meta.step, manifest_digest=self.manifest_digest,
-                                      signers=tuple(self.signers), files=len(self.files), total_bytes=self.total_bytes)
+        return CheckpointAnnouncement(
+            stage=self.meta.stage,
+            step=self.meta.step,
+            manifest_digest=self.manifest_digest,
+            signers=tuple(self.signers),
+            files=len(self.files),
+            total_bytes=self.total_bytes,
+        )
 
     def to_record(self) -> dict:
         """The DHT value announcing this checkpoint under its stage's subkey
@@ -419,8 +451,11 @@ def verify_checkpoint(
     keys = tuple(trusted_keys) if trusted_keys is not None else spec.trust.trusted_keys
     trusted = trusted_key_map(keys, path=directory)
     if not trusted:
-        raise CheckpointRefused(directory, "no trusted keys: the spec's trust.trusted_keys is empty and none were "
-                                           "given, so no signature can be trusted")
+        raise CheckpointRefused(
+            directory,
+            "no trusted keys: the spec's trust.trusted_keys is empty and none were "
+            "given, so no signature can be trusted",
+        )
     needed = min_signatures if min_signatures is not None else (spec.trust.min_signatures if spec else 1)
     if needed < 1:
         raise ValueError(f"min_signatures must be at least 1, got {needed}")
@@ -430,8 +465,10 @@ def verify_checkpoint(
     except signing.SigningError as err:
         raise CheckpointRefused(directory, str(err)) from None
     if not listing.signatures:
-        raise CheckpointRefused(directory, "no signature: signatures/<fingerprint>.sig is missing (an unsigned or "
-                                           "incompletely written checkpoint)")
+        raise CheckpointRefused(
+            directory,
+            "no signature: signatures/<fingerprint>.sig is missing (an unsigned or incompletely written checkpoint)",
+        )
 
     manifest, signers, untrusted = signed_manifest(directory, listing.signatures, trusted, min_signatures=needed)
     signed = dict(manifest.files)

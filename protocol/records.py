@@ -40,6 +40,7 @@ def protocol_compatible(theirs: str, ours: str = PROTOCOL_VERSION) -> bool:
     """Whether a peer announcing protocol ``theirs`` can talk to one speaking ``ours``: the
     same major version (the same minor while the major is 0); a minor (0.x: patch) bump only
     adds fields that older peers ignore."""
+
     def parts(v: str) -> tuple[int, ...]:
         try:
             return tuple(int(x) for x in v.split(".")[:3])
@@ -189,7 +190,11 @@ class PeerInfo:
 
     def to_record(self) -> dict:
         return PeerRecordModel(
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("peer_id", "expiration")}
+            **{
+                f.name: getattr(self, f.name)
+                for f in dataclasses.fields(self)
+                if f.name not in ("peer_id", "expiration")
+            }
         ).dict()
 
 

@@ -58,15 +58,15 @@ def generate_private_key() -> ec.EllipticCurvePrivateKey:
 
 def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     # Unencrypted like an ssh key: the file mode (0600) protects it, and signing must be unattended.
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def public_key_pem(key: Union[ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey]) -> str:
     if isinstance(key, ec.EllipticCurvePrivateKey):
         key = key.public_key()
-    return key.public_bytes(serialization.Encoding.PEM,
-                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
 def load_public_key(key: PublicKeyLike, *, what: str = "public key") -> ec.EllipticCurvePublicKey:
@@ -241,15 +241,25 @@ def signature_path(directory: Union[str, Path], key_fingerprint: str) -> Path:
     return Path(directory) / SIGNATURES_DIR / f"{key_fingerprint}{SIGNATURE_SUFFIX}"
 
 
-def stock_verify_command(directory: Union[str, Path], key_fingerprint: str, public_key_file: Union[str, Path]) -> list[str]:
+def stock_verify_command(
+    directory: Union[str, Path], key_fingerprint: str, public_key_file: Union[str, Path]
+) -> list[str]:
     """The stock ``model_signing`` command line that checks one signature of a directory."""
-    return ["model_signing", "verify", "key", str(directory),
-            "--signature", str(signature_path(directory, key_fingerprint)),
-            "--public_key", str(public_key_file)]
+    return [
+        "model_signing",
+        "verify",
+        "key",
+        str(directory),
+        "--signature",
+        str(signature_path(directory, key_fingerprint)),
+        "--public_key",
+        str(public_key_file),
+    ]
 
 
-def sign_dir(directory: Union[str, Path], private_key_path: Union[str, Path], *,
-             password: Optional[bytes] = None) -> Path:
+def sign_dir(
+    directory: Union[str, Path], private_key_path: Union[str, Path], *, password: Optional[bytes] = None
+) -> Path:
     """Sign every file of ``directory`` except ``signatures/``; write ``signatures/<fp>.sig``.
 
     Re-signing with the same key replaces that key's signature; other signatures are kept.
@@ -268,13 +278,14 @@ def sign_dir(directory: Union[str, Path], private_key_path: Union[str, Path], *,
     # Inside signatures/, so excluded from the manifest even while being written.
     tmp = sig_dir / f"{TEMP_PREFIX}{fp}-{secrets.token_hex(4)}{SIGNATURE_SUFFIX}"
     # Only signatures/ is ignored (not .git & co.): every other file is part of the checkpoint.
-    hashing_config = model_signing.hashing.Config().set_ignored_paths(
-        paths=[SIGNATURES_DIR], ignore_git_paths=False)
+    hashing_config = model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURES_DIR], ignore_git_paths=False)
     try:
-        (model_signing.signing.Config()
-         .use_elliptic_key_signer(private_key=Path(private_key_path), password=password)
-         .set_hashing_config(hashing_config)
-         .sign(directory, tmp))
+        (
+            model_signing.signing.Config()
+            .use_elliptic_key_signer(private_key=Path(private_key_path), password=password)
+            .set_hashing_config(hashing_config)
+            .sign(directory, tmp)
+        )
         fsync_file(tmp)
         os.replace(tmp, final)
     except BaseException:
@@ -311,24 +322,33 @@ def read_signed_manifest(signature_file: Union[str, Path], public_key: PublicKey
     try:
         bundle = sign_sigstore_pb.Signature.read(signature_file)
     except Exception as err:  # JSON, protobuf and key errors alike mean "not a bundle"
-        raise SigningError(f"{signature_file}: not a model-signing signature bundle ({type(err).__name__}: {err})") from None
+        raise SigningError(
+            f"{signature_file}: not a model-signing signature bundle ({type(err).__name__}: {err})"
+        ) from None
     try:
         manifest = verifier.verify(bundle)
     except Exception as err:  # InvalidSignature carries no message
         detail = str(err) or "the ECDSA signature does not match the signed statement"
-        raise SigningError(f"{signature_file}: signature does not verify with key {fingerprint(pem)}: {detail}") from None
+        raise SigningError(
+            f"{signature_file}: signature does not verify with key {fingerprint(pem)}: {detail}"
+        ) from None
     params = manifest.serialization_type
     if params.get("method") != "files":
-        raise SigningError(f"{signature_file}: signed with serialization method {params.get('method')!r}; "
-                           "swarmtrain checkpoints are signed per file ('files')")
+        raise SigningError(
+            f"{signature_file}: signed with serialization method {params.get('method')!r}; "
+            "swarmtrain checkpoints are signed per file ('files')"
+        )
     files: dict[str, str] = {}
     for rd in manifest.resource_descriptors():
         if rd.digest.algorithm != "sha256":
-            raise SigningError(f"{signature_file}: {rd.identifier} is signed with {rd.digest.algorithm}; "
-                               "swarmtrain checkpoints use sha256")
+            raise SigningError(
+                f"{signature_file}: {rd.identifier} is signed with {rd.digest.algorithm}; "
+                "swarmtrain checkpoints use sha256"
+            )
         files[rd.identifier] = rd.digest.digest_hex
-    return SignedManifest(files=files, ignore_paths=tuple(params.get("ignore_paths", ())),
-                          model_name=manifest.model_name)
+    return SignedManifest(
+        files=files, ignore_paths=tuple(params.get("ignore_paths", ())), model_name=manifest.model_name
+    )
 
 
 def compare_files(signed: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
@@ -340,6 +360,7 @@ def compare_files(signed: Mapping[str, str], actual: Mapping[str, str]) -> list[
         problems.append(f"{name}: signed file is missing")
     for name in sorted(signed.keys() & actual.keys()):
         if signed[name] != actual[name]:
-            problems.append(f"{name}: content does not match the signature "
-                            f"(signed sha256 {signed[name]}, file has {actual[name]})")
+            problems.append(
+                f"{name}: content does not match the signature (signed sha256 {signed[name]}, file has {actual[name]})"
+            )
     return problems

@@ -42,7 +42,22 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     """Llama-family architecture, in Hugging Face ``LlamaConfig`` field names."""
-    _DIGEST_V1 = frozenset({"hidden_size", "initializer_range", "intermediate_size", "max_position_embeddings", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps", "rope_theta", "tie_word_embeddings", "vocab_size"})
+
+    _DIGEST_V1 = frozenset(
+        {
+            "hidden_size",
+            "initializer_range",
+            "intermediate_size",
+            "max_position_embeddings",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "rope_theta",
+            "tie_word_embeddings",
+            "vocab_size",
+        }
+    )
 
     vocab_size: int = Field(gt=0)
     hidden_size: int = Field(gt=0)
@@ -94,6 +109,7 @@ class ModelSpec(_Strict):
 
 class StageSpec(_Strict):
     """A half-open range of transformer blocks ``[start, end)``."""
+
     _DIGEST_V1 = frozenset({"end", "start"})
 
     start: int = Field(ge=0)
@@ -107,7 +123,26 @@ class StageSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    _DIGEST_V1 = frozenset({"average_state_every", "averaging_timeout", "betas", "delay_optimizer_step", "eps", "grad_clip", "lr", "lr_schedule", "matchmaking_time", "micro_batch_size", "optimizer", "seq_len", "target_batch_size", "total_steps", "warmup_steps", "weight_decay"})
+    _DIGEST_V1 = frozenset(
+        {
+            "average_state_every",
+            "averaging_timeout",
+            "betas",
+            "delay_optimizer_step",
+            "eps",
+            "grad_clip",
+            "lr",
+            "lr_schedule",
+            "matchmaking_time",
+            "micro_batch_size",
+            "optimizer",
+            "seq_len",
+            "target_batch_size",
+            "total_steps",
+            "warmup_steps",
+            "weight_decay",
+        }
+    )
     optimizer: Literal["adamw", "adamw8bit", "sgd"] = "adamw"
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -178,7 +213,9 @@ class TokenizerSpec(_Strict):
 
 
 class RunSpec(_Strict):
-    _DIGEST_V1 = frozenset({"compression", "format_version", "model", "run_id", "seed", "stages", "tokenizer", "training", "trust"})
+    _DIGEST_V1 = frozenset(
+        {"compression", "format_version", "model", "run_id", "seed", "stages", "tokenizer", "training", "trust"}
+    )
     format_version: int = SPEC_FORMAT_VERSION
     run_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
     seed: int = Field(default=0, ge=0)
@@ -201,7 +238,9 @@ class RunSpec(_Strict):
                     f"(which ends at {expected})"
                 )
             if stage.start > expected:
-                raise ValueError(f"stages[{k}] starts at layer {stage.start}: layers {expected}..{stage.start - 1} are in no stage")
+                raise ValueError(
+                    f"stages[{k}] starts at layer {stage.start}: layers {expected}..{stage.start - 1} are in no stage"
+                )
             expected = stage.end
         if expected != self.model.num_hidden_layers:
             raise ValueError(
@@ -257,7 +296,7 @@ def _format_validation_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         lines.append(f"{loc}: {msg}")
     return "invalid run spec: " + "; ".join(lines)
 
@@ -312,25 +351,55 @@ def even_partition(num_layers: int, num_stages: int) -> tuple[StageSpec, ...]:
 PRESETS: dict[str, dict] = {
     # ~0.8M parameters: unit and multi-peer tests.
     "tiny": dict(
-        model=dict(vocab_size=BYTE_VOCAB_SIZE, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
-        training=dict(micro_batch_size=8, seq_len=64, target_batch_size=32, lr=3e-3,
-                      matchmaking_time=2.0, averaging_timeout=15.0),
+        model=dict(
+            vocab_size=BYTE_VOCAB_SIZE,
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        ),
+        training=dict(
+            micro_batch_size=8, seq_len=64, target_batch_size=32, lr=3e-3, matchmaking_time=2.0, averaging_timeout=15.0
+        ),
         stages=2,
     ),
     # ~25M parameters: a laptop-sized run.
     "small": dict(
-        model=dict(vocab_size=BYTE_VOCAB_SIZE, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024),
+        model=dict(
+            vocab_size=BYTE_VOCAB_SIZE,
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=1024,
+        ),
         training=dict(micro_batch_size=8, seq_len=256, target_batch_size=256, lr=1e-3),
         stages=2,
     ),
     # ~1B parameters (TinyLlama-like shape): a real volunteer run.
     "base": dict(
-        model=dict(vocab_size=BYTE_VOCAB_SIZE, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                   num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
-        training=dict(micro_batch_size=4, seq_len=1024, target_batch_size=4096, lr=3e-4,
-                      lr_schedule="cosine", warmup_steps=200, matchmaking_time=15.0, averaging_timeout=120.0),
+        model=dict(
+            vocab_size=BYTE_VOCAB_SIZE,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+        ),
+        training=dict(
+            micro_batch_size=4,
+            seq_len=1024,
+            target_batch_size=4096,
+            lr=3e-4,
+            lr_schedule="cosine",
+            warmup_steps=200,
+            matchmaking_time=15.0,
+            averaging_timeout=120.0,
+        ),
         stages=4,
     ),
 }
@@ -371,8 +440,11 @@ def _canonical(model: BaseModel, dumped: dict) -> dict:
     out = {}
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
-        if name not in type(model)._DIGEST_V1 and not info.is_required() and value == info.get_default(
-                call_default_factory=True):
+        if (
+            name not in type(model)._DIGEST_V1
+            and not info.is_required()
+            and value == info.get_default(call_default_factory=True)
+        ):
             continue
         item = dumped[name]
         if isinstance(value, BaseModel):

@@ -39,8 +39,7 @@ print(json.dumps(out))
 
 def run(procs: int, repeats: int) -> dict[int, list[float]]:
     code = WORKER.format(root=str(ROOT), repeats=repeats)
-    children = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-                for _ in range(procs)]
+    children = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     figures: dict[int, list[float]] = {}
     try:
         for child in children:
@@ -66,9 +65,19 @@ def main() -> int:
     contended = run(args.procs, args.repeats)
     rnd = lambda xs: [round(x, 1) for x in xs]  # noqa: E731
     print(json.dumps({"metric": "alone", "figures": {k: rnd(v) for k, v in alone.items()}}))
-    print(json.dumps({"metric": "contended", "procs": args.procs, "figures": {k: rnd(v) for k, v in contended.items()}}))
-    print(json.dumps({"metric": "ratio", "contended_over_alone": {
-        k: round(statistics.median(contended[k]) / statistics.median(alone[k]), 3) for k in alone}}))
+    print(
+        json.dumps({"metric": "contended", "procs": args.procs, "figures": {k: rnd(v) for k, v in contended.items()}})
+    )
+    print(
+        json.dumps(
+            {
+                "metric": "ratio",
+                "contended_over_alone": {
+                    k: round(statistics.median(contended[k]) / statistics.median(alone[k]), 3) for k in alone
+                },
+            }
+        )
+    )
     return 0
 
 

@@ -97,8 +97,16 @@ def rate(series, t0: float, t1: float) -> float:
     return (swarm_tokens(series, t1) - swarm_tokens(series, t0)) / max(t1 - t0, 1e-9)
 
 
-def recovery_seconds(series, kill_at: float, end: float, *, before: float = 30.0, window: float = 15.0,
-                     step: float = 0.5, level: float = 0.9) -> tuple[Optional[float], float]:
+def recovery_seconds(
+    series,
+    kill_at: float,
+    end: float,
+    *,
+    before: float = 30.0,
+    window: float = 15.0,
+    step: float = 0.5,
+    level: float = 0.9,
+) -> tuple[Optional[float], float]:
     """(seconds after the kill until the swarm's rate over the next ``window`` seconds is back
     to ``level`` x its rate over the ``before`` seconds before the kill, baseline rate); None
     if it never was before ``end``. The windows are long because the rate of a healthy swarm
@@ -160,16 +168,29 @@ class Run:
         self._n += 1
         name = f"p{self._n:02d}" + ("-auto" if stage is None else f"-s{stage}")
         final = self.cluster.workdir / f"{name}.safetensors"
-        extra = ["--data-suffix", ".py", "--final-state", str(final), "--status-every", "1",
-                 "--request-timeout", str(self.args.request_timeout)]
+        extra = [
+            "--data-suffix",
+            ".py",
+            "--final-state",
+            str(final),
+            "--status-every",
+            "1",
+            "--request-timeout",
+            str(self.args.request_timeout),
+        ]
         # Every peer may move (a pinned one only with an explicit period): a replacement can
         # land on the wrong stage while the dead peer's record has not expired yet, and the
         # policy may name any peer to fix that, not only the newcomer.
-        extra += ["--rebalance-period", str(self.args.rebalance_period),
-                  "--rebalance-cooldown", str(self.args.rebalance_cooldown)]
+        extra += [
+            "--rebalance-period",
+            str(self.args.rebalance_period),
+            "--rebalance-cooldown",
+            str(self.args.rebalance_cooldown),
+        ]
         spawned = time.time()
-        proc = self.cluster.peer(name, [self.addr], spec_path=self.spec_path, stage=stage, data=str(self.args.data),
-                                 extra=extra)
+        proc = self.cluster.peer(
+            name, [self.addr], spec_path=self.spec_path, stage=stage, data=str(self.args.data), extra=extra
+        )
         member = Member(proc, stage, final, spawned)
         self.members.append(member)
         return member
@@ -190,8 +211,10 @@ class Run:
             m.proc.wait_event("status", READY_TIMEOUT, lambda e: e["microbatches"] > 0)
         start = time.time()
         end = start + args.seconds
-        say(f"[{self.name}] all {len(self.members)} peers train; measuring for {args.seconds:.0f}s"
-            + (f", killing {len(kills)} at +{', +'.join(f'{k:.0f}' for k in kills)}s" if kills else ""))
+        say(
+            f"[{self.name}] all {len(self.members)} peers train; measuring for {args.seconds:.0f}s"
+            + (f", killing {len(kills)} at +{', +'.join(f'{k:.0f}' for k in kills)}s" if kills else "")
+        )
         kill_log = []
         for offset in kills:
             while time.time() < start + offset:
@@ -202,8 +225,10 @@ class Run:
             self.cluster.kill(victim.proc)
             replacement = self.start_peer(None)
             kill_log.append((victim, replacement))
-            say(f"[{self.name}] +{victim.killed_at - start:.0f}s killed {victim.proc.name}, started "
-                f"{replacement.proc.name}")
+            say(
+                f"[{self.name}] +{victim.killed_at - start:.0f}s killed {victim.proc.name}, started "
+                f"{replacement.proc.name}"
+            )
         while time.time() < end:
             time.sleep(0.5)
         live = self.live()
@@ -230,8 +255,11 @@ class Run:
     def _measure(self, start: float, end: float, kill_log) -> dict:
         series = token_series([m.proc for m in self.members])
         tokens = swarm_tokens(series, end) - swarm_tokens(series, start)
-        losses = [m.proc.last_event("status")["loss"] for m in self.members
-                  if m.killed_at is None and m.proc.last_event("status") and m.proc.last_event("status")["loss"]]
+        losses = [
+            m.proc.last_event("status")["loss"]
+            for m in self.members
+            if m.killed_at is None and m.proc.last_event("status") and m.proc.last_event("status")["loss"]
+        ]
         finals = {}
         for m in self.members:
             if m.killed_at is None and m.final.is_file():
@@ -242,21 +270,40 @@ class Run:
                     finals[stage] = (epoch, m.final)
         stage_files = [finals[k][1] if k in finals else Path("/nonexistent") for k in range(self.spec.num_stages)]
         held_out = eval_loss(self.spec, stage_files, self.args.eval_batches)
-        result = emit("run", run=self.name, seconds=end - start, tokens=tokens, tokens_per_s=tokens / (end - start),
-                      train_loss=sum(losses) / len(losses) if losses else None, final_loss=held_out,
-                      final_epochs={k: v[0] for k, v in finals.items()}, peers=len(self.members),
-                      kills=len(kill_log))
+        result = emit(
+            "run",
+            run=self.name,
+            seconds=end - start,
+            tokens=tokens,
+            tokens_per_s=tokens / (end - start),
+            train_loss=sum(losses) / len(losses) if losses else None,
+            final_loss=held_out,
+            final_epochs={k: v[0] for k, v in finals.items()},
+            peers=len(self.members),
+            kills=len(kill_log),
+        )
         for victim, replacement in kill_log:
             p = replacement.proc
             contributing, ready = p.last_event("contributing"), p.last_event("ready")
-            emit("join", run=self.name, peer=p.name, stage=(ready or {}).get("stage"),
-                 seconds_to_ready=ready["time"] - replacement.spawned if ready else None,
-                 seconds_to_first_step=contributing["time"] - replacement.spawned if contributing else None,
-                 peer_reported_seconds=contributing["seconds"] if contributing else None,
-                 phases=join_phases(p, replacement.spawned))
+            emit(
+                "join",
+                run=self.name,
+                peer=p.name,
+                stage=(ready or {}).get("stage"),
+                seconds_to_ready=ready["time"] - replacement.spawned if ready else None,
+                seconds_to_first_step=contributing["time"] - replacement.spawned if contributing else None,
+                peer_reported_seconds=contributing["seconds"] if contributing else None,
+                phases=join_phases(p, replacement.spawned),
+            )
             recovered, baseline = recovery_seconds(series, victim.killed_at, end)
-            emit("recovery", run=self.name, killed=victim.proc.name, at_s=victim.killed_at - start,
-                 seconds_to_90pct=recovered, baseline_tokens_per_s=baseline)
+            emit(
+                "recovery",
+                run=self.name,
+                killed=victim.proc.name,
+                at_s=victim.killed_at - start,
+                seconds_to_90pct=recovered,
+                baseline_tokens_per_s=baseline,
+            )
         return result
 
 
@@ -304,8 +351,12 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     spec.save(spec_path)
     tokenizer = load_tokenizer(spec.tokenizer)
-    args.eval_batches = [fixed_batch(args.data, tokenizer, seq_len=spec.training.seq_len, batch_size=32,
-                                     seed=424242 + i, suffixes=[".py"]) for i in range(4)]
+    args.eval_batches = [
+        fixed_batch(
+            args.data, tokenizer, seq_len=spec.training.seq_len, batch_size=32, seed=424242 + i, suffixes=[".py"]
+        )
+        for i in range(4)
+    ]
 
     n = args.stages * args.peers_per_stage
     n_kills = max(1, round(n * args.kill_fraction))
@@ -316,11 +367,22 @@ def main() -> int:
     kills = []
     for t in slots:
         kills.append(max(t, kills[-1] + 20.0) if kills else t)
-    emit("config", seconds=args.seconds, stages=args.stages, peers_per_stage=args.peers_per_stage, kills=n_kills,
-         kill_at_s=kills, seed=args.seed, rebalance_period=args.rebalance_period,
-         rebalance_cooldown=args.rebalance_cooldown, workdir=str(workdir),
-         cpus=os.cpu_count(), loadavg_1m=os.getloadavg()[0], python=platform.python_version(),
-         torch=torch.__version__)
+    emit(
+        "config",
+        seconds=args.seconds,
+        stages=args.stages,
+        peers_per_stage=args.peers_per_stage,
+        kills=n_kills,
+        kill_at_s=kills,
+        seed=args.seed,
+        rebalance_period=args.rebalance_period,
+        rebalance_cooldown=args.rebalance_cooldown,
+        workdir=str(workdir),
+        cpus=os.cpu_count(),
+        loadavg_1m=os.getloadavg()[0],
+        python=platform.python_version(),
+        torch=torch.__version__,
+    )
     results = {}
     for name, schedule in (("no_churn", []), ("churn", kills)):
         run = Run(name, spec_path, spec, workdir / name, args)
@@ -329,10 +391,15 @@ def main() -> int:
         finally:
             run.cluster.close()
     steady, churn = results["no_churn"], results["churn"]
-    emit("churn_vs_steady", tokens_per_s_ratio=churn["tokens_per_s"] / max(steady["tokens_per_s"], 1e-9),
-         final_loss_ratio=(churn["final_loss"] / steady["final_loss"]
-                           if churn["final_loss"] and steady["final_loss"] else None),
-         goal_final_loss_ratio_max=1.05, loadavg_1m=os.getloadavg()[0])
+    emit(
+        "churn_vs_steady",
+        tokens_per_s_ratio=churn["tokens_per_s"] / max(steady["tokens_per_s"], 1e-9),
+        final_loss_ratio=(
+            churn["final_loss"] / steady["final_loss"] if churn["final_loss"] and steady["final_loss"] else None
+        ),
+        goal_final_loss_ratio_max=1.05,
+        loadavg_1m=os.getloadavg()[0],
+    )
     return 0
 
 

@@ -56,8 +56,13 @@ def machine() -> dict:
     import os
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpus": os.cpu_count(), "loadavg_1m": load[0] if load else None, "python": platform.python_version(),
-            "torch": torch.__version__, "host": platform.node()}
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_1m": load[0] if load else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+    }
 
 
 def sigterm_as_interrupt() -> None:
@@ -87,20 +92,36 @@ def steady_rate(points: Sequence[tuple[float, int]], warmup_s: float) -> Optiona
     (t0, n0), (t1, n1) = points[start], points[-1]
     if t1 <= t0:
         return None
-    return {"tokens_per_s": (n1 - n0) / (t1 - t0), "window_s": t1 - t0, "window_tokens": n1 - n0,
-            "tokens": n1, "warmup_s": t0 - t_first}
+    return {
+        "tokens_per_s": (n1 - n0) / (t1 - t0),
+        "window_s": t1 - t0,
+        "window_tokens": n1 - n0,
+        "tokens": n1,
+        "warmup_s": t0 - t_first,
+    }
 
 
 def status_points(events: Iterable[dict], names: Sequence[str] = ("status",)) -> list[tuple[float, int]]:
     return [(e["time"], e.get("tokens")) for e in events if e.get("event") in names and "time" in e]
 
 
-def eval_batches(spec: RunSpec, data: str, *, suffixes: Optional[Sequence[str]], batches: int = 4,
-                 batch_size: int = 32, seed: int = 424242) -> list[torch.Tensor]:
+def eval_batches(
+    spec: RunSpec,
+    data: str,
+    *,
+    suffixes: Optional[Sequence[str]],
+    batches: int = 4,
+    batch_size: int = 32,
+    seed: int = 424242,
+) -> list[torch.Tensor]:
     """Fixed evaluation batches: the same tokens for every run of a benchmark."""
     tokenizer = load_tokenizer(spec.tokenizer)
-    return [fixed_batch(data, tokenizer, seq_len=spec.training.seq_len, batch_size=batch_size, seed=seed + i,
-                        suffixes=suffixes) for i in range(batches)]
+    return [
+        fixed_batch(
+            data, tokenizer, seq_len=spec.training.seq_len, batch_size=batch_size, seed=seed + i, suffixes=suffixes
+        )
+        for i in range(batches)
+    ]
 
 
 @torch.no_grad()

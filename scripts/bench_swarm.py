@@ -78,12 +78,23 @@ def make_spec(args, run_id: str, *, activations: str = "fp16", gradients: str = 
         training["seq_len"] = args.seq_len
     if args.target_batch_size:
         training["target_batch_size"] = args.target_batch_size
-    return preset_spec(args.preset, stages=2, run_id=run_id, training=training,
-                       compression=dict(activations=activations, gradients=gradients))
+    return preset_spec(
+        args.preset,
+        stages=2,
+        run_id=run_id,
+        training=training,
+        compression=dict(activations=activations, gradients=gradients),
+    )
 
 
-def peer_args(args, *, seconds: Optional[float] = None, steps: Optional[int] = None,
-              identity: Optional[Path] = None, final_state: Optional[Path] = None) -> list[str]:
+def peer_args(
+    args,
+    *,
+    seconds: Optional[float] = None,
+    steps: Optional[int] = None,
+    identity: Optional[Path] = None,
+    final_state: Optional[Path] = None,
+) -> list[str]:
     extra = ["--status-every", "1"]
     if args.data_suffix:
         extra += ["--data-suffix", args.data_suffix]
@@ -127,8 +138,14 @@ def run_swarm_throughput(args, work: Path, spec_path: Path, driver_id: Path, sec
         # Stage 1 first, so that the driver finds its partner at once.
         s1 = cluster.peer("s1", [maddr], spec_path=spec_path, stage=1, extra=peer_args(args, seconds=seconds + 120))
         s1.wait_event("ready", READY_TIMEOUT)
-        s0 = cluster.peer("s0-driver", [maddr], spec_path=spec_path, stage=0, data=args.data,
-                          extra=peer_args(args, seconds=seconds, identity=driver_id))
+        s0 = cluster.peer(
+            "s0-driver",
+            [maddr],
+            spec_path=spec_path,
+            stage=0,
+            data=args.data,
+            extra=peer_args(args, seconds=seconds, identity=driver_id),
+        )
         s0.wait_event("ready", READY_TIMEOUT)
         s0.wait_event("stopped", seconds + 120)
         graceful_stop([s1], timeout=30)
@@ -136,18 +153,41 @@ def run_swarm_throughput(args, work: Path, spec_path: Path, driver_id: Path, sec
         last = s0.last_event("status") or {}
     if rate is None:
         raise RuntimeError(f"the swarm trained no tokens; see the logs in {work}")
-    return {**rate, "loss": last.get("loss"), "retries": last.get("retries"),
-            "activation_bytes_sent_by_driver": (last.get("bytes_sent") or {}).get("activations")}
+    return {
+        **rate,
+        "loss": last.get("loss"),
+        "retries": last.get("retries"),
+        "activation_bytes_sent_by_driver": (last.get("bytes_sent") or {}).get("activations"),
+    }
 
 
 def run_local_throughput(args, work: Path, spec_path: Path, peer_key: str, seconds: float) -> dict:
     with Cluster(work) as cluster:
         cmd = [sys.executable, "-m", "peer.dev.local_train"]
-        proc = cluster.start("local", ["--spec", str(spec_path), "--data", args.data, "--threads", str(args.local_threads),
-                                       "--steps", str(10**9), "--max-seconds", f"{seconds:.0f}", "--status-every", "1",
-                                       "--warmup", "0", "--peer-key", peer_key, "--log-json",
-                                       *(["--data-suffix", args.data_suffix] if args.data_suffix else [])],
-                             command=cmd)
+        proc = cluster.start(
+            "local",
+            [
+                "--spec",
+                str(spec_path),
+                "--data",
+                args.data,
+                "--threads",
+                str(args.local_threads),
+                "--steps",
+                str(10**9),
+                "--max-seconds",
+                f"{seconds:.0f}",
+                "--status-every",
+                "1",
+                "--warmup",
+                "0",
+                "--peer-key",
+                peer_key,
+                "--log-json",
+                *(["--data-suffix", args.data_suffix] if args.data_suffix else []),
+            ],
+            command=cmd,
+        )
         done = proc.wait_event("done", seconds + 180)
         rate = steady_rate(status_points(proc.events, ("status", "done")), args.warmup_s)
     if rate is None:
@@ -159,8 +199,13 @@ def bench_efficiency(args, work: Path, driver_id: Path, driver_key: str) -> None
     spec = make_spec(args, "bench-eff")
     spec_path = work / "eff-spec.toml"
     spec.save(spec_path)
-    common = dict(preset=args.preset, micro_batch_size=spec.training.micro_batch_size, seq_len=spec.training.seq_len,
-                  activations=spec.compression.activations, seconds=args.seconds)
+    common = dict(
+        preset=args.preset,
+        micro_batch_size=spec.training.micro_batch_size,
+        seq_len=spec.training.seq_len,
+        activations=spec.compression.activations,
+        seconds=args.seconds,
+    )
     swarm_rates, local_rates = [], []
     for rep in range(args.repeats):
         say(f"[efficiency {rep + 1}/{args.repeats}] single process, {args.local_threads} threads, {args.seconds:.0f}s")
@@ -168,15 +213,26 @@ def bench_efficiency(args, work: Path, driver_id: Path, driver_key: str) -> None
         emit(BENCH, "tokens_per_s", setup="single_process", threads=args.local_threads, repeat=rep, **common, **local)
         local_rates.append(local["tokens_per_s"])
         say(f"  {local['tokens_per_s']:,.0f} tok/s")
-        say(f"[efficiency {rep + 1}/{args.repeats}] swarm: bootstrap + 2 stages x 1 peer (1 thread each), {args.seconds:.0f}s")
+        say(
+            f"[efficiency {rep + 1}/{args.repeats}] swarm: bootstrap + 2 stages x 1 peer (1 thread each), {args.seconds:.0f}s"
+        )
         swarm = run_swarm_throughput(args, work / f"eff-swarm-{rep}", spec_path, driver_id, args.seconds)
         emit(BENCH, "tokens_per_s", setup="swarm_2x1", threads="1 per peer", repeat=rep, **common, **swarm)
         swarm_rates.append(swarm["tokens_per_s"])
         say(f"  {swarm['tokens_per_s']:,.0f} tok/s")
     value = median(swarm_rates) / median(local_rates)
-    emit(BENCH, "pipeline_efficiency", value=value, goal=">= 0.9", meets_goal=value >= 0.9,
-         swarm_tokens_per_s=median(swarm_rates), single_tokens_per_s=median(local_rates), repeats=args.repeats,
-         **common, machine=machine())
+    emit(
+        BENCH,
+        "pipeline_efficiency",
+        value=value,
+        goal=">= 0.9",
+        meets_goal=value >= 0.9,
+        swarm_tokens_per_s=median(swarm_rates),
+        single_tokens_per_s=median(local_rates),
+        repeats=args.repeats,
+        **common,
+        machine=machine(),
+    )
     say(f"pipeline efficiency: {value:.3f} (goal >= 0.9)")
 
 
@@ -240,14 +296,32 @@ def run_codec(args, work: Path, driver_id: Path, activations: str, gradients: st
         safety = args.codec_timeout + 60
         # The driver starts once every helper serves: from its first micro-batch on, both
         # stage groups have their averaging partner, in every run alike.
-        helpers = [cluster.peer(name, [maddr], spec_path=spec_path, stage=stage,
-                                extra=peer_args(args, seconds=safety, final_state=states / f"{name}.safetensors"))
-                   for name, stage in (("s1-a", 1), ("s1-b", 1), ("s0-b", 0))]
+        helpers = [
+            cluster.peer(
+                name,
+                [maddr],
+                spec_path=spec_path,
+                stage=stage,
+                extra=peer_args(args, seconds=safety, final_state=states / f"{name}.safetensors"),
+            )
+            for name, stage in (("s1-a", 1), ("s1-b", 1), ("s0-b", 0))
+        ]
         for proc in helpers:
             proc.wait_event("ready", READY_TIMEOUT)
-        driver = cluster.peer("s0-driver", [maddr], spec_path=spec_path, stage=0, data=args.data,
-                              extra=peer_args(args, steps=args.steps, seconds=args.codec_timeout, identity=driver_id,
-                                              final_state=states / "s0-driver.safetensors"))
+        driver = cluster.peer(
+            "s0-driver",
+            [maddr],
+            spec_path=spec_path,
+            stage=0,
+            data=args.data,
+            extra=peer_args(
+                args,
+                steps=args.steps,
+                seconds=args.codec_timeout,
+                identity=driver_id,
+                final_state=states / "s0-driver.safetensors",
+            ),
+        )
         ready = driver.wait_event("ready", READY_TIMEOUT)
         driver.wait_event("stopped", args.codec_timeout + 60)
         graceful_stop(helpers)
@@ -273,31 +347,49 @@ def run_codec(args, work: Path, driver_id: Path, activations: str, gradients: st
     loss_eval = eval_loss(spec, [states / "s0-driver.safetensors", states / "s1-a.safetensors"], batches)
     finite = {p.name: weights_finite(states / f"{p.name}.safetensors") for p in peers}
     return dict(
-        activations=activations, gradients=gradients, tokens=tokens, microbatches=last["s0-driver"].get("microbatches"),
+        activations=activations,
+        gradients=gradients,
+        tokens=tokens,
+        microbatches=last["s0-driver"].get("microbatches"),
         microbatches_planned=args.steps,
-        train_seconds=train_s, run_seconds=time.monotonic() - started,
-        activation_bytes=activation_bytes, activation_bytes_per_token=activation_bytes / tokens,
-        activation_bytes_per_token_one_crossing=one_crossing, microbatches_via_other_stage0_peer=remote_s0,
-        grad_averaging_bytes=grad.get("sent_bytes", 0), grad_averaging_bytes_per_token=grad.get("sent_bytes", 0) / tokens,
+        train_seconds=train_s,
+        run_seconds=time.monotonic() - started,
+        activation_bytes=activation_bytes,
+        activation_bytes_per_token=activation_bytes / tokens,
+        activation_bytes_per_token_one_crossing=one_crossing,
+        microbatches_via_other_stage0_peer=remote_s0,
+        grad_averaging_bytes=grad.get("sent_bytes", 0),
+        grad_averaging_bytes_per_token=grad.get("sent_bytes", 0) / tokens,
         grad_averaging_bytes_by_compression=grad.get("bytes_by_compression", {}),
         grad_averaging_float32_equivalent_bytes=grad.get("float32_bytes", 0),
         grad_averaging_processes=grad.get("processes", 0),
         grad_allreduce_participations=grad.get("allreduce_groups", 0),
         # Under load some rounds find no partner in time (each peer then applies its own
         # gradients): bytes per token count only the rounds that happened, so check this.
-        grad_averaging_completeness=grad.get("allreduce_groups", 0) / max(1.0, 2 * spec.num_stages * rounds_per_stage * phases),
+        grad_averaging_completeness=grad.get("allreduce_groups", 0)
+        / max(1.0, 2 * spec.num_stages * rounds_per_stage * phases),
         # Bytes per value on the wire, from the same messages: independent of completeness.
-        grad_averaging_wire_ratio=(grad.get("float32_bytes", 0) / grad["sent_bytes"]) if grad.get("sent_bytes") else None,
+        grad_averaging_wire_ratio=(grad.get("float32_bytes", 0) / grad["sent_bytes"])
+        if grad.get("sent_bytes")
+        else None,
         grad_averaging_bytes_per_token_all_rounds=(
-            expected_uncompressed_grad_bytes(spec, rounds_per_stage) / tokens * grad["sent_bytes"] / grad["float32_bytes"]
-            if grad.get("float32_bytes") else None),
+            expected_uncompressed_grad_bytes(spec, rounds_per_stage)
+            / tokens
+            * grad["sent_bytes"]
+            / grad["float32_bytes"]
+            if grad.get("float32_bytes")
+            else None
+        ),
         state_averaging_bytes_per_token=state.get("sent_bytes", 0) / tokens,
         averaging_bytes_per_token=(grad.get("sent_bytes", 0) + state.get("sent_bytes", 0)) / tokens,
         expected_grad_rounds_per_stage=rounds_per_stage,
         expected_uncompressed_grad_bytes_per_token=expected_uncompressed_grad_bytes(spec, rounds_per_stage) / tokens,
         averaging_measurement="measured" if grad else "missing",
-        epochs=epochs, final_train_loss=last["s0-driver"].get("loss"), final_eval_loss=loss_eval,
-        retries=last["s0-driver"].get("retries"), final_weights_finite=finite,
+        epochs=epochs,
+        final_train_loss=last["s0-driver"].get("loss"),
+        final_eval_loss=loss_eval,
+        retries=last["s0-driver"].get("retries"),
+        final_weights_finite=finite,
     )
 
 
@@ -311,15 +403,18 @@ def _compare(row: dict, base: dict, bytes_key: str, robust_key: str, noise_pct: 
     pct = out.get("final_eval_loss_increase_pct_vs_none", out.get("final_train_loss_increase_pct_vs_none"))
     reduction = out.get("normalized_bytes_reduction_vs_none", out["bytes_reduction_vs_none"])
     is_baseline = row is base
-    out["meets_goal"] = None if is_baseline else bool(reduction is not None and reduction >= 4.0
-                                                       and pct is not None and pct <= 1.0)
+    out["meets_goal"] = (
+        None if is_baseline else bool(reduction is not None and reduction >= 4.0 and pct is not None and pct <= 1.0)
+    )
     if noise_pct is not None:
         out["baseline_loss_noise_pct"] = noise_pct  # two all-"none" runs: the resolution of the loss figures
     return out
 
 
 def bench_compression(args, work: Path, driver_id: Path) -> None:
-    batches = eval_batches(make_spec(args, "bench-eval"), args.data, suffixes=[args.data_suffix] if args.data_suffix else None)
+    batches = eval_batches(
+        make_spec(args, "bench-eval"), args.data, suffixes=[args.data_suffix] if args.data_suffix else None
+    )
     configs = [("none", "none", "")]
     configs += [(a, "none", "") for a in args.activation_codecs if a != "none"]
     configs += [("none", g, "") for g in args.gradient_codecs if g != "none"]
@@ -331,8 +426,14 @@ def bench_compression(args, work: Path, driver_id: Path) -> None:
         label = f"activations={a} gradients={g}{' (baseline again)' if tag else ''}"
         left = args.deadline - time.monotonic()
         if left < last_run_s:
-            emit(BENCH, "codec_run_skipped", activations=a, gradients=g, repeat=bool(tag),
-                 reason=f"--budget-s: {left:.0f}s left, the last run took {last_run_s:.0f}s")
+            emit(
+                BENCH,
+                "codec_run_skipped",
+                activations=a,
+                gradients=g,
+                repeat=bool(tag),
+                reason=f"--budget-s: {left:.0f}s left, the last run took {last_run_s:.0f}s",
+            )
             say(f"[codecs {i + 1}/{len(configs)}] {label}: skipped (time budget)")
             continue
         run_started = time.monotonic()
@@ -340,17 +441,25 @@ def bench_compression(args, work: Path, driver_id: Path) -> None:
         try:
             row = run_codec(args, work / f"codec-a-{a}-g-{g}{tag}", driver_id, a, g, batches)
         except Exception as err:  # one failed codec must not cost the others their figures
-            emit(BENCH, "codec_run_failed", activations=a, gradients=g, repeat=bool(tag),
-                 error=f"{type(err).__name__}: {str(err)[-2000:]}")
+            emit(
+                BENCH,
+                "codec_run_failed",
+                activations=a,
+                gradients=g,
+                repeat=bool(tag),
+                error=f"{type(err).__name__}: {str(err)[-2000:]}",
+            )
             say(f"  FAILED: {str(err)[:500]}")
             continue
         finally:
             last_run_s = time.monotonic() - run_started
         results[(a, g, tag)] = row
-        say(f"  {row['tokens']} tokens in {row['train_seconds']:.0f}s | act {row['activation_bytes_per_token']:,.0f} B/tok"
+        say(
+            f"  {row['tokens']} tokens in {row['train_seconds']:.0f}s | act {row['activation_bytes_per_token']:,.0f} B/tok"
             f" | grad avg {row['grad_averaging_bytes_per_token']:,.0f} B/tok (completeness "
             f"{row['grad_averaging_completeness']:.2f}) | loss train {row['final_train_loss']:.4f}"
-            + (f" eval {row['final_eval_loss']:.4f}" if row["final_eval_loss"] is not None else ""))
+            + (f" eval {row['final_eval_loss']:.4f}" if row["final_eval_loss"] is not None else "")
+        )
     base, again = results.get(("none", "none", "")), results.get(("none", "none", "-repeat"))
     noise = None
     if base and again:
@@ -358,8 +467,7 @@ def bench_compression(args, work: Path, driver_id: Path) -> None:
         for key in ("final_eval_loss", "final_train_loss"):
             if base.get(key) and again.get(key):
                 noise[key] = 100.0 * abs(again[key] - base[key]) / base[key]
-        emit(BENCH, "baseline_repeat", **{f"{k}_difference_pct": v for k, v in noise.items()},
-             first=base, again=again)
+        emit(BENCH, "baseline_repeat", **{f"{k}_difference_pct": v for k, v in noise.items()}, first=base, again=again)
         noise = noise.get("final_eval_loss", noise.get("final_train_loss"))
     for (a, g, tag), row in results.items():
         if tag:
@@ -367,15 +475,37 @@ def bench_compression(args, work: Path, driver_id: Path) -> None:
         common = dict(preset=args.preset, steps=args.steps, **row)
         goal = ">= 4x fewer bytes at <= 1% higher loss"
         if a != "none" or g == "none":
-            extra = _compare(row, base, "activation_bytes_per_token", "activation_bytes_per_token_one_crossing",
-                             noise) if base else {}
-            emit(BENCH, "activation_bytes_per_token", value=row["activation_bytes_per_token"], codec=a, goal=goal,
-                 **extra, **common)
+            extra = (
+                _compare(row, base, "activation_bytes_per_token", "activation_bytes_per_token_one_crossing", noise)
+                if base
+                else {}
+            )
+            emit(
+                BENCH,
+                "activation_bytes_per_token",
+                value=row["activation_bytes_per_token"],
+                codec=a,
+                goal=goal,
+                **extra,
+                **common,
+            )
         if g != "none" or a == "none":
-            extra = _compare(row, base, "grad_averaging_bytes_per_token", "grad_averaging_bytes_per_token_all_rounds",
-                             noise) if base else {}
-            emit(BENCH, "grad_averaging_bytes_per_token", value=row["grad_averaging_bytes_per_token"], codec=g, goal=goal,
-                 **extra, **common)
+            extra = (
+                _compare(
+                    row, base, "grad_averaging_bytes_per_token", "grad_averaging_bytes_per_token_all_rounds", noise
+                )
+                if base
+                else {}
+            )
+            emit(
+                BENCH,
+                "grad_averaging_bytes_per_token",
+                value=row["grad_averaging_bytes_per_token"],
+                codec=g,
+                goal=goal,
+                **extra,
+                **common,
+            )
     emit(BENCH, "codec_sweep_done", runs=len(results), planned=len(configs), machine=machine())
 
 
@@ -383,28 +513,48 @@ def bench_compression(args, work: Path, driver_id: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="short runs: for development, not for figures")
     p.add_argument("--only", choices=("efficiency", "compression"), default=None)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--micro-batch-size", type=int, default=None, help="override the preset's micro-batch")
     p.add_argument("--seq-len", type=int, default=None, help="override the preset's sequence length")
-    p.add_argument("--target-batch-size", type=int, default=None,
-                   help="override the preset's samples per averaging round (tiny: 32, i.e. 4 micro-batches)")
+    p.add_argument(
+        "--target-batch-size",
+        type=int,
+        default=None,
+        help="override the preset's samples per averaging round (tiny: 32, i.e. 4 micro-batches)",
+    )
     p.add_argument("--data", default=None, help="text directory (default: the Python stdlib's .py files)")
     p.add_argument("--data-suffix", default=None, help="only files with this suffix (default .py with the stdlib)")
     p.add_argument("--seconds", type=float, default=None, help="efficiency: seconds per run (full 60, quick 25)")
-    p.add_argument("--warmup-s", type=float, default=None, help="efficiency: seconds left out of each rate (full 10, quick 5)")
+    p.add_argument(
+        "--warmup-s", type=float, default=None, help="efficiency: seconds left out of each rate (full 10, quick 5)"
+    )
     p.add_argument("--repeats", type=int, default=1, help="efficiency: alternate single/swarm this many times (median)")
-    p.add_argument("--local-threads", type=int, default=2, help="torch threads of the single process (2 = the swarm's total)")
+    p.add_argument(
+        "--local-threads", type=int, default=2, help="torch threads of the single process (2 = the swarm's total)"
+    )
     p.add_argument("--steps", type=int, default=None, help="codecs: micro-batches per run (full 96, quick 24)")
-    p.add_argument("--codec-timeout", type=float, default=None, help="codecs: seconds a run may train (full 150, quick 90)")
+    p.add_argument(
+        "--codec-timeout", type=float, default=None, help="codecs: seconds a run may train (full 150, quick 90)"
+    )
     p.add_argument("--activation-codecs", default=",".join(ACTIVATION_CODECS))
     p.add_argument("--gradient-codecs", default=",".join(GRADIENT_CODECS))
-    p.add_argument("--baseline-repeat", action=argparse.BooleanOptionalAction, default=None,
-                   help="run the all-'none' baseline twice to show the loss noise (default: on, off with --quick)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="skip codec runs that would end after this many seconds from the start (full 1200, quick 900)")
+    p.add_argument(
+        "--baseline-repeat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the all-'none' baseline twice to show the loss noise (default: on, off with --quick)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="skip codec runs that would end after this many seconds from the start (full 1200, quick 900)",
+    )
     p.add_argument("--workdir", default=None, help="logs and states (default: a new temp dir)")
     args = p.parse_args(argv)
     args.seconds = args.seconds or (25.0 if args.quick else 60.0)
@@ -437,9 +587,20 @@ def main(argv=None) -> int:
     # single process, through --peer-key) trains on the same batches in the same order.
     driver_id = work / "driver.id"
     driver_key = load_or_create_identity(driver_id).peer_id.to_base58()
-    say(f"swarm benchmarks ({'quick' if args.quick else 'full'}), preset {args.preset}, data {args.data}; logs in {work}")
-    emit(BENCH, "config", quick=args.quick, preset=args.preset, data=args.data, workdir=str(work),
-         seconds=args.seconds, steps=args.steps, machine=machine())
+    say(
+        f"swarm benchmarks ({'quick' if args.quick else 'full'}), preset {args.preset}, data {args.data}; logs in {work}"
+    )
+    emit(
+        BENCH,
+        "config",
+        quick=args.quick,
+        preset=args.preset,
+        data=args.data,
+        workdir=str(work),
+        seconds=args.seconds,
+        steps=args.steps,
+        machine=machine(),
+    )
     started = time.monotonic()
     try:
         if args.only in (None, "efficiency"):

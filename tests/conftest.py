@@ -50,8 +50,10 @@ def spec_path(tmp_path, tiny_spec) -> Path:
     return path
 
 
-_WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
-          "tau upsilon phi chi psi omega the swarm trains one model together peer to peer").split()
+_WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma "
+    "tau upsilon phi chi psi omega the swarm trains one model together peer to peer"
+).split()
 
 
 def write_text_data(directory: Path, files: int = 8, lines: int = 400, seed: int = 0) -> Path:

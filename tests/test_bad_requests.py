@@ -82,8 +82,12 @@ class Swarm:
         raise failure
 
     def header(self, stage=1, **fields) -> StageRequest:
-        return StageRequest(**{**dict(spec_digest=self.digest, stage=stage, microbatch_id=f"attack-{time.time_ns()}",
-                                      timeout=30.0), **fields})
+        return StageRequest(
+            **{
+                **dict(spec_digest=self.digest, stage=stage, microbatch_id=f"attack-{time.time_ns()}", timeout=30.0),
+                **fields,
+            }
+        )
 
     def raw(self, peer_id: str, chunks, *, handler=FORWARD, end=True) -> list[StageResponse]:
         """Write raw bytes on a stage stream; return the response frames."""
@@ -125,9 +129,18 @@ class Swarm:
         m = self.spec.model
         x = torch.randn(2, 16, m.hidden_size)
         ids = torch.randint(0, m.vocab_size, (2, 16))
-        head, tensors = self.exchange(lambda: call_stage(
-            self.p2p, self.ready1["peer_id"], backward=False, header=self.header(microbatch_id=f"valid-{time.time_ns()}"),
-            names=["inputs", "labels"], tensors=[x, ids], codec="fp16", timeout=60))
+        head, tensors = self.exchange(
+            lambda: call_stage(
+                self.p2p,
+                self.ready1["peer_id"],
+                backward=False,
+                header=self.header(microbatch_id=f"valid-{time.time_ns()}"),
+                names=["inputs", "labels"],
+                tensors=[x, ids],
+                codec="fp16",
+                timeout=60,
+            )
+        )
         assert tensors["grad_inputs"].shape == x.shape
         return head.loss
 
@@ -182,87 +195,178 @@ def labels(shape=(2, 16), high=257):
 
 # Each case: (name, build(swarm) -> responses, expected error code, text in the message).
 CASES = {
-    "wrong shape": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                        [hidden((2, 16, 64)), labels()]),
-                    "bad_request", "inputs: shape [2, 16, 64] where [*, *, 128] was expected"),
-    "labels shape mismatch": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                                  [hidden(), labels((2, 8))]),
-                              "bad_request", "labels shape [2, 8] does not match inputs [2, 16]"),
-    "wrong dtype (int hidden states)": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                                            [encode(torch.ones(2, 16, 128, dtype=torch.int64)),
-                                                             labels()]),
-                                        "bad_request", "inputs: dtype torch.int64 where torch.float32 was expected"),
-    "wrong dtype (float labels)": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                                       [hidden(), encode(torch.ones(2, 16))]),
-                                   "bad_request", "labels: dtype torch.float32 where torch.int64 was expected"),
-    "NaN values": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                       [hidden(fill=float("nan")), labels()]),
-                   "bad_request", "inputs: contains NaN or infinite values"),
-    "infinite values": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                            [hidden(fill=float("inf")), labels()]),
-                        "bad_request", "contains NaN or infinite values"),
-    "declared elements over the limit": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                                             [_declared((4096, 4096, 128)), labels()]),
-                                         "bad_request", "exceeds the limit"),
-    "empty batch": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                        [hidden((0, 16, 128)), labels((0, 16))]),
-                    "bad_request", "inputs"),
-    "batch over the limit": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                                 [hidden((65, 2, 128)), labels((65, 2))]),
-                             "bad_request", "exceeds batch 64"),
-    "sequence over max positions": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                                        [hidden((1, 300, 128)), labels((1, 300))]),
-                                    "bad_request", "length 256"),
-    "frame over 4 MiB": (lambda s: s.raw(s.ready1["peer_id"], [struct.pack(">I", MAX_FRAME_BYTES + 1)], end=False),
-                         "bad_request", "exceeds the 4194304-byte limit"),
-    "too many frames": (lambda s: s.raw(s.ready1["peer_id"], [frame(s.header())] * (MAX_FRAMES + 1), end=False),
-                        "bad_request", f"or {MAX_FRAMES} frames"),
+    "wrong shape": (
+        lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden((2, 16, 64)), labels()]),
+        "bad_request",
+        "inputs: shape [2, 16, 64] where [*, *, 128] was expected",
+    ),
+    "labels shape mismatch": (
+        lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden(), labels((2, 8))]),
+        "bad_request",
+        "labels shape [2, 8] does not match inputs [2, 16]",
+    ),
+    "wrong dtype (int hidden states)": (
+        lambda s: s.request(
+            s.ready1["peer_id"],
+            s.header(),
+            ["inputs", "labels"],
+            [encode(torch.ones(2, 16, 128, dtype=torch.int64)), labels()],
+        ),
+        "bad_request",
+        "inputs: dtype torch.int64 where torch.float32 was expected",
+    ),
+    "wrong dtype (float labels)": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden(), encode(torch.ones(2, 16))]
+        ),
+        "bad_request",
+        "labels: dtype torch.float32 where torch.int64 was expected",
+    ),
+    "NaN values": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden(fill=float("nan")), labels()]
+        ),
+        "bad_request",
+        "inputs: contains NaN or infinite values",
+    ),
+    "infinite values": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden(fill=float("inf")), labels()]
+        ),
+        "bad_request",
+        "contains NaN or infinite values",
+    ),
+    "declared elements over the limit": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [_declared((4096, 4096, 128)), labels()]
+        ),
+        "bad_request",
+        "exceeds the limit",
+    ),
+    "empty batch": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden((0, 16, 128)), labels((0, 16))]
+        ),
+        "bad_request",
+        "inputs",
+    ),
+    "batch over the limit": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden((65, 2, 128)), labels((65, 2))]
+        ),
+        "bad_request",
+        "exceeds batch 64",
+    ),
+    "sequence over max positions": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden((1, 300, 128)), labels((1, 300))]
+        ),
+        "bad_request",
+        "length 256",
+    ),
+    "frame over 4 MiB": (
+        lambda s: s.raw(s.ready1["peer_id"], [struct.pack(">I", MAX_FRAME_BYTES + 1)], end=False),
+        "bad_request",
+        "exceeds the 4194304-byte limit",
+    ),
+    "too many frames": (
+        lambda s: s.raw(s.ready1["peer_id"], [frame(s.header())] * (MAX_FRAMES + 1), end=False),
+        "bad_request",
+        f"or {MAX_FRAMES} frames",
+    ),
     "empty request": (lambda s: s.raw(s.ready1["peer_id"], []), "bad_request", "empty request"),
-    "wrong spec digest": (lambda s: s.request(s.ready1["peer_id"], s.header(spec_digest="0" * 64), ["inputs", "labels"],
-                                              [hidden(), labels()]),
-                          "wrong_spec", "does not match"),
-    "wrong stage": (lambda s: s.request(s.ready1["peer_id"], s.header(stage=0), ["inputs", "labels"],
-                                        [hidden(), labels()]),
-                    "wrong_stage", "this peer serves stage 1, not 0"),
-    "stage out of range": (lambda s: s.request(s.ready1["peer_id"], s.header(stage=99), ["inputs"], [hidden()]),
-                           "wrong_stage", "not 99"),
-    "missing microbatch id": (lambda s: s.request(s.ready1["peer_id"], s.header(microbatch_id=""), ["inputs", "labels"],
-                                                  [hidden(), labels()]),
-                              "bad_request", "microbatch_id"),
-    "bad timeout": (lambda s: s.request(s.ready1["peer_id"], s.header(timeout=1e9), ["inputs", "labels"],
-                                        [hidden(), labels()]),
-                    "bad_request", "timeout must be in"),
-    "garbage bytes (not a protobuf)": (lambda s: s.raw(s.ready1["peer_id"], [frame(b"\x0f" * 32)], end=False),
-                                       "bad_request", "not a valid StageRequest"),
-    "garbage tensor bytes": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                                 [_garbage_buffer(), labels()]),
-                             "bad_request", "inputs: cannot decode"),
+    "wrong spec digest": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(spec_digest="0" * 64), ["inputs", "labels"], [hidden(), labels()]
+        ),
+        "wrong_spec",
+        "does not match",
+    ),
+    "wrong stage": (
+        lambda s: s.request(s.ready1["peer_id"], s.header(stage=0), ["inputs", "labels"], [hidden(), labels()]),
+        "wrong_stage",
+        "this peer serves stage 1, not 0",
+    ),
+    "stage out of range": (
+        lambda s: s.request(s.ready1["peer_id"], s.header(stage=99), ["inputs"], [hidden()]),
+        "wrong_stage",
+        "not 99",
+    ),
+    "missing microbatch id": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(microbatch_id=""), ["inputs", "labels"], [hidden(), labels()]
+        ),
+        "bad_request",
+        "microbatch_id",
+    ),
+    "bad timeout": (
+        lambda s: s.request(s.ready1["peer_id"], s.header(timeout=1e9), ["inputs", "labels"], [hidden(), labels()]),
+        "bad_request",
+        "timeout must be in",
+    ),
+    "garbage bytes (not a protobuf)": (
+        lambda s: s.raw(s.ready1["peer_id"], [frame(b"\x0f" * 32)], end=False),
+        "bad_request",
+        "not a valid StageRequest",
+    ),
+    "garbage tensor bytes": (
+        lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"], [_garbage_buffer(), labels()]),
+        "bad_request",
+        "inputs: cannot decode",
+    ),
     "truncated tensor (missing chunks)": (lambda s: _truncated(s), "bad_request", "truncated"),
-    "unknown tensor name": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels", "extra"],
-                                                [hidden(), labels(), hidden()]),
-                            "bad_request", "expected tensors"),
-    "tensor sent twice": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "inputs", "labels"],
-                                              [hidden(), hidden(), labels()]),
-                          "bad_request", "sent twice"),
-    "label ids out of range": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"],
-                                                   [hidden(), encode(torch.full((2, 16), 300))]),
-                               "bad_request", "labels: token ids must be in [0, 257)"),
-    "negative token ids (stage 0)": (lambda s: s.request(s.ready0["peer_id"], s.header(stage=0), ["inputs"],
-                                                         [encode(torch.full((2, 16), -1))]),
-                                     "bad_request", "inputs: token ids must be in [0, 257)"),
-    "token ids out of range (stage 0)": (lambda s: s.request(s.ready0["peer_id"], s.header(stage=0), ["inputs"],
-                                                             [encode(torch.full((2, 16), 257))]),
-                                         "bad_request", "inputs: token ids must be in [0, 257)"),
-    "backward to the last stage": (lambda s: s.request(s.ready1["peer_id"], s.header(), ["grad_outputs"], [hidden()],
-                                                       handler=BACKWARD),
-                                   "bad_request", "the last stage runs its backward with the forward"),
-    "backward without a forward": (lambda s: s.request(s.ready0["peer_id"], s.header(stage=0), ["grad_outputs"],
-                                                       [hidden()], handler=BACKWARD),
-                                   "cache_miss", "re-send the inputs"),
-    "backward with mismatched grad shape": (lambda s: s.request(s.ready0["peer_id"], s.header(stage=0),
-                                                                ["grad_outputs", "inputs"],
-                                                                [hidden((2, 8, 128)), labels()], handler=BACKWARD),
-                                            "bad_request", "does not match inputs"),
+    "unknown tensor name": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(), ["inputs", "labels", "extra"], [hidden(), labels(), hidden()]
+        ),
+        "bad_request",
+        "expected tensors",
+    ),
+    "tensor sent twice": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(), ["inputs", "inputs", "labels"], [hidden(), hidden(), labels()]
+        ),
+        "bad_request",
+        "sent twice",
+    ),
+    "label ids out of range": (
+        lambda s: s.request(
+            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden(), encode(torch.full((2, 16), 300))]
+        ),
+        "bad_request",
+        "labels: token ids must be in [0, 257)",
+    ),
+    "negative token ids (stage 0)": (
+        lambda s: s.request(s.ready0["peer_id"], s.header(stage=0), ["inputs"], [encode(torch.full((2, 16), -1))]),
+        "bad_request",
+        "inputs: token ids must be in [0, 257)",
+    ),
+    "token ids out of range (stage 0)": (
+        lambda s: s.request(s.ready0["peer_id"], s.header(stage=0), ["inputs"], [encode(torch.full((2, 16), 257))]),
+        "bad_request",
+        "inputs: token ids must be in [0, 257)",
+    ),
+    "backward to the last stage": (
+        lambda s: s.request(s.ready1["peer_id"], s.header(), ["grad_outputs"], [hidden()], handler=BACKWARD),
+        "bad_request",
+        "the last stage runs its backward with the forward",
+    ),
+    "backward without a forward": (
+        lambda s: s.request(s.ready0["peer_id"], s.header(stage=0), ["grad_outputs"], [hidden()], handler=BACKWARD),
+        "cache_miss",
+        "re-send the inputs",
+    ),
+    "backward with mismatched grad shape": (
+        lambda s: s.request(
+            s.ready0["peer_id"],
+            s.header(stage=0),
+            ["grad_outputs", "inputs"],
+            [hidden((2, 8, 128)), labels()],
+            handler=BACKWARD,
+        ),
+        "bad_request",
+        "does not match inputs",
+    ),
 }
 
 
@@ -304,8 +408,9 @@ def test_hung_up_and_stalled_callers_change_nothing(swarm):
     the server carries on."""
 
     async def half_frame():
-        _, reader, writer = await swarm.p2p.call_binary_stream_handler(PeerID.from_base58(swarm.ready1["peer_id"]),
-                                                                      FORWARD)
+        _, reader, writer = await swarm.p2p.call_binary_stream_handler(
+            PeerID.from_base58(swarm.ready1["peer_id"]), FORWARD
+        )
         writer.write(struct.pack(">I", 1000) + b"\x00" * 10)
         await writer.drain()
         writer.close()
@@ -318,7 +423,9 @@ def test_info_handler_rejects_a_wrong_digest_and_garbage(swarm):
     assert "does not match" in swarm.run(call_info(swarm.p2p, swarm.ready1["peer_id"], "f" * 64)).error
 
     async def garbage_info():
-        _, reader, writer = await swarm.p2p.call_binary_stream_handler(PeerID.from_base58(swarm.ready1["peer_id"]), INFO)
+        _, reader, writer = await swarm.p2p.call_binary_stream_handler(
+            PeerID.from_base58(swarm.ready1["peer_id"]), INFO
+        )
         try:
             writer.write(frame(b"\x0f" * 8))
             await writer.drain()
@@ -335,9 +442,18 @@ def test_info_handler_rejects_a_wrong_digest_and_garbage(swarm):
 
 def test_remote_errors_reach_the_client_as_codes(swarm):
     with pytest.raises(RemoteError) as err:
-        swarm.run(call_stage(swarm.p2p, swarm.ready1["peer_id"], backward=False, header=swarm.header(stage=0),
-                             names=["inputs", "labels"], tensors=[torch.randn(2, 16, 128), torch.zeros(2, 16).long()],
-                             codec="fp16", timeout=60))
+        swarm.run(
+            call_stage(
+                swarm.p2p,
+                swarm.ready1["peer_id"],
+                backward=False,
+                header=swarm.header(stage=0),
+                names=["inputs", "labels"],
+                tensors=[torch.randn(2, 16, 128), torch.zeros(2, 16).long()],
+                codec="fp16",
+                timeout=60,
+            )
+        )
     assert err.value.code == "wrong_stage"
 
 

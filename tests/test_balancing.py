@@ -28,8 +28,14 @@ def move(peers: list[PeerInfo], peer_id: str, target: int) -> list[PeerInfo]:
     return [dataclasses.replace(p, stage=target) if p.peer_id == peer_id else p for p in peers]
 
 
-def all_moves(peers: list[PeerInfo], num_stages: int, *, now: float = 0.0, last_move_at: Optional[float] = LONG_AGO,
-              policy: RebalancePolicy = RebalancePolicy()) -> dict[str, int]:
+def all_moves(
+    peers: list[PeerInfo],
+    num_stages: int,
+    *,
+    now: float = 0.0,
+    last_move_at: Optional[float] = LONG_AGO,
+    policy: RebalancePolicy = RebalancePolicy(),
+) -> dict[str, int]:
     """What every peer decides from the same snapshot."""
     moves = {}
     for p in peers:
@@ -123,7 +129,7 @@ def test_clear_improvement_moves_exactly_one_peer():
     moves = all_moves(peers, 2)
     # All four read the same snapshot; if every peer of stage 0 acted, stage 0 would be emptied.
     assert len(moves) == 1
-    (mover, target), = moves.items()
+    ((mover, target),) = moves.items()
     assert mover.startswith("s0") and target == 1
     assert stage_throughputs(move(peers, mover, target), 2) == [200.0, 200.0]
 
@@ -202,7 +208,7 @@ def test_empty_stage_gets_a_peer_from_the_most_populated_stage():
     # Everyone moved or joined 10 s ago: the cool-down does not hold back a recovery.
     moves = all_moves(peers, 3, now=10.0, last_move_at=0.0)
     assert len(moves) == 1
-    (mover, target), = moves.items()
+    ((mover, target),) = moves.items()
     assert mover.startswith("s1") and target == 2
 
 
@@ -264,7 +270,7 @@ def test_peers_reading_noisy_snapshots_name_one_mover(seed):
 
 def test_cooldown_is_respected():
     peers = swarm([100.0, 100.0, 100.0], [100.0])
-    (mover, target), = all_moves(peers, 2).items()
+    ((mover, target),) = all_moves(peers, 2).items()
     policy = RebalancePolicy(cooldown_s=120.0)
 
     def plan(now: float, last_move_at: Optional[float]) -> Optional[int]:
@@ -287,8 +293,16 @@ def test_unknown_or_leaving_self_does_not_move():
 # --- synthetic swarms over time: no flapping ---------------------------------------------------
 
 
-def simulate(base: dict[str, float], stages: dict[str, int], num_stages: int, *, rounds: int, noise: float,
-             seed: int, period_s: float = 30.0) -> list[tuple[int, str, int, int]]:
+def simulate(
+    base: dict[str, float],
+    stages: dict[str, int],
+    num_stages: int,
+    *,
+    rounds: int,
+    noise: float,
+    seed: int,
+    period_s: float = 30.0,
+) -> list[tuple[int, str, int, int]]:
     """Every peer checks once per round (in a shuffled order, seeing earlier moves of the round);
     measured throughputs jitter by +-noise around each peer's base. Returns (round, peer, from, to)."""
     rng = random.Random(seed)
@@ -301,7 +315,9 @@ def simulate(base: dict[str, float], stages: dict[str, int], num_stages: int, *,
         order = list(base)
         rng.shuffle(order)
         for pid in order:
-            target = plan_move(peers, num_stages, my_peer_id=pid, now=now, last_move_at=last_move_at[pid], policy=policy)
+            target = plan_move(
+                peers, num_stages, my_peer_id=pid, now=now, last_move_at=last_move_at[pid], policy=policy
+            )
             if target is not None:
                 history.append((r, pid, stages[pid], target))
                 stages[pid] = target
@@ -346,8 +362,16 @@ def test_heterogeneous_swarm_settles_without_oscillation(seed):
     assert set(stages.values()) == set(range(num_stages))
 
 
-def simulate_measured(base: dict[str, float], stages: dict[str, int], cost: list[float], *, rounds: int,
-                      error: float, seed: int, period_s: float = 30.0) -> list[tuple[int, str, int, int]]:
+def simulate_measured(
+    base: dict[str, float],
+    stages: dict[str, int],
+    cost: list[float],
+    *,
+    rounds: int,
+    error: float,
+    seed: int,
+    period_s: float = 30.0,
+) -> list[tuple[int, str, int, int]]:
     """Like ``simulate``, but as peers announce since peer.model.capacity: a peer's figure is
     measured when it opens a stage, as its base speed divided by the stage's cost, times a
     measurement error of up to +-error drawn at that moment, and held until it moves again."""
@@ -366,8 +390,7 @@ def simulate_measured(base: dict[str, float], stages: dict[str, int], cost: list
         rng.shuffle(order)
         for pid in order:
             peers = [peer(q, stages[q], figure[q]) for q in sorted(base)]
-            target = plan_move(peers, len(cost), my_peer_id=pid, now=now, last_move_at=last_move_at[pid],
-                               policy=policy)
+            target = plan_move(peers, len(cost), my_peer_id=pid, now=now, last_move_at=last_move_at[pid], policy=policy)
             if target is not None:
                 history.append((r, pid, stages[pid], target))
                 stages[pid], last_move_at[pid] = target, now

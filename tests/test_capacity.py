@@ -20,11 +20,14 @@ def test_the_fastest_pass_counts():
     assert best_rate(4, [2.0, 0.5, 1.0]) == 8.0
 
 
-@pytest.mark.parametrize("samples, seconds, message", [
-    (0, [1.0], "samples must be > 0"),
-    (4, [], "no timed pass"),
-    (4, [float("nan"), -1.0], "no timed pass"),
-])
+@pytest.mark.parametrize(
+    "samples, seconds, message",
+    [
+        (0, [1.0], "samples must be > 0"),
+        (4, [], "no timed pass"),
+        (4, [float("nan"), -1.0], "no timed pass"),
+    ],
+)
 def test_a_rate_needs_samples_and_a_timed_pass(samples, seconds, message):
     with pytest.raises(ValueError, match=message):
         best_rate(samples, seconds)
@@ -44,8 +47,9 @@ def test_a_slow_stage_stops_at_the_time_budget(spec):
     # A fake clock where every reading is 1 s later: the warm-up takes 1 s, the first timed
     # pass 1 s, and then the 1.5 s budget is spent.
     ticks = itertools.count()
-    capacity = measure_stage_capacity(spec, LlamaStage.from_spec(spec, 1), max_passes=10, budget_s=1.5,
-                                      clock=lambda: float(next(ticks)))
+    capacity = measure_stage_capacity(
+        spec, LlamaStage.from_spec(spec, 1), max_passes=10, budget_s=1.5, clock=lambda: float(next(ticks))
+    )
     assert capacity.passes == 1
     assert capacity.samples_per_s == pytest.approx(spec.training.micro_batch_size / 1.0)
 

@@ -59,10 +59,17 @@ def stage0(spec):
 
 
 def _write(target, spec, stage_module, opt, keys, signers=("a",), *, step=5, stage=0, **kw):
-    return write_checkpoint(target, spec=spec, stage=stage, step=step, tokens_seen=1000 * step,
-                            model_state=stage_module.state_dict(),
-                            optimizer_state=None if opt is None else opt.state_dict(),
-                            key_paths=[keys[s][0] for s in signers], **kw)
+    return write_checkpoint(
+        target,
+        spec=spec,
+        stage=stage,
+        step=step,
+        tokens_seen=1000 * step,
+        model_state=stage_module.state_dict(),
+        optimizer_state=None if opt is None else opt.state_dict(),
+        key_paths=[keys[s][0] for s in signers],
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -257,8 +264,7 @@ def test_min_signatures(ckpt, spec, keys):
 
 
 def test_min_signatures_from_spec(tmp_path, keys, stage0):
-    spec2 = preset_spec("tiny", stages=2, trusted_keys=(_pub(keys, "a"), _pub(keys, "b")),
-                        trust=dict(min_signatures=2))
+    spec2 = preset_spec("tiny", stages=2, trusted_keys=(_pub(keys, "a"), _pub(keys, "b")), trust=dict(min_signatures=2))
     module, opt = stage0
     w = _write(tmp_path / "one", spec2, module, opt, keys, signers=("a",))
     _refused(w.path, spec2, "2 required")
@@ -297,8 +303,16 @@ def _signed_with(tmp_path, spec, keys, model_state, name="crafted", **meta_overr
     d = tmp_path / name
     d.mkdir()
     save_file(model_state, d / "model.safetensors")
-    meta = dict(format_version=1, run_id=spec.run_id, spec_digest=spec.digest(), stage=0, step=1,
-                tokens_seen=0, parent_digest=None, created=1.0)
+    meta = dict(
+        format_version=1,
+        run_id=spec.run_id,
+        spec_digest=spec.digest(),
+        stage=0,
+        step=1,
+        tokens_seen=0,
+        parent_digest=None,
+        created=1.0,
+    )
     meta.update(meta_overrides)
     (d / "checkpoint.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not ...}))  # ... drops a field
     signing.sign_dir(d, keys["a"][0])
@@ -324,8 +338,9 @@ def test_wrong_names_and_shapes(tmp_path, spec, keys, stage0):
     sd = {k: v.clone() for k, v in stage0[0].state_dict().items()}
     sd["model.embed_tokens.weight"] = torch.zeros(10, spec.model.hidden_size)
     d2 = _signed_with(tmp_path, spec, keys, sd, name="crafted2")
-    _refused(d2, spec, r"model.embed_tokens.weight has shape \(10, 128\), expected \(257, 128\)",
-             expected_shapes=shapes)
+    _refused(
+        d2, spec, r"model.embed_tokens.weight has shape \(10, 128\), expected \(257, 128\)", expected_shapes=shapes
+    )
     # load_verified fills in the expected shapes from the spec.
     with pytest.raises(CheckpointRefused, match="has shape"):
         load_verified(d2, spec, 0)
@@ -335,8 +350,19 @@ def test_garbage_model_file(tmp_path, spec, keys):
     d = tmp_path / "crafted"
     d.mkdir()
     (d / "model.safetensors").write_bytes(b"\xff" * 64)
-    (d / "checkpoint.json").write_text(json.dumps(dict(format_version=1, run_id=spec.run_id, spec_digest=spec.digest(), stage=0,
-                                                        step=1, tokens_seen=0, created=1.0)))
+    (d / "checkpoint.json").write_text(
+        json.dumps(
+            dict(
+                format_version=1,
+                run_id=spec.run_id,
+                spec_digest=spec.digest(),
+                stage=0,
+                step=1,
+                tokens_seen=0,
+                created=1.0,
+            )
+        )
+    )
     signing.sign_dir(d, keys["a"][0])
     _refused(d, spec, "model.safetensors: not a loadable safetensors file")
 
@@ -359,8 +385,19 @@ def test_signed_file_outside_the_format(tmp_path, spec, keys, stage0):
     d = tmp_path / "crafted"
     d.mkdir()
     save_file(stage0[0].state_dict(), d / "model.safetensors")
-    (d / "checkpoint.json").write_text(json.dumps(dict(format_version=1, run_id=spec.run_id, spec_digest=spec.digest(), stage=0,
-                                                        step=1, tokens_seen=0, created=1.0)))
+    (d / "checkpoint.json").write_text(
+        json.dumps(
+            dict(
+                format_version=1,
+                run_id=spec.run_id,
+                spec_digest=spec.digest(),
+                stage=0,
+                step=1,
+                tokens_seen=0,
+                created=1.0,
+            )
+        )
+    )
     (d / "run.py").write_text("import os\n")
     signing.sign_dir(d, keys["a"][0])
     _refused(d, spec, r"signed file\(s\) run.py are not part of a checkpoint")
@@ -444,11 +481,25 @@ def test_listing_ignores_incomplete_dirs(tmp_path, good, spec):
 def test_refuses_to_overwrite_or_write_unsigned(good, spec, stage0):
     module, _ = stage0
     with pytest.raises(FileExistsError):
-        write_checkpoint(good.path, spec=spec, stage=0, step=5, tokens_seen=0, model_state=module.state_dict(),
-                         key_paths=[Path("unused.pem")])
+        write_checkpoint(
+            good.path,
+            spec=spec,
+            stage=0,
+            step=5,
+            tokens_seen=0,
+            model_state=module.state_dict(),
+            key_paths=[Path("unused.pem")],
+        )
     with pytest.raises(ValueError, match="signing key"):
-        write_checkpoint(good.path.parent / "new", spec=spec, stage=0, step=5, tokens_seen=0,
-                         model_state=module.state_dict(), key_paths=[])
+        write_checkpoint(
+            good.path.parent / "new",
+            spec=spec,
+            stage=0,
+            step=5,
+            tokens_seen=0,
+            model_state=module.state_dict(),
+            key_paths=[],
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,8 +510,10 @@ def test_store_lists_newest_first_links_parents_and_prunes(tmp_path, spec, keys)
     root = tmp_path / "store"
     store = CheckpointStore(root, spec, key_paths=[keys["a"][0]], keep=2)
     module, opt = _trained_stage(spec, 1)
-    written = [store.save(1, step, module.state_dict(), opt.state_dict(), tokens_seen=step * 10, prune=False)
-               for step in (1, 2, 3)]
+    written = [
+        store.save(1, step, module.state_dict(), opt.state_dict(), tokens_seen=step * 10, prune=False)
+        for step in (1, 2, 3)
+    ]
     assert [c.meta.step for c in store.list(1)] == [3, 2, 1]
     assert store.list(0) == []
     assert written[0].meta.parent_digest is None
@@ -494,8 +547,15 @@ def test_prune_leaves_other_specs_alone(tmp_path, spec, keys):
     root = tmp_path / "store"
     module, _ = _trained_stage(spec, 0)
     other_spec = preset_spec("tiny", stages=2, seed=3, trusted_keys=spec.trust.trusted_keys)
-    write_checkpoint(root / "stage-0" / "step-0000000001", spec=other_spec, stage=0, step=1, tokens_seen=0,
-                     model_state=module.state_dict(), key_paths=[keys["a"][0]])
+    write_checkpoint(
+        root / "stage-0" / "step-0000000001",
+        spec=other_spec,
+        stage=0,
+        step=1,
+        tokens_seen=0,
+        model_state=module.state_dict(),
+        key_paths=[keys["a"][0]],
+    )
     store = CheckpointStore(root, spec, key_paths=[keys["a"][0]], keep=1)
     for step in (2, 3):
         store.save(0, step, module.state_dict())
@@ -518,8 +578,15 @@ def test_tied_single_stage_saves_the_shared_tensor_once(tmp_path, keys):
     spec1 = preset_spec("tiny", stages=1, trusted_keys=(_pub(keys, "a"),), model=dict(tie_word_embeddings=True))
     module = LlamaStage.from_spec(spec1, 0)
     assert "lm_head.weight" in module.state_dict()
-    w = write_checkpoint(tmp_path / "c", spec=spec1, stage=0, step=1, tokens_seen=0,
-                         model_state=module.state_dict(), key_paths=[keys["a"][0]])
+    w = write_checkpoint(
+        tmp_path / "c",
+        spec=spec1,
+        stage=0,
+        step=1,
+        tokens_seen=0,
+        model_state=module.state_dict(),
+        key_paths=[keys["a"][0]],
+    )
     v = load_verified(w.path, spec1, 0)
     assert "lm_head.weight" not in v.model_state
     fresh = LlamaStage.from_spec(spec1, 0, init=False)

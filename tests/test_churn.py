@@ -26,11 +26,21 @@ def peer(peer_id: str, stage: int, throughput: float = 10.0, state: str = "onlin
     return PeerInfo(peer_id=peer_id, stage=stage, state=state, throughput=throughput, epoch=epoch)
 
 
-def check(peers, me: str, *, num_stages: int = 2, last_move_at: Optional[float] = LONG_AGO, planned=None, now=0.0,
-          **turns):
+def check(
+    peers, me: str, *, num_stages: int = 2, last_move_at: Optional[float] = LONG_AGO, planned=None, now=0.0, **turns
+):
     my_stage = next(p.stage for p in peers if p.peer_id == me)
-    return check_move(peers, num_stages, my_peer_id=me, my_stage=my_stage, now=now, last_move_at=last_move_at,
-                      policy=POLICY, planned=planned, **turns)
+    return check_move(
+        peers,
+        num_stages,
+        my_peer_id=me,
+        my_stage=my_stage,
+        now=now,
+        last_move_at=last_move_at,
+        policy=POLICY,
+        planned=planned,
+        **turns,
+    )
 
 
 # --- when to look ---------------------------------------------------------------------------------
@@ -45,7 +55,7 @@ def test_check_delay_is_randomised_around_the_period_and_off_at_zero():
 
 
 def test_cli_rebalances_auto_peers_by_default_and_pinned_ones_on_request():
-    from peer.cli.main import _rebalance_period
+    from peer.cli.options import rebalance_period_for as _rebalance_period
 
     assert _rebalance_period(None, "auto") == 15.0
     assert _rebalance_period(None, "1") == 0.0
@@ -60,7 +70,7 @@ def test_clear_imbalance_moves_the_named_peer_only():
     verdicts = {p.peer_id: check(peers, p.peer_id) for p in peers}
     movers = {pid: v for pid, v in verdicts.items() if v.target is not None}
     assert len(movers) == 1
-    (mover, verdict), = movers.items()
+    ((mover, verdict),) = movers.items()
     assert verdict.target == 1 and not verdict.recovery and verdict.why == "rebalance"
     # The confirmation on a fresh snapshot agrees when nothing changed.
     assert check(peers, mover, planned=1).target == 1
@@ -100,9 +110,15 @@ def test_never_empties_the_stage_it_leaves_over_random_swarms(seed):
     rng = random.Random(seed)
     for _ in range(200):
         num_stages = rng.randint(2, 4)
-        peers = [peer(f"p{i}", rng.randrange(num_stages), throughput=rng.choice([0.0, 1.0, 5.0, 20.0]),
-                      state=rng.choice(["online", "online", "online", "joining", "leaving"]))
-                 for i in range(rng.randint(1, 7))]
+        peers = [
+            peer(
+                f"p{i}",
+                rng.randrange(num_stages),
+                throughput=rng.choice([0.0, 1.0, 5.0, 20.0]),
+                state=rng.choice(["online", "online", "online", "joining", "leaving"]),
+            )
+            for i in range(rng.randint(1, 7))
+        ]
         # With and without the fallback turns (everyone's turn has come).
         turns = rng.choice([{}, dict(empty_since={s: 0.0 for s in range(num_stages)}, fallback_grace=1.0)])
         for p in peers:
@@ -121,8 +137,9 @@ def test_no_move_unless_announced_online_where_it_is():
     assert "not announced online" in check(peers, "a").why
     assert check_move(peers, 2, my_peer_id="zz", my_stage=0, now=0.0, last_move_at=None, policy=POLICY).target is None
     # A record that still shows the previous stage (right after a move) is not acted on.
-    assert check_move(peers, 2, my_peer_id="b", my_stage=1, now=0.0, last_move_at=LONG_AGO,
-                      policy=POLICY).target is None
+    assert (
+        check_move(peers, 2, my_peer_id="b", my_stage=1, now=0.0, last_move_at=LONG_AGO, policy=POLICY).target is None
+    )
 
 
 def test_when_the_named_peer_does_not_refill_an_empty_stage_the_others_take_turns():
@@ -131,8 +148,11 @@ def test_when_the_named_peer_does_not_refill_an_empty_stage_the_others_take_turn
     since = {2: 100.0}
 
     def movers(now):
-        return {pid: v.target for pid in "abcd"
-                if (v := check(peers, pid, num_stages=3, now=now, empty_since=since, fallback_grace=10.0)).target}
+        return {
+            pid: v.target
+            for pid in "abcd"
+            if (v := check(peers, pid, num_stages=3, now=now, empty_since=since, fallback_grace=10.0)).target
+        }
 
     named = movers(100.0)
     assert list(named.values()) == [2]  # at first only the policy's choice
@@ -221,24 +241,46 @@ def test_a_peer_that_missed_its_round_drops_its_gradients():
     dhts, opts = [], []
     try:
         dhts.append(hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
-        dhts.append(hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
-                                 initial_peers=[str(m) for m in dhts[0].get_visible_maddrs()]))
+        dhts.append(
+            hivemind.DHT(
+                start=True,
+                host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                initial_peers=[str(m) for m in dhts[0].get_visible_maddrs()],
+            )
+        )
         params = []
         for dht in dhts:
             param = torch.nn.Parameter(torch.zeros(8))
             params.append(param)
-            opts.append(BoundedOptimizer(
-                dht=dht, run_id=run_id, target_batch_size=4, batch_size_per_step=4, params=[param],
-                optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), matchmaking_time=1.0, averaging_timeout=10.0,
-                load_state_timeout=30.0, delay_optimizer_step=False, average_state_every=1000,
-                tracker_opts=dict(min_refresh_period=0.1, max_refresh_period=0.5, default_refresh_period=0.2)))
+            opts.append(
+                BoundedOptimizer(
+                    dht=dht,
+                    run_id=run_id,
+                    target_batch_size=4,
+                    batch_size_per_step=4,
+                    params=[param],
+                    optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0),
+                    matchmaking_time=1.0,
+                    averaging_timeout=10.0,
+                    load_state_timeout=30.0,
+                    delay_optimizer_step=False,
+                    average_state_every=1000,
+                    tracker_opts=dict(min_refresh_period=0.1, max_refresh_period=0.5, default_refresh_period=0.2),
+                )
+            )
         (pa, pb), (a, b) = params, opts
         # A accumulates one micro-batch of huge gradients at epoch 0, in step with the group.
         pa.grad = torch.full_like(pa, 1000.0)
         a.grad_averager.accumulate_grads_(batch_size=1)
         a.tracker.report_local_progress(0, 1)
-        _wait_for(lambda: b.tracker.global_progress.samples_accumulated == 1
-                  and a.tracker.fetched_global_progress_this_epoch.is_set(), 60, "B to see A's progress")
+        _wait_for(
+            lambda: (
+                b.tracker.global_progress.samples_accumulated == 1
+                and a.tracker.fetched_global_progress_this_epoch.is_set()
+            ),
+            60,
+            "B to see A's progress",
+        )
         a.tick()  # hivemind's once-per-epoch exact sync check happens here, while in sync
         assert a.local_epoch == 0 and a.grad_averager.local_samples_accumulated == 1
 
@@ -258,8 +300,11 @@ def test_a_peer_that_missed_its_round_drops_its_gradients():
         pb.grad = torch.ones_like(pb)
         b.grad_averager.accumulate_grads_(batch_size=4)
         b.tracker.report_local_progress(1, 4)
-        _wait_for(lambda: a.tracker.global_epoch == 1 and a.tracker.global_progress.samples_accumulated >= 4, 60,
-                  "A to see the group at epoch 1 with a whole batch")
+        _wait_for(
+            lambda: a.tracker.global_epoch == 1 and a.tracker.global_progress.samples_accumulated >= 4,
+            60,
+            "A to see the group at epoch 1 with a whole batch",
+        )
 
         # A wakes up one epoch behind. hivemind alone would let it keep its gradients.
         assert a.local_epoch == 0 and a.tracker.global_epoch == 1
@@ -292,9 +337,18 @@ def test_a_peer_whose_gradient_round_failed_loads_its_groups_state():
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     param = torch.nn.Parameter(torch.zeros(8))
     opt = BoundedOptimizer(
-        dht=dht, run_id=f"fail{uuid.uuid4().hex[:8]}", target_batch_size=4, batch_size_per_step=4, params=[param],
-        optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0), matchmaking_time=1.0, averaging_timeout=3.0,
-        load_state_timeout=5.0, delay_optimizer_step=False, average_state_every=1000)
+        dht=dht,
+        run_id=f"fail{uuid.uuid4().hex[:8]}",
+        target_batch_size=4,
+        batch_size_per_step=4,
+        params=[param],
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0),
+        matchmaking_time=1.0,
+        averaging_timeout=3.0,
+        load_state_timeout=5.0,
+        delay_optimizer_step=False,
+        average_state_every=1000,
+    )
     try:
         # The group progress set below must not be refreshed from the DHT: stop the tracker's
         # background thread (the optimizer still reads and updates its fields).
@@ -352,14 +406,26 @@ def test_sigkill_is_absorbed_and_ctrl_c_leaves_cleanly(cluster, spec_path, text_
     from conftest import assert_all_gone, dump_logs
 
     boot, addr = cluster.bootstrap(spec_path=spec_path, timeout=READY)
-    peers = {name: cluster.peer(name, [addr], spec_path=spec_path, stage=int(name[1]), data=str(text_data),
-                                extra=_peer_args("--final-state", str(cluster.workdir / f"{name}.safetensors")))
-             for name in ("s0a", "s0b", "s1a", "s1b")}
+    peers = {
+        name: cluster.peer(
+            name,
+            [addr],
+            spec_path=spec_path,
+            stage=int(name[1]),
+            data=str(text_data),
+            extra=_peer_args("--final-state", str(cluster.workdir / f"{name}.safetensors")),
+        )
+        for name in ("s0a", "s0b", "s1a", "s1b")
+    }
     for p in peers.values():
         p.wait_event("ready", READY)
     for p in peers.values():
-        _status(p, READY, lambda e: e["microbatches"] >= 3 and e["peers_per_stage"] == [2, 2],
-                "never trained with the whole swarm")
+        _status(
+            p,
+            READY,
+            lambda e: e["microbatches"] >= 3 and e["peers_per_stage"] == [2, 2],
+            "never trained with the whole swarm",
+        )
     cluster.track()
 
     victim = peers.pop("s1a")
@@ -372,9 +438,14 @@ def test_sigkill_is_absorbed_and_ctrl_c_leaves_cleanly(cluster, spec_path, text_
     try:
         for name, p in peers.items():
             before = at_kill[name]
-            _status(p, 300, lambda e, b=before: e["microbatches"] >= b["microbatches"] + 10
-                    and e["loss"] is not None and e["loss"] < b["loss"],
-                    f"stopped training or its loss stopped falling after the kill (at kill: {before})")
+            _status(
+                p,
+                300,
+                lambda e, b=before: (
+                    e["microbatches"] >= b["microbatches"] + 10 and e["loss"] is not None and e["loss"] < b["loss"]
+                ),
+                f"stopped training or its loss stopped falling after the kill (at kill: {before})",
+            )
         # The dead peer's record expired: everyone sees one peer left on stage 1.
         for p in peers.values():
             _status(p, 120, lambda e: e["peers_per_stage"] == [2, 1], "still counts the dead peer")
@@ -408,8 +479,9 @@ def _settled_epochs(procs, since: float, timeout: float) -> int:
         if len(epochs) == 1 and None not in epochs:
             return epochs.pop()
         if time.monotonic() > deadline:
-            raise AssertionError(f"the stage group did not settle on one epoch: "
-                                 f"{[(p.name, p.last_event('status')) for p in procs]}")
+            raise AssertionError(
+                f"the stage group did not settle on one epoch: {[(p.name, p.last_event('status')) for p in procs]}"
+            )
         time.sleep(0.5)
 
 
@@ -435,22 +507,25 @@ def test_late_joiner_catches_up_and_ends_with_its_groups_weights(cluster, tmp_pa
 
     from conftest import TEST_TRAINING, dump_logs
 
-    spec = preset_spec("tiny", stages=2, run_id="churnlate", training=dict(TEST_TRAINING),
-                       compression=dict(gradients="none"))
+    spec = preset_spec(
+        "tiny", stages=2, run_id="churnlate", training=dict(TEST_TRAINING), compression=dict(gradients="none")
+    )
     spec_path = tmp_path / "spec.toml"
     spec.save(spec_path)
     every = spec.training.average_state_every
     final = {name: cluster.workdir / f"{name}.safetensors" for name in ("early", "late")}
     boot, addr = cluster.bootstrap(spec_path=spec_path, timeout=READY)
     trainer = cluster.peer("trainer", [addr], spec_path=spec_path, stage=0, data=str(text_data), extra=_peer_args())
-    early = cluster.peer("early", [addr], spec_path=spec_path, stage=1,
-                         extra=_peer_args("--final-state", str(final["early"])))
+    early = cluster.peer(
+        "early", [addr], spec_path=spec_path, stage=1, extra=_peer_args("--final-state", str(final["early"]))
+    )
     try:
         for p in (trainer, early):
             p.wait_event("ready", READY)
         _status(early, 600, lambda e: e["epoch"] >= 3, "the group never reached epoch 3")
-        late = cluster.peer("late", [addr], spec_path=spec_path, stage=1,
-                            extra=_peer_args("--final-state", str(final["late"])))
+        late = cluster.peer(
+            "late", [addr], spec_path=spec_path, stage=1, extra=_peer_args("--final-state", str(final["late"]))
+        )
         caught = late.wait_event("catch_up", READY)
         assert caught["epoch"] >= 3
         late.wait_event("ready", READY)
@@ -462,8 +537,12 @@ def test_late_joiner_catches_up_and_ends_with_its_groups_weights(cluster, tmp_pa
         assert first["loss"] < group_loss + 0.5 < 5.0, (first["loss"], group_loss)
         # It trains along: its stage accumulates micro-batches and it follows the group's epochs
         # through two rounds of state averaging.
-        _status(late, 600, lambda e: e["samples_accumulated"] > 0 and e["epoch"] >= caught["epoch"] + 2 * every + 1,
-                "the late joiner did not train along with its group")
+        _status(
+            late,
+            600,
+            lambda e: e["samples_accumulated"] > 0 and e["epoch"] >= caught["epoch"] + 2 * every + 1,
+            "the late joiner did not train along with its group",
+        )
 
         # The only trainer leaves: no more work, the group settles on one epoch.
         cluster.stop(trainer)
@@ -509,7 +588,8 @@ def _first_event(procs, name: str, timeout: float):
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_emptied_stage_is_recovered_from_the_signed_checkpoint_and_restart_resumes_from_disk(
-        cluster, tmp_path, text_data):
+    cluster, tmp_path, text_data
+):
     """A keeper signs checkpoints of a 2-stage swarm (stage 0: two peers, stage 1: one). The
     stage-1 peer is SIGKILLed: one stage-0 peer moves there, restores stage 1 from the newest
     signed checkpoint, reports the work lost (event ``recovered``), and training resumes.
@@ -524,28 +604,60 @@ def test_emptied_stage_is_recovered_from_the_signed_checkpoint_and_restart_resum
 
     key = tmp_path / "keeper.pem"
     subprocess.run([*SWARMTRAIN, "keygen", str(key)], capture_output=True, text=True, check=True, timeout=120)
-    spec = preset_spec("tiny", stages=2, run_id="churnrecovery", trusted_keys=(key.with_suffix(".pub").read_text(),),
-                       training=dict(TEST_TRAINING))
+    spec = preset_spec(
+        "tiny",
+        stages=2,
+        run_id="churnrecovery",
+        trusted_keys=(key.with_suffix(".pub").read_text(),),
+        training=dict(TEST_TRAINING),
+    )
     spec_path = tmp_path / "spec.toml"
     spec.save(spec_path)
 
-    boot, addr = cluster.bootstrap(spec_path=spec_path, timeout=READY, extra=[
-        "--keeper", "--signing-key", str(key), "--checkpoint-dir", str(tmp_path / "keeper-ckpts"), "--every", "3",
-        "--keep", "50", "--announce-period", "1"])
+    boot, addr = cluster.bootstrap(
+        spec_path=spec_path,
+        timeout=READY,
+        extra=[
+            "--keeper",
+            "--signing-key",
+            str(key),
+            "--checkpoint-dir",
+            str(tmp_path / "keeper-ckpts"),
+            "--every",
+            "3",
+            "--keep",
+            "50",
+            "--announce-period",
+            "1",
+        ],
+    )
     keeper_id = boot.wait_event("ready", 10)["peer_id"]
 
     def own(name):  # a persistent identity and checkpoint dir per peer name
         return ["--identity", str(tmp_path / f"{name}.id"), "--checkpoint-dir", str(tmp_path / f"{name}-ckpts")]
 
-    stage0 = [cluster.peer(name, [addr], spec_path=spec_path, stage=0, data=str(text_data),
-                           extra=_peer_args("--rebalance-period", "2", *own(name))) for name in ("a", "b")]
+    stage0 = [
+        cluster.peer(
+            name,
+            [addr],
+            spec_path=spec_path,
+            stage=0,
+            data=str(text_data),
+            extra=_peer_args("--rebalance-period", "2", *own(name)),
+        )
+        for name in ("a", "b")
+    ]
     victim = cluster.peer("c", [addr], spec_path=spec_path, stage=1, data=str(text_data), extra=_peer_args())
     try:
         for p in (*stage0, victim):
             p.wait_event("ready", READY)
         for p in (*stage0, victim):
-            _status(p, READY, lambda e: e["microbatches"] >= 2 and e["peers_per_stage"] == [2, 1],
-                    "never trained with the whole swarm")
+            _status(
+                p,
+                READY,
+                lambda e: e["microbatches"] >= 2 and e["peers_per_stage"] == [2, 1],
+                "never trained with the whole swarm",
+            )
         signed = boot.wait_event("checkpoint_signed", 600, lambda e: e["step"] >= 2)
         assert not any(p.last_event("moved") for p in stage0), "a peer moved while every stage was served"
 
@@ -571,8 +683,14 @@ def test_emptied_stage_is_recovered_from_the_signed_checkpoint_and_restart_resum
         # Restart: the keeper is gone, and so are its announcements (they expire in 3 s).
         cluster.stop(boot)
         cluster.stop(mover)
-        again = cluster.peer("again", [other.last_event("ready")["maddrs"][0]], spec_path=spec_path, stage=1,
-                             data=str(text_data), extra=_peer_args(*own(mover.name)))
+        again = cluster.peer(
+            "again",
+            [other.last_event("ready")["maddrs"][0]],
+            spec_path=spec_path,
+            stage=1,
+            data=str(text_data),
+            extra=_peer_args(*own(mover.name)),
+        )
         reloaded = again.wait_event("restored", READY)
         assert reloaded["source"] == "local" and reloaded["stage"] == 1
         assert reloaded["step"] == restored["step"] and reloaded["manifest_digest"] == restored["manifest_digest"]
@@ -601,24 +719,34 @@ def test_a_peer_moves_to_the_slower_stage_and_trains_there(cluster, spec_path, t
 
     rebalancing = _peer_args("--rebalance-period", "2", "--rebalance-cooldown", "10", "--throughput", "100")
     _, addr = cluster.bootstrap(spec_path=spec_path, timeout=READY)
-    stage0 = [cluster.peer(f"s0{x}", [addr], spec_path=spec_path, stage=0, data=str(text_data), extra=rebalancing)
-              for x in "abc"]
-    s1 = cluster.peer("s1", [addr], spec_path=spec_path, stage=1, data=str(text_data),
-                      extra=_peer_args("--throughput", "100"))
+    stage0 = [
+        cluster.peer(f"s0{x}", [addr], spec_path=spec_path, stage=0, data=str(text_data), extra=rebalancing)
+        for x in "abc"
+    ]
+    s1 = cluster.peer(
+        "s1", [addr], spec_path=spec_path, stage=1, data=str(text_data), extra=_peer_args("--throughput", "100")
+    )
     try:
         for p in (*stage0, s1):
             p.wait_event("ready", READY)
         mover, moved = _first_event(stage0, "moved", 600)
         assert moved["from"] == 0 and moved["to"] == 1 and moved["reason"] == "rebalance"
         # It took stage 1's live state before serving it (the group was ahead of a fresh init).
-        caught = [e for e in mover.events if e["event"] in ("catch_up", "live_state_refused")
-                  and e["time"] > mover.last_event("moving")["time"]]
+        caught = [
+            e
+            for e in mover.events
+            if e["event"] in ("catch_up", "live_state_refused") and e["time"] > mover.last_event("moving")["time"]
+        ]
         assert caught and caught[0]["event"] == "catch_up", [e["event"] for e in mover.events][-12:]
         for p in (*stage0, s1):
             _status(p, 300, lambda e: e["peers_per_stage"] == [2, 2], "does not see the swarm at 2 + 2")
         epoch = mover.last_event("status")["epoch"]
-        _status(mover, 300, lambda e: e["epoch"] >= epoch + 2 and e["stage"] == 1,
-                "the mover does not train with stage 1's group")
+        _status(
+            mover,
+            300,
+            lambda e: e["epoch"] >= epoch + 2 and e["stage"] == 1,
+            "the mover does not train with stage 1's group",
+        )
         for p in (*stage0, s1):
             _trained_more(p, p.last_event("status")["microbatches"] + 3)
         assert sum(1 for p in stage0 if p.last_event("moved")) == 1, "more than one peer moved"

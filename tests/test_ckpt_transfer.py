@@ -57,8 +57,15 @@ def ckpt(tmp_path_factory, spec, keys):
     """A signed checkpoint of stage 0, step 7 (about 1.7 MB)."""
     root = tmp_path_factory.mktemp("src")
     module = _trained(spec)
-    w = write_checkpoint(root / "stage-0" / "step-0000000007", spec=spec, stage=0, step=7, tokens_seen=7000,
-                         model_state=module.state_dict(), key_paths=[keys["keeper"][0]])
+    w = write_checkpoint(
+        root / "stage-0" / "step-0000000007",
+        spec=spec,
+        stage=0,
+        step=7,
+        tokens_seen=7000,
+        model_state=module.state_dict(),
+        key_paths=[keys["keeper"][0]],
+    )
     return w, module
 
 
@@ -128,15 +135,25 @@ def _typed(announced):
 def test_restore_candidates_order_and_rollback():
     d1, d2, d3 = "1" * 64, "2" * 64, "3" * 64
     local = [_local("/c/step-9", 9), _local("/c/step-3", 3)]
-    announced = [("peerA", _rec(9, d1)), ("peerB", _rec(12, d2)), ("peerC", _rec(12, d2)), ("peerD", _rec(2, d3)),
-                 ("me", _rec(50, "4" * 64))]
+    announced = [
+        ("peerA", _rec(9, d1)),
+        ("peerB", _rec(12, d2)),
+        ("peerC", _rec(12, d2)),
+        ("peerD", _rec(2, d3)),
+        ("me", _rec(50, "4" * 64)),
+    ]
     got = restore_candidates(local, _typed(announced), held_step=3, exclude_sources=["me"])
     assert [(c.step, c.manifest, c.path) for c in got] == [
-        (12, d2, None), (9, None, Path("/c/step-9")), (9, d1, None), (3, None, Path("/c/step-3"))]
+        (12, d2, None),
+        (9, None, Path("/c/step-9")),
+        (9, d1, None),
+        (3, None, Path("/c/step-3")),
+    ]
     assert got[0].sources == ("peerB", "peerC")
     # Announcements that do not claim a trusted signer are not worth a download.
-    got = restore_candidates([], _typed([("x", {**_rec(20, d3), "signers": ["b" * 16]}), ("y", _rec(9, d1))]),
-                             trusted={"a" * 16})
+    got = restore_candidates(
+        [], _typed([("x", {**_rec(20, d3), "signers": ["b" * 16]}), ("y", _rec(9, d1))]), trusted={"a" * 16}
+    )
     assert [c.manifest for c in got] == [d1]
     # The step of a digest is the smallest any announcer claims: lying about it does not help.
     got = restore_candidates([], _typed([("liar", _rec(99, d1)), ("honest", _rec(9, d1))]))
@@ -149,7 +166,9 @@ def test_live_state_verdict():
     load, why = live_state_verdict(group_epoch=15, **v)
     assert load and "5 epoch(s) ahead of the trusted checkpoint (step 10)" in why
     load, why = live_state_verdict(group_epoch=16, **v)
-    assert not load and "6 epochs ahead of the trusted checkpoint (step 10), more than trust.max_live_state_lag = 5" in why
+    assert (
+        not load and "6 epochs ahead of the trusted checkpoint (step 10), more than trust.max_live_state_lag = 5" in why
+    )
     load, why = live_state_verdict(group_epoch=11, **{**v, "accept_untrusted": False})
     assert not load and "trust.accept_untrusted_live_state = false" in why
     # No checkpoint: the spec's init (step 0) is the trusted base.
@@ -239,23 +258,41 @@ def test_tampered_chunk_is_refused_and_fetched_again_elsewhere(host, client, spe
 def test_substituted_or_untrusted_checkpoint_is_refused(host, client, spec, keys, ckpt, tmp_path):
     written, module = ckpt
     # A source that answers for our digest with another checkpoint, properly signed by the keeper.
-    other = write_checkpoint(tmp_path / "other" / "stage-0" / "step-0000000099", spec=spec, stage=0, step=99,
-                             tokens_seen=0, model_state=module.state_dict(), key_paths=[keys["keeper"][0]])
+    other = write_checkpoint(
+        tmp_path / "other" / "stage-0" / "step-0000000099",
+        spec=spec,
+        stage=0,
+        step=99,
+        tokens_seen=0,
+        model_state=module.state_dict(),
+        key_paths=[keys["keeper"][0]],
+    )
     liar, _ = _serve(host, spec, other.path, written.manifest_digest, client)
     fetcher = CheckpointFetcher(spec, client, host.run)
-    with pytest.raises(CheckpointRefused, match=f"the signatures cover checkpoint {other.manifest_digest}, not the "
-                                                f"requested {written.manifest_digest}"):
+    with pytest.raises(
+        CheckpointRefused,
+        match=f"the signatures cover checkpoint {other.manifest_digest}, not the requested {written.manifest_digest}",
+    ):
         fetcher.fetch(0, written.manifest_digest, [peer_id(liar)], tmp_path / "d1")
     # A checkpoint signed by a key the spec does not trust.
-    forged = write_checkpoint(tmp_path / "forged" / "stage-0" / "step-0000000100", spec=spec, stage=0, step=100,
-                              tokens_seen=0, model_state=module.state_dict(), key_paths=[keys["mallory"][0]])
+    forged = write_checkpoint(
+        tmp_path / "forged" / "stage-0" / "step-0000000100",
+        spec=spec,
+        stage=0,
+        step=100,
+        tokens_seen=0,
+        model_state=module.state_dict(),
+        key_paths=[keys["mallory"][0]],
+    )
     mallory, _ = _serve(host, spec, forged.path, forged.manifest_digest, client)
     fp = signing.fingerprint(keys["mallory"][1].read_text())
     with pytest.raises(CheckpointRefused, match=f"signatures/{fp}.sig is by key {fp}, which is not trusted"):
         fetcher.fetch(0, forged.manifest_digest, [peer_id(mallory)], tmp_path / "d2")
     # Rollback: older than what the peer holds.
     good, _ = _serve(host, spec, _copy(written.path, tmp_path / "g"), written.manifest_digest, client)
-    with pytest.raises(CheckpointRefused, match="step is 7, older than the step already held \\(8\\): rollback refused"):
+    with pytest.raises(
+        CheckpointRefused, match="step is 7, older than the step already held \\(8\\): rollback refused"
+    ):
         fetcher.fetch(0, written.manifest_digest, [peer_id(good)], tmp_path / "d3", held_step=8)
 
 
@@ -271,16 +308,17 @@ def test_restore_refuses_tampered_local_then_fetches_and_announces(host, client,
     record = {**_rec(7, written.manifest_digest), "signers": list(written.signers)}
     swarm = FakeSwarm(peer_id=peer_id(client), announcements=[(peer_id(good), record)])
     events = Events()
-    service = CheckpointService(spec, CheckpointStore(root, spec), swarm=swarm, p2p=client, run=host.run,
-                                event=events, announce_period=0.5)
+    service = CheckpointService(
+        spec, CheckpointStore(root, spec), swarm=swarm, p2p=client, run=host.run, event=events, announce_period=0.5
+    )
 
     fresh = LlamaStage.from_spec(spec, 0)
     restored = service.restore(0, fresh)
     service.stop()
-    (text, refused), = events.named("checkpoint_refused")
+    ((text, refused),) = events.named("checkpoint_refused")
     assert refused["path"] == str(tampered) and refused["source"] == "local"
     assert "model.safetensors: content does not match the signed digest" in refused["reason"]
-    (_, got), = events.named("restored")
+    ((_, got),) = events.named("restored")
     assert got["step"] == 7 and got["source"] == peer_id(good) and got["manifest_digest"] == written.manifest_digest
     assert restored.verified.path != tampered
     for name, p in module.named_parameters():
@@ -300,7 +338,7 @@ def test_restore_refusal_leaves_module_untouched(spec, ckpt, tmp_path):
     fresh = LlamaStage.from_spec(spec, 0)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     assert service.restore(0, fresh) is None
-    (_, refused), = events.named("checkpoint_refused")
+    ((_, refused),) = events.named("checkpoint_refused")
     assert "checkpoint.json: content does not match the signed digest" in refused["reason"]
     assert events.named("restore_none")
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
@@ -311,7 +349,7 @@ def test_restore_without_trusted_keys_is_skipped(tmp_path):
     events = Events()
     service = CheckpointService(spec, CheckpointStore(tmp_path, spec), swarm=None, p2p=None, run=None, event=events)
     assert service.restore(0, LlamaStage.from_spec(spec, 0)) is None
-    (text, fields), = events.named("restore_skipped")
+    ((text, fields),) = events.named("restore_skipped")
     assert fields["reason"] == "no trusted keys"
 
 
@@ -319,9 +357,18 @@ def test_announced_checkpoints_grouped_by_digest():
     from peer.checkpoints import announced_checkpoints
 
     d1, d2 = "1" * 64, "2" * 64
-    rows = announced_checkpoints(_typed([
-        ("keeper", {**_rec(9, d1), "stage": 0}), ("c", {**_rec(9, d1), "stage": 0}),
-        ("keeper", {**_rec(12, d2), "stage": 0}), ("keeper", {**_rec(9, "3" * 64), "stage": 1}),
-    ]))
+    rows = announced_checkpoints(
+        _typed(
+            [
+                ("keeper", {**_rec(9, d1), "stage": 0}),
+                ("c", {**_rec(9, d1), "stage": 0}),
+                ("keeper", {**_rec(12, d2), "stage": 0}),
+                ("keeper", {**_rec(9, "3" * 64), "stage": 1}),
+            ]
+        )
+    )
     assert [(r["stage"], r["step"], r["manifest_digest"], r["served_by"]) for r in rows] == [
-        (0, 12, d2, ["keeper"]), (0, 9, d1, ["keeper", "c"]), (1, 9, "3" * 64, ["keeper"])]
+        (0, 12, d2, ["keeper"]),
+        (0, 9, d1, ["keeper", "c"]),
+        (1, 9, "3" * 64, ["keeper"]),
+    ]

@@ -62,13 +62,16 @@ def test_run_rejects_a_bad_stage_and_keeper_options(spec_path, tmp_path):
     assert r.exit_code == 2 and "--keeper needs --signing-key" in r.output, r.output
 
 
-@pytest.mark.parametrize("value, message", [
-    ("nan", "nan is not a number of samples/s"),
-    ("0", "not in the range"),
-    ("-5", "not in the range"),
-    ("2e9", "not in the range"),
-    ("fast", "not a valid float"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("nan", "nan is not a number of samples/s"),
+        ("0", "not in the range"),
+        ("-5", "not in the range"),
+        ("2e9", "not in the range"),
+        ("fast", "not a valid float"),
+    ],
+)
 def test_run_rejects_a_bad_throughput(spec_path, value, message):
     peer = "/ip4/127.0.0.1/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
     r = invoke("run", "--initial-peers", peer, "--spec", spec_path, "--throughput", value)

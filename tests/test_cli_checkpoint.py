@@ -45,12 +45,30 @@ def env(tmp_path_factory):
                 p.add_(torch.randn(p.shape, generator=g) * 0.01)
     ckpts = []
     for k, s in enumerate(stages):
-        ckpts.append(write_checkpoint(d / "ckpt" / f"stage-{k}", spec=spec, stage=k, step=12, tokens_seen=4096,
-                                      model_state=s.state_dict(), key_paths=[d / "a.pem"]).path)
-    return dict(dir=d, spec=spec, spec_path=d / "spec.toml", stages=stages, ckpts=ckpts,
-                a=d / "a.pem", a_pub=d / "a.pub", b=d / "b.pem", b_pub=d / "b.pub",
-                fp_a=signing.fingerprint((d / "a.pub").read_text()),
-                fp_b=signing.fingerprint((d / "b.pub").read_text()))
+        ckpts.append(
+            write_checkpoint(
+                d / "ckpt" / f"stage-{k}",
+                spec=spec,
+                stage=k,
+                step=12,
+                tokens_seen=4096,
+                model_state=s.state_dict(),
+                key_paths=[d / "a.pem"],
+            ).path
+        )
+    return dict(
+        dir=d,
+        spec=spec,
+        spec_path=d / "spec.toml",
+        stages=stages,
+        ckpts=ckpts,
+        a=d / "a.pem",
+        a_pub=d / "a.pub",
+        b=d / "b.pem",
+        b_pub=d / "b.pub",
+        fp_a=signing.fingerprint((d / "a.pub").read_text()),
+        fp_b=signing.fingerprint((d / "b.pub").read_text()),
+    )
 
 
 @pytest.fixture
@@ -96,8 +114,14 @@ def test_keygen_refuses_when_only_the_public_key_exists(tmp_path):
 def test_verify_ok_prints_summary(env):
     r = run("checkpoint", "verify", env["ckpts"][1], "--spec", env["spec_path"])
     assert r.exit_code == 0, r.output
-    for text in ("run       swarm", "stage     1", "step      12", "tokens    4096", f"signers   {env['fp_a']}",
-                 f"spec      {env['spec'].digest()}"):
+    for text in (
+        "run       swarm",
+        "stage     1",
+        "step      12",
+        "tokens    4096",
+        f"signers   {env['fp_a']}",
+        f"spec      {env['spec'].digest()}",
+    ):
         assert text in r.output
 
 
@@ -128,14 +152,32 @@ def test_verify_rollback_and_stage(env):
 
 
 def test_sign_cosign_and_min_signatures(env, ckpt):
-    r = run("checkpoint", "verify", ckpt, "--trusted-key", env["a_pub"], "--trusted-key", env["b_pub"],
-            "--min-signatures", 2)
+    r = run(
+        "checkpoint",
+        "verify",
+        ckpt,
+        "--trusted-key",
+        env["a_pub"],
+        "--trusted-key",
+        env["b_pub"],
+        "--min-signatures",
+        2,
+    )
     assert r.exit_code == 1 and "1 valid signature(s) from trusted keys, 2 required" in r.output
     r = run("checkpoint", "sign", ckpt, "--key", env["b"])
     assert r.exit_code == 0, r.output
     assert f"signatures/{env['fp_b']}.sig" in r.output and "model_signing verify key" in r.output
-    r = run("checkpoint", "verify", ckpt, "--trusted-key", env["a_pub"], "--trusted-key", env["b_pub"],
-            "--min-signatures", 2)
+    r = run(
+        "checkpoint",
+        "verify",
+        ckpt,
+        "--trusted-key",
+        env["a_pub"],
+        "--trusted-key",
+        env["b_pub"],
+        "--min-signatures",
+        2,
+    )
     assert r.exit_code == 0, r.output
     assert f"signers   {', '.join(sorted([env['fp_a'], env['fp_b']]))}" in r.output
     # b is not in the spec: counted only when trusted explicitly, listed as ignored otherwise.
@@ -165,12 +207,20 @@ def test_sign_refuses_a_non_checkpoint(env, tmp_path):
 
 def test_entry_point_subprocess(env, ckpt):
     assert SWARMTRAIN.exists(), SWARMTRAIN
-    ok = subprocess.run([str(SWARMTRAIN), "checkpoint", "verify", str(ckpt), "--spec", str(env["spec_path"])],
-                        capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [str(SWARMTRAIN), "checkpoint", "verify", str(ckpt), "--spec", str(env["spec_path"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ok.returncode == 0, ok.stderr
     (ckpt / "model.safetensors").unlink()
-    bad = subprocess.run([str(SWARMTRAIN), "checkpoint", "verify", str(ckpt), "--spec", str(env["spec_path"])],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [str(SWARMTRAIN), "checkpoint", "verify", str(ckpt), "--spec", str(env["spec_path"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and "signed file(s) missing: model.safetensors" in bad.stderr
 
 
@@ -204,8 +254,15 @@ def test_export_refusals(env, tmp_path):
 
     # Stage 1 of another step.
     spec = env["spec"]
-    later = write_checkpoint(tmp_path / "later", spec=spec, stage=1, step=13, tokens_seen=0,
-                             model_state=env["stages"][1].state_dict(), key_paths=[env["a"]]).path
+    later = write_checkpoint(
+        tmp_path / "later",
+        spec=spec,
+        stage=1,
+        step=13,
+        tokens_seen=0,
+        model_state=env["stages"][1].state_dict(),
+        key_paths=[env["a"]],
+    ).path
     r = run("checkpoint", "export", ckpts[0], later, "--out", tmp_path / "o4", "--spec", spec_path)
     assert r.exit_code == 1 and "different steps" in r.output and "stage 1: step 13" in r.output
 

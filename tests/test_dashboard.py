@@ -51,12 +51,32 @@ def run_chromium(url: str, tmp: Path, *extra: str, timeout: float = 120.0) -> st
     """One headless Chromium run on ``url``; returns its stdout. Killed by process group on timeout."""
     profile = tmp / f"chromium-profile-{time.monotonic_ns()}"
     profile.mkdir(parents=True)
-    args = [need_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--virtual-time-budget=8000", *extra, url]
+    args = [
+        need_chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=8000",
+        *extra,
+        url,
+    ]
     env = {**os.environ, "HOME": str(profile)}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -154,14 +174,57 @@ def test_downsample_keeps_ends_and_spreads():
 
 
 def _fake_snapshot(t: float, tokens: int, loss) -> dict:
-    return {"run_id": "r", "digest": "d" * 64, "time": t, "num_peers": 2, "loss": loss, "tokens_per_s": 10.0,
-            "checkpoints": [],
-            "stages": [{"stage": 0, "layers": [0, 2], "online": 1, "throughput": 3.0, "epoch": 4,
-                        "peers": [{"peer_id": "QmA", "state": "online", "throughput": 3.0, "epoch": 4, "loss": loss,
-                                   "tokens": tokens, "samples_per_s": 1.0, "has_data": True, "version": "0.1.0"}]},
-                       {"stage": 1, "layers": [2, 4], "online": 1, "throughput": 5.0, "epoch": 4,
-                        "peers": [{"peer_id": "QmB", "state": "online", "throughput": 5.0, "epoch": 4, "loss": None,
-                                   "tokens": 0, "samples_per_s": 0.0, "has_data": False, "version": "0.1.0"}]}]}
+    return {
+        "run_id": "r",
+        "digest": "d" * 64,
+        "time": t,
+        "num_peers": 2,
+        "loss": loss,
+        "tokens_per_s": 10.0,
+        "checkpoints": [],
+        "stages": [
+            {
+                "stage": 0,
+                "layers": [0, 2],
+                "online": 1,
+                "throughput": 3.0,
+                "epoch": 4,
+                "peers": [
+                    {
+                        "peer_id": "QmA",
+                        "state": "online",
+                        "throughput": 3.0,
+                        "epoch": 4,
+                        "loss": loss,
+                        "tokens": tokens,
+                        "samples_per_s": 1.0,
+                        "has_data": True,
+                        "version": "0.1.0",
+                    }
+                ],
+            },
+            {
+                "stage": 1,
+                "layers": [2, 4],
+                "online": 1,
+                "throughput": 5.0,
+                "epoch": 4,
+                "peers": [
+                    {
+                        "peer_id": "QmB",
+                        "state": "online",
+                        "throughput": 5.0,
+                        "epoch": 4,
+                        "loss": None,
+                        "tokens": 0,
+                        "samples_per_s": 0.0,
+                        "has_data": False,
+                        "version": "0.1.0",
+                    }
+                ],
+            },
+        ],
+    }
 
 
 def test_history_points_and_bounds():
@@ -246,18 +309,49 @@ def test_http_api_and_page_without_network():
 def _eventful_snapshot(t: float, i: int) -> dict:
     """A swarm with a bit of everything: a joining peer, an empty stage, signed checkpoints."""
     snap = _fake_snapshot(t, 800 * i, 5.0 - 0.05 * i)
-    snap["stages"][0]["peers"].append({"peer_id": "QmJoiner", "state": "joining", "throughput": 1.0, "epoch": 0,
-                                       "loss": None, "tokens": 0, "samples_per_s": 0.0, "has_data": True,
-                                       "version": "0.1.0"})
+    snap["stages"][0]["peers"].append(
+        {
+            "peer_id": "QmJoiner",
+            "state": "joining",
+            "throughput": 1.0,
+            "epoch": 0,
+            "loss": None,
+            "tokens": 0,
+            "samples_per_s": 0.0,
+            "has_data": True,
+            "version": "0.1.0",
+        }
+    )
     snap["stages"][1].update(online=0, throughput=0.0, peers=[])
     trusted, other = "a" * 16, "b" * 16
     snap["checkpoints"] = [
-        {"peer_id": "QmA", "stage": 0, "step": 120, "manifest_digest": "1" * 64, "signers": [trusted], "files": 3,
-         "total_bytes": 5_000_000},
-        {"peer_id": "QmKeeper", "stage": 0, "step": 120, "manifest_digest": "1" * 64, "signers": [trusted], "files": 3,
-         "total_bytes": 5_000_000},
-        {"peer_id": "QmB", "stage": 1, "step": 100, "manifest_digest": "2" * 64, "signers": [other], "files": 3,
-         "total_bytes": 4_000_000},
+        {
+            "peer_id": "QmA",
+            "stage": 0,
+            "step": 120,
+            "manifest_digest": "1" * 64,
+            "signers": [trusted],
+            "files": 3,
+            "total_bytes": 5_000_000,
+        },
+        {
+            "peer_id": "QmKeeper",
+            "stage": 0,
+            "step": 120,
+            "manifest_digest": "1" * 64,
+            "signers": [trusted],
+            "files": 3,
+            "total_bytes": 5_000_000,
+        },
+        {
+            "peer_id": "QmB",
+            "stage": 1,
+            "step": 100,
+            "manifest_digest": "2" * 64,
+            "signers": [other],
+            "files": 3,
+            "total_bytes": 4_000_000,
+        },
     ]
     return snap
 
@@ -277,8 +371,16 @@ def test_page_renders_checkpoints_and_empty_stages(tmp_path):
         rows = get_json(server.url + "api/swarm")["checkpoint_rows"]
         assert [(r["stage"], r["step"], len(r["served_by"])) for r in rows] == [(0, 120, 2), (1, 100, 1)]
         shot = tmp_path / "eventful.png"
-        facts = dom_facts(run_chromium(server.url, tmp_path, "--dump-dom", f"--screenshot={shot}",
-                                       "--window-size=1280,900", "--hide-scrollbars"))
+        facts = dom_facts(
+            run_chromium(
+                server.url,
+                tmp_path,
+                "--dump-dom",
+                f"--screenshot={shot}",
+                "--window-size=1280,900",
+                "--hide-scrollbars",
+            )
+        )
     finally:
         server.close()
     assert facts.by_id["js-errors"]["data-count"] == "0", facts.error_items
@@ -326,8 +428,21 @@ def test_dashboard_on_a_live_swarm(cluster, spec_path, text_data, tmp_path):
     assert boot_board is not None, dump_logs(cluster)
     s0 = cluster.peer("s0", [maddr], spec_path=spec_path, stage=0, data=str(text_data))
     s1 = cluster.peer("s1", [maddr], spec_path=spec_path, stage=1)
-    dash = cluster.start("dashboard", ["dashboard", "--initial-peers", maddr, "--run", "swarmtest", "--port", "0",
-                                       "--poll-period", "1", "--log-json"])
+    dash = cluster.start(
+        "dashboard",
+        [
+            "dashboard",
+            "--initial-peers",
+            maddr,
+            "--run",
+            "swarmtest",
+            "--port",
+            "0",
+            "--poll-period",
+            "1",
+            "--log-json",
+        ],
+    )
     ids = {s0.wait_event("ready", 120)["peer_id"], s1.wait_event("ready", 120)["peer_id"]}
     url = dash.wait_event("ready", 120)["url"]
     cluster.track()
@@ -361,8 +476,9 @@ def test_dashboard_on_a_live_swarm(cluster, spec_path, text_data, tmp_path):
         pytest.skip("headless browser checks need Chromium: apt-get install -y chromium (.ci/run does it as root)")
     # One browser run: the DOM it prints is the page of the screenshot.
     shot = tmp_path / "dashboard.png"
-    facts = dom_facts(run_chromium(url, tmp_path, "--dump-dom", f"--screenshot={shot}", "--window-size=1280,900",
-                                   "--hide-scrollbars"))
+    facts = dom_facts(
+        run_chromium(url, tmp_path, "--dump-dom", f"--screenshot={shot}", "--window-size=1280,900", "--hide-scrollbars")
+    )
     assert facts.by_id["js-errors"]["data-count"] == "0", f"JavaScript errors: {facts.error_items}"
     assert facts.body.get("data-loaded") == "1", "the page never rendered a snapshot"
     loss_points = int(facts.by_id["loss-chart"]["data-points"])

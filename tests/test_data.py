@@ -100,8 +100,9 @@ def test_json_suffix_is_json_lines(tmp_path):
 
 
 def test_parquet_row_groups_and_nulls(tmp_path):
-    path = write_parquet(tmp_path / "a.parquet", {"text": ["ab", None, "cd", "ef"], "n": [1, 2, 3, 4]},
-                         row_group_size=2)
+    path = write_parquet(
+        tmp_path / "a.parquet", {"text": ["ab", None, "cd", "ef"], "n": [1, 2, 3, 4]}, row_group_size=2
+    )
     assert pq.ParquetFile(path).num_row_groups == 2
     ds = PackedDataset(path, TOK, seq_len=3, batch_size=3, seed=0, shuffle_buffer=1)
     doc = TOK.encode("ab") + [EOS] + TOK.encode("cd") + [EOS] + TOK.encode("ef") + [EOS]
@@ -199,8 +200,12 @@ def test_bad_text_files_are_skipped_with_one_warning(tmp_path, monkeypatch, warn
     }
     messages = [r.getMessage() for r in warnings_log.records if r.name == "swarmtrain.data"]
     assert len(messages) == 5  # once per file, not once per epoch
-    for name, why in [("empty.txt", "empty"), ("binary.bin", "binary"), ("latin1.txt", "UTF-8"),
-                      ("locked.txt", "Permission denied")]:
+    for name, why in [
+        ("empty.txt", "empty"),
+        ("binary.bin", "binary"),
+        ("latin1.txt", "UTF-8"),
+        ("locked.txt", "Permission denied"),
+    ]:
         assert any(name in m and why in m for m in messages), (name, messages)
 
 
@@ -215,14 +220,17 @@ def test_invalid_utf8_late_in_a_large_file(tmp_path, monkeypatch, warnings_log):
 
 
 def test_jsonl_bad_lines_warn_once_with_count(tmp_path, warnings_log):
-    path = write_jsonl(tmp_path / "a.jsonl", [
-        {"text": "good one"},
-        "{not json",
-        {"title": "no text field"},
-        {"text": 42},
-        "[1, 2]",
-        {"text": "good two"},
-    ])
+    path = write_jsonl(
+        tmp_path / "a.jsonl",
+        [
+            {"text": "good one"},
+            "{not json",
+            {"title": "no text field"},
+            {"text": 42},
+            "[1, 2]",
+            {"text": "good two"},
+        ],
+    )
     with open(path, "ab") as f:
         f.write(b"\xff\xfe\n")
     ds = PackedDataset(path, TOK, seq_len=8, batch_size=4, seed=0, shuffle_buffer=2)
@@ -265,8 +273,13 @@ def test_all_files_bad_raises_with_reasons(tmp_path, monkeypatch):
     with pytest.raises(DataError) as err:
         next(ds)
     message = str(err.value)
-    for name, why in [("empty.txt", "empty"), ("binary.dat", "binary"), ("notext.parquet", "no 'text' column"),
-                      ("bad.jsonl", "line 1"), ("locked.txt", "Permission denied")]:
+    for name, why in [
+        ("empty.txt", "empty"),
+        ("binary.dat", "binary"),
+        ("notext.parquet", "no 'text' column"),
+        ("bad.jsonl", "line 1"),
+        ("locked.txt", "Permission denied"),
+    ]:
         assert f"{tmp_path / name}: " in message and why in message, (name, message)
     with pytest.raises(DataError):  # and again, rather than a StopIteration
         next(ds)

@@ -11,9 +11,23 @@ from peer.base.procs import descendants
 
 def test_demo_trains_and_cleans_up(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "peer.cli", "demo", "--seconds", "45", "--peers-per-stage", "1",
-         "--workdir", str(tmp_path), "--json-summary"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "peer.cli",
+            "demo",
+            "--seconds",
+            "45",
+            "--peers-per-stage",
+            "1",
+            "--workdir",
+            str(tmp_path),
+            "--json-summary",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=400)

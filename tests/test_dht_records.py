@@ -54,8 +54,9 @@ def record_of(swarm: SwarmDHT, reader: SwarmDHT) -> dict | None:
 
 
 def info(peer_id: str, **fields) -> PeerInfo:
-    return PeerInfo(**{**dict(peer_id=peer_id, stage=0, state="online", throughput=5.0, epoch=3, version="0.1.0"),
-                       **fields})
+    return PeerInfo(
+        **{**dict(peer_id=peer_id, stage=0, state="online", throughput=5.0, epoch=3, version="0.1.0"), **fields}
+    )
 
 
 def test_announcements_are_attributed_to_their_signers(swarms):
@@ -90,8 +91,9 @@ def test_peer_cannot_overwrite_another_peers_record(swarms):
 def test_forged_signature_does_not_validate(swarms):
     """B signs a record for A's subkey with its own key: the signature check names A's key."""
     a, b = swarms
-    record = DHTRecord(key=b"k", subkey=owner_subkey(a), value=MSGPackSerializer.dumps({"x": 1}),
-                       expiration_time=get_dht_time() + 60)
+    record = DHTRecord(
+        key=b"k", subkey=owner_subkey(a), value=MSGPackSerializer.dumps({"x": 1}), expiration_time=get_dht_time() + 60
+    )
     signed_by_b = b.identity.private_key.sign(MSGPackSerializer.dumps(dataclasses.astuple(record)))
     forged = dataclasses.replace(record, value=record.value + b"[signature:" + signed_by_b + b"]")
     validator = RSASignatureValidator(a.identity.private_key)
@@ -102,15 +104,18 @@ def test_forged_signature_does_not_validate(swarms):
     assert validator.validate(genuine)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(unknown_field=1),
-    dict(throughput=-1.0),
-    dict(stage="zero"),
-    dict(state="hijacked"),
-    dict(epoch=-5),
-    dict(version="v" * 100),
-    dict(loss=float("inf")),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(unknown_field=1),
+        dict(throughput=-1.0),
+        dict(stage="zero"),
+        dict(state="hijacked"),
+        dict(epoch=-5),
+        dict(version="v" * 100),
+        dict(loss=float("inf")),
+    ],
+)
 def test_schema_violations_are_rejected(swarms, bad):
     a, b = swarms
     assert b.announce(info(b.peer_id, stage=1, throughput=2.0), ttl=120)
@@ -128,8 +133,9 @@ def test_records_under_foreign_keys_or_odd_subkeys_are_refused(swarms):
     # Not owner-marked: the run's schema requires an owner subkey.
     assert not b.dht.store(b.peers_key, record, get_dht_time() + 60, subkey=b"plain")
     # A spec record in a peers key, and a peer record with the wrong value type.
-    assert not b.dht.store(b.peers_key, {"spec_json": "{}", "digest": "0" * 64}, get_dht_time() + 60,
-                           subkey=owner_subkey(b))
+    assert not b.dht.store(
+        b.peers_key, {"spec_json": "{}", "digest": "0" * 64}, get_dht_time() + 60, subkey=owner_subkey(b)
+    )
     assert not b.dht.store(b.peers_key, "online", get_dht_time() + 60, subkey=owner_subkey(b))
 
 

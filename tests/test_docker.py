@@ -55,10 +55,14 @@ def _tail(path: Path, n: int = 60) -> str:
 
 def _buildah(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     driver = os.environ.get("STORAGE_DRIVER", "vfs")  # the same store as scripts/build_image.sh
-    store = [] if driver == "vfs" else ["--root", f"/var/lib/containers/storage-{driver}",
-                                         "--runroot", f"/run/containers/storage-{driver}"]
-    return subprocess.run(["buildah", "--storage-driver", driver, *store, *args],
-                          capture_output=True, text=True, timeout=timeout)
+    store = (
+        []
+        if driver == "vfs"
+        else ["--root", f"/var/lib/containers/storage-{driver}", "--runroot", f"/run/containers/storage-{driver}"]
+    )
+    return subprocess.run(
+        ["buildah", "--storage-driver", driver, *store, *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +77,13 @@ def image(tmp_path_factory) -> str:
     log = tmp_path_factory.mktemp("build") / "build.log"
     with open(log, "w") as out:
         try:
-            proc = subprocess.run(["bash", str(BUILD), "--tag", IMAGE], cwd=ROOT, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT_S)
+            proc = subprocess.run(
+                ["bash", str(BUILD), "--tag", IMAGE],
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=BUILD_TIMEOUT_S,
+            )
         except subprocess.TimeoutExpired:
             pytest.fail(f"build_image.sh ran past {BUILD_TIMEOUT_S}s; log {log}:\n{_tail(log)}")
     if proc.returncode != 0:
@@ -83,8 +92,9 @@ def image(tmp_path_factory) -> str:
 
 
 def _run_image(image: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(RUN_IMAGE), "--image", image, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", str(RUN_IMAGE), "--image", image, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_image_help_lists_the_commands(image):
@@ -116,8 +126,9 @@ def test_image_runs_as_swarm_with_cpu_torch_and_p2pd(image):
 
 def _swarm_commands_available() -> bool:
     try:
-        out = subprocess.run([str(_host_swarmtrain()), "run", "--help"], capture_output=True,
-                             text=True, timeout=120).stdout
+        out = subprocess.run(
+            [str(_host_swarmtrain()), "run", "--help"], capture_output=True, text=True, timeout=120
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return False
     return "--initial-peers" in out
@@ -127,8 +138,9 @@ def _start(argv: list[str], log: Path) -> subprocess.Popen:
     # A new session per started process: stopping it by its process group reaches everything
     # it started (p2pd, and with chroot isolation the program inside the container).
     with open(log, "w") as out:
-        return subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30) -> None:
@@ -155,8 +167,7 @@ def _wait_for(pattern: re.Pattern, log: Path, proc: subprocess.Popen, timeout: f
         if match:
             return match.group(0)
         if proc.poll() is not None:
-            pytest.fail(f"{proc.args[:3]} exited ({proc.returncode}) before printing "
-                        f"{pattern.pattern}:\n{_tail(log)}")
+            pytest.fail(f"{proc.args[:3]} exited ({proc.returncode}) before printing {pattern.pattern}:\n{_tail(log)}")
         time.sleep(1)
     pytest.fail(f"no {pattern.pattern} in {timeout:.0f}s:\n{_tail(log)}")
 
@@ -166,8 +177,9 @@ READY_RE = re.compile(r"serving stage 0 as ([1-9A-HJ-NP-Za-km-z]{20,})")
 
 def _stage0_peers(view: dict) -> dict[str, str]:
     """peer id -> state of the stage-0 peers in a `swarmtrain status --json` view."""
-    return {p["peer_id"]: p["state"] for st in view.get("stages", []) if st.get("stage") == 0
-            for p in st.get("peers", [])}
+    return {
+        p["peer_id"]: p["state"] for st in view.get("stages", []) if st.get("stage") == 0 for p in st.get("peers", [])
+    }
 
 
 def test_peer_in_image_joins_a_host_bootstrap(image, tmp_path):
@@ -178,10 +190,10 @@ def test_peer_in_image_joins_a_host_bootstrap(image, tmp_path):
     work.mkdir()
     (work / "ckpt").mkdir()
     spec = work / "spec.toml"
-    subprocess.run([swarmtrain, "spec", "init", str(spec), "--preset", "tiny", "--stages", "2"],
-                   check=True, timeout=120)
-    text = "\n".join(f"Volunteer {i} trains stage {i % 2} of a tiny transformer, peer to peer."
-                     for i in range(4000))
+    subprocess.run(
+        [swarmtrain, "spec", "init", str(spec), "--preset", "tiny", "--stages", "2"], check=True, timeout=120
+    )
+    text = "\n".join(f"Volunteer {i} trains stage {i % 2} of a tiny transformer, peer to peer." for i in range(4000))
     (work / "data.txt").write_text(text)
     for path in [work, *work.iterdir()]:
         os.chmod(path, 0o777 if path.is_dir() else 0o666)  # the container runs as uid 1000
@@ -189,19 +201,45 @@ def test_peer_in_image_joins_a_host_bootstrap(image, tmp_path):
     boot_log, peer_log = tmp_path / "bootstrap.log", tmp_path / "peer.log"
     started: list[subprocess.Popen] = []
     try:
-        boot = _start([swarmtrain, "bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                       "--identity", str(tmp_path / "bootstrap.key"), "--spec", str(spec)], boot_log)
+        boot = _start(
+            [
+                swarmtrain,
+                "bootstrap",
+                "--host-maddrs",
+                "/ip4/127.0.0.1/tcp/0",
+                "--identity",
+                str(tmp_path / "bootstrap.key"),
+                "--spec",
+                str(spec),
+            ],
+            boot_log,
+        )
         started.append(boot)
         maddr = _wait_for(MADDR_RE, boot_log, boot, timeout=120)
 
-        run_args = ["run", "--initial-peers", maddr, "--spec", "/work/spec.toml", "--stage", "0",
-                    "--data", "/work/data.txt", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
-                    "--identity", "/home/swarm/.swarmtrain/identity.key"]
-        if "--checkpoint-dir" in subprocess.run([swarmtrain, "run", "--help"], capture_output=True,
-                                                text=True, timeout=120).stdout:
+        run_args = [
+            "run",
+            "--initial-peers",
+            maddr,
+            "--spec",
+            "/work/spec.toml",
+            "--stage",
+            "0",
+            "--data",
+            "/work/data.txt",
+            "--host-maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--threads",
+            "1",
+            "--identity",
+            "/home/swarm/.swarmtrain/identity.key",
+        ]
+        if (
+            "--checkpoint-dir"
+            in subprocess.run([swarmtrain, "run", "--help"], capture_output=True, text=True, timeout=120).stdout
+        ):
             run_args += ["--checkpoint-dir", "/work/ckpt"]
-        peer = _start(["bash", str(RUN_IMAGE), "--image", image, "-v", f"{work}:/work", "--", *run_args],
-                      peer_log)
+        peer = _start(["bash", str(RUN_IMAGE), "--image", image, "-v", f"{work}:/work", "--", *run_args], peer_log)
         started.append(peer)
 
         # 1. the peer in the image says it serves stage 0 (it reached the host's bootstrap) ...
@@ -215,8 +253,12 @@ def test_peer_in_image_joins_a_host_bootstrap(image, tmp_path):
             if peer.poll() is not None:
                 pytest.fail(f"the peer in the image exited ({peer.returncode}):\n{_tail(peer_log)}")
             try:
-                status = subprocess.run([swarmtrain, "status", "--initial-peers", maddr, "--spec", str(spec),
-                                         "--json"], capture_output=True, text=True, timeout=90)
+                status = subprocess.run(
+                    [swarmtrain, "status", "--initial-peers", maddr, "--spec", str(spec), "--json"],
+                    capture_output=True,
+                    text=True,
+                    timeout=90,
+                )
                 status_out = status.stdout + status.stderr
                 if status.returncode == 0:
                     listed = _stage0_peers(json.loads(status.stdout))
@@ -227,7 +269,8 @@ def test_peer_in_image_joins_a_host_bootstrap(image, tmp_path):
             time.sleep(3)
         assert listed.get(peer_id) == "online", (
             f"status does not list peer {peer_id} online in stage 0: {listed}\n--- status:\n"
-            f"{status_out[-3000:]}\n--- peer log:\n{_tail(peer_log)}")
+            f"{status_out[-3000:]}\n--- peer log:\n{_tail(peer_log)}"
+        )
 
         # 3. SIGTERM to run_image.sh reaches the program in the container: a clean stop.
         peer.send_signal(signal.SIGTERM)

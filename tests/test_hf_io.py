@@ -120,7 +120,9 @@ def test_export_round_trip(tmp_path, case):
             if p.ndim == 1 or (drifted and name == HEAD):
                 p.add_(0.01 * torch.randn(p.shape, generator=g))
     out = export_hf_dir(
-        spec, [s.state_dict() for s in stages], tmp_path / "export",
+        spec,
+        [s.state_dict() for s in stages],
+        tmp_path / "export",
         max_shard_bytes=100_000 if variant and not tied else None,
     )
 
@@ -199,11 +201,16 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     file = tmp_path / "model.safetensors"
 
     other = make_spec([(0, 2), (2, 4)], hidden_size=64, rope_theta=500.0)
-    with pytest.raises(ValueError, match=r"hidden_size is 128 in config.json but 64 in the run spec.*rope_theta is 10000.0 in config.json but 500.0"):
+    with pytest.raises(
+        ValueError,
+        match=r"hidden_size is 128 in config.json but 64 in the run spec.*rope_theta is 10000.0 in config.json but 500.0",
+    ):
         load_stage_from_hf(tmp_path, other, 0)
 
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}})
+    )
     with pytest.raises(CheckpointError, match="RoPE type is 'llama3'"):
         load_stage_from_hf(tmp_path, spec, 0)
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
@@ -213,17 +220,24 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 
     rewrite(file, model__layers__3__mlp__up_proj__weight=None)
     load_stage_from_hf(tmp_path, spec, 0)  # stage 0 does not need it
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.3.mlp.up_proj.weight' \(needed by stage 1\) is missing"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"model.safetensors: tensor 'model.layers.3.mlp.up_proj.weight' \(needed by stage 1\) is missing",
+    ):
         load_stage_from_hf(tmp_path, spec, 1)
 
     rewrite(file, model__layers__1__self_attn__k_proj__weight=torch.zeros(128, 128))
-    with pytest.raises(CheckpointError, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(128, 128\), expected \(64, 128\)"):
+    with pytest.raises(
+        CheckpointError, match=r"'model.layers.1.self_attn.k_proj.weight' has shape \(128, 128\), expected \(64, 128\)"
+    ):
         load_stage_from_hf(tmp_path, spec, 0)
 
     bad = torch.zeros(64, 128)
     bad[3, 4] = float("nan")
     rewrite(file, model__layers__1__self_attn__k_proj__weight=bad)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.layers.1.self_attn.k_proj.weight' contains NaN"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: tensor 'model.layers.1.self_attn.k_proj.weight' contains NaN"
+    ):
         load_stage_from_hf(tmp_path, spec, 0)
 
     file.unlink()

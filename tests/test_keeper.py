@@ -66,15 +66,27 @@ class StagePeer:
         self.module = LlamaStage.from_spec(spec, stage)
         self.epoch = 0
         self.worker = StageWorker(self.module, is_last=stage == spec.num_stages - 1)
-        self.server = StageServer(spec, stage, self.worker, info=lambda: ServedInfo(state="online", throughput=0.0, epoch=self.epoch, version=""))
+        self.server = StageServer(
+            spec,
+            stage,
+            self.worker,
+            info=lambda: ServedInfo(state="online", throughput=0.0, epoch=self.epoch, version=""),
+        )
         self.node = host.new(client)
         host.run(self.server.start(self.node))
         self.peer_id = peer_id(self.node)
         self.stage = stage
 
     def info(self, epoch=None) -> PeerInfo:
-        return PeerInfo(peer_id=self.peer_id, stage=self.stage, state="online", throughput=1.0,
-                        epoch=self.epoch if epoch is None else epoch, tokens=1000, has_data=True)
+        return PeerInfo(
+            peer_id=self.peer_id,
+            stage=self.stage,
+            state="online",
+            throughput=1.0,
+            epoch=self.epoch if epoch is None else epoch,
+            tokens=1000,
+            has_data=True,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +140,12 @@ def test_signing_key_must_be_trusted(spec, keys):
     assert warning is None and len(fp) == 16
     with pytest.raises(ValueError, match="is not among the spec's trusted keys"):
         check_signing_key(spec, keys["mallory"][0])
-    cosigned = preset_spec("tiny", stages=2, trusted_keys=(keys["keeper"][1].read_text(), keys["mallory"][1].read_text()),
-                           trust=dict(min_signatures=2))
+    cosigned = preset_spec(
+        "tiny",
+        stages=2,
+        trusted_keys=(keys["keeper"][1].read_text(), keys["mallory"][1].read_text()),
+        trust=dict(min_signatures=2),
+    )
     assert "requires 2 signatures" in check_signing_key(cosigned, keys["keeper"][0])[1]
 
 
@@ -170,7 +186,9 @@ def test_state_rpc_rejects_bad_replies(host, client, spec):
 
     def reply(tensors, **header):
         fields = {"spec_digest": spec.digest(), "stage": 1, "epoch": 3, **header}
-        return lambda: split_message(StateResponse(**fields), list(tensors), [encode(t, "none") for t in tensors.values()])
+        return lambda: split_message(
+            StateResponse(**fields), list(tensors), [encode(t, "none") for t in tensors.values()]
+        )
 
     cases = [
         (reply({**good, "model.norm.weight": torch.full((128,), float("inf"))}), "model.norm.weight: contains NaN"),
@@ -214,7 +232,7 @@ def test_keeper_round_signs_skips_and_refuses(host, client, spec, keys, stages, 
     result = keeper.run_round()
     assert result is not None and result.step == 4  # the most advanced stage group's epoch, for all stages
     assert result.sources == {0: stages[0].peer_id, 1: stages[1].peer_id}
-    (_, signed), = events.named("checkpoint_signed")
+    ((_, signed),) = events.named("checkpoint_signed")
     assert signed["step"] == 4 and math.isfinite(signed["loss"]) and signed["tokens_seen"] == 2000
     for k, w in enumerate(result.written):
         v = verify_checkpoint(w.path, spec, expected_stage=k, expected_shapes=stage_param_shapes(spec, k))
@@ -235,7 +253,7 @@ def test_keeper_round_signs_skips_and_refuses(host, client, spec, keys, stages, 
     stages[0].epoch = stages[1].epoch = 5
     swarm.peers = [p.info() for p in stages]
     assert keeper.run_round() is None
-    (text, refused), = events.named("keeper_refused")
+    ((text, refused),) = events.named("keeper_refused")
     assert refused["step"] == 5 and "exploded" in refused["reason"]
     assert [c.meta.step for c in keeper.store.list(1)] == [4]
 
@@ -351,9 +369,22 @@ def test_keeper_signs_and_a_new_peer_joins_from_another_peer(tmp_path):
 
     with Cluster(tmp_path / "run") as cluster:
         boot, boot_addr = cluster.bootstrap(
-            spec_path=spec_path, timeout=120,
-            extra=["--keeper", "--signing-key", str(key), "--checkpoint-dir", str(keeper_dir), "--every", "3",
-                   "--keep", "20", "--announce-period", "1"])
+            spec_path=spec_path,
+            timeout=120,
+            extra=[
+                "--keeper",
+                "--signing-key",
+                str(key),
+                "--checkpoint-dir",
+                str(keeper_dir),
+                "--every",
+                "3",
+                "--keep",
+                "20",
+                "--announce-period",
+                "1",
+            ],
+        )
         boot_id = boot.wait_event("ready", 10)["peer_id"]
         a = cluster.peer("a", [boot_addr], spec_path=spec_path, stage=0, extra=data)
         b = cluster.peer("b", [boot_addr], spec_path=spec_path, stage=1, extra=data)
@@ -364,16 +395,30 @@ def test_keeper_signs_and_a_new_peer_joins_from_another_peer(tmp_path):
         assert signed["fingerprint"] == fingerprint and len(signed["manifest_digests"]) == 2
 
         # C joins stage 0 and fetches the keeper's checkpoint.
-        c = cluster.peer("c", [boot_addr], spec_path=spec_path, stage=0,
-                         extra=["--checkpoint-dir", str(tmp_path / "c-ckpts")])
+        c = cluster.peer(
+            "c", [boot_addr], spec_path=spec_path, stage=0, extra=["--checkpoint-dir", str(tmp_path / "c-ckpts")]
+        )
         c_restored = c.wait_event("restored", 180)
         c_ready = c.wait_event("ready", 180)
         assert c_restored["source"] == boot_id and c_restored["step"] >= signed["step"]
         c_id = c_ready["peer_id"]
 
         # `checkpoint list` sees C serving it (besides the keeper).
-        listing = subprocess.run([*SWARMTRAIN, "checkpoint", "list", "--initial-peers", a_ready["maddrs"][0],
-                                  "--spec", str(spec_path), "--json"], capture_output=True, text=True, timeout=120)
+        listing = subprocess.run(
+            [
+                *SWARMTRAIN,
+                "checkpoint",
+                "list",
+                "--initial-peers",
+                a_ready["maddrs"][0],
+                "--spec",
+                str(spec_path),
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert listing.returncode == 0, listing.stderr
         rows = json.loads(listing.stdout)["checkpoints"]
         served = [r for r in rows if r["manifest_digest"] == c_restored["manifest_digest"]]
@@ -388,8 +433,9 @@ def test_keeper_signs_and_a_new_peer_joins_from_another_peer(tmp_path):
         cluster.stop(boot)  # the keeper is gone: only C (and its DHT neighbours) remain
 
         d = cluster.peer("d", [a_ready["maddrs"][0]], spec_path=spec_path, stage=0)
-        e = cluster.peer("e", [a_ready["maddrs"][0]], spec_path=spec_path, stage=0,
-                         extra=["--checkpoint-dir", str(e_dir)])
+        e = cluster.peer(
+            "e", [a_ready["maddrs"][0]], spec_path=spec_path, stage=0, extra=["--checkpoint-dir", str(e_dir)]
+        )
         d_restored = d.wait_event("restored", 240)
         assert d_restored["source"] == c_id and d_restored["step"] == c_restored["step"]
         assert d_restored["manifest_digest"] == c_restored["manifest_digest"]
@@ -416,9 +462,20 @@ def test_cli_refuses_unusable_keeper_setups(tmp_path, spec, keys):
     def cli(*args):
         return subprocess.run([*SWARMTRAIN, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
-    r = cli("bootstrap", "--keeper", "--spec", str(spec_path), "--signing-key", str(keys["mallory"][0]),
-            "--checkpoint-dir", str(tmp_path / "c"), "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-            "--identity", str(tmp_path / "id"))
+    r = cli(
+        "bootstrap",
+        "--keeper",
+        "--spec",
+        str(spec_path),
+        "--signing-key",
+        str(keys["mallory"][0]),
+        "--checkpoint-dir",
+        str(tmp_path / "c"),
+        "--host-maddrs",
+        "/ip4/127.0.0.1/tcp/0",
+        "--identity",
+        str(tmp_path / "id"),
+    )
     assert r.returncode != 0 and "is not among the spec's trusted keys" in r.stderr
     r = cli("run", "--keeper", "--spec", str(spec_path), "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/x")
     assert r.returncode == 2 and "--keeper needs --signing-key KEY.pem and --checkpoint-dir DIR" in r.stderr

@@ -17,8 +17,12 @@ from protocol.spec import preset_spec
 
 def _spec():
     # A tiny model on short sequences: a few hundred milliseconds per optimizer step on one core.
-    return preset_spec("tiny", stages=2, run_id="local-test",
-                       training=dict(micro_batch_size=4, seq_len=32, target_batch_size=8, lr=3e-3))
+    return preset_spec(
+        "tiny",
+        stages=2,
+        run_id="local-test",
+        training=dict(micro_batch_size=4, seq_len=32, target_batch_size=8, lr=3e-3),
+    )
 
 
 @pytest.fixture()
@@ -65,9 +69,27 @@ def test_cli_json_progress_and_final_state(corpus, tmp_path):
     _spec().save(spec_path)
     out = tmp_path / "state"
     proc = subprocess.run(
-        [sys.executable, "-m", "peer.dev.local_train", "--spec", str(spec_path), "--data", str(corpus), "--steps", "8",
-         "--threads", "1", "--status-every", "0", "--log-json", "--final-state", str(out)],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "peer.dev.local_train",
+            "--spec",
+            str(spec_path),
+            "--data",
+            str(corpus),
+            "--steps",
+            "8",
+            "--threads",
+            "1",
+            "--status-every",
+            "0",
+            "--log-json",
+            "--final-state",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -67,18 +67,33 @@ class FakeOptimizer:
 
 
 def fake_peer():
-    trainer = SimpleNamespace(stats=SimpleNamespace(tokens=0, samples=0, microbatches=0, retries=0, failures=0,
-                                                    loss_ema=None),
-                              inflight={"x": 2}, bans=BanList())
-    worker = SimpleNamespace(stats=SimpleNamespace(forward=0, backward=0, samples=0, rejected=0, discarded=0,
-                                                   compute_s=0.0, throughput=0.0, loss_ema=None), queue_depth=3)
+    trainer = SimpleNamespace(
+        stats=SimpleNamespace(tokens=0, samples=0, microbatches=0, retries=0, failures=0, loss_ema=None),
+        inflight={"x": 2},
+        bans=BanList(),
+    )
+    worker = SimpleNamespace(
+        stats=SimpleNamespace(
+            forward=0, backward=0, samples=0, rejected=0, discarded=0, compute_s=0.0, throughput=0.0, loss_ema=None
+        ),
+        queue_depth=3,
+    )
     spec = SimpleNamespace(run_id="r", num_stages=2, digest=lambda: "ab" * 32)
-    return SimpleNamespace(spec=spec, swarm=SimpleNamespace(peer_id="QmMe"), started=time.time() - 5,
-                           status=SimpleNamespace(stage=0, state="online"), trainer=trainer, worker=worker,
-                           optimizer=FakeOptimizer(),
-                           counters=SimpleNamespace(sent={"activations": 10}, received={}, rejected={}),
-                           peers=[PeerInfo("QmMe", 0, "online", 1.0), PeerInfo("QmB", 1, "online", 1.0),
-                                  PeerInfo("QmC", 1, "joining", 1.0)])
+    return SimpleNamespace(
+        spec=spec,
+        swarm=SimpleNamespace(peer_id="QmMe"),
+        started=time.time() - 5,
+        status=SimpleNamespace(stage=0, state="online"),
+        trainer=trainer,
+        worker=worker,
+        optimizer=FakeOptimizer(),
+        counters=SimpleNamespace(sent={"activations": 10}, received={}, rejected={}),
+        peers=[
+            PeerInfo("QmMe", 0, "online", 1.0),
+            PeerInfo("QmB", 1, "online", 1.0),
+            PeerInfo("QmC", 1, "joining", 1.0),
+        ],
+    )
 
 
 def test_collector_reads_the_peer():
@@ -136,8 +151,7 @@ def test_update_never_raises():
 
 def test_live_peers_expose_moving_metrics(cluster, spec_path, text_data):
     _boot, maddr = cluster.bootstrap(spec_path=spec_path)
-    s0 = cluster.peer("s0", [maddr], spec_path=spec_path, stage=0, data=str(text_data),
-                      extra=["--metrics-port", "0"])
+    s0 = cluster.peer("s0", [maddr], spec_path=spec_path, stage=0, data=str(text_data), extra=["--metrics-port", "0"])
     s1 = cluster.peer("s1", [maddr], spec_path=spec_path, stage=1, extra=["--metrics-port", "0"])
     url0 = s0.wait_event("metrics", 120)["url"]
     url1 = s1.wait_event("metrics", 120)["url"]
@@ -146,8 +160,17 @@ def test_live_peers_expose_moving_metrics(cluster, spec_path, text_data):
     s0.wait_event("status", 120, lambda e: e.get("microbatches", 0) >= 2)
 
     a0, a1 = scrape(url0), scrape(url1)
-    assert value(a0, "swarmtrain_info", peer_id=me0, run_id="swarmtest", digest=s0.last_event("ready")["digest"][:16],
-                 version=value_label(a0, "swarmtrain_info", "version")) == 1
+    assert (
+        value(
+            a0,
+            "swarmtrain_info",
+            peer_id=me0,
+            run_id="swarmtest",
+            digest=s0.last_event("ready")["digest"][:16],
+            version=value_label(a0, "swarmtrain_info", "version"),
+        )
+        == 1
+    )
     assert value(a0, "swarmtrain_stage") == 0 and value(a1, "swarmtrain_stage") == 1
     # Wait on the trainer's own status events (every 2 s) rather than sleeping.
     mb = s0.last_event("status")["microbatches"]
@@ -165,11 +188,17 @@ def test_live_peers_expose_moving_metrics(cluster, spec_path, text_data):
     b0 = scrape(url0)
 
     # The trainer (stage 0, with data): tokens, samples, activations on the wire, a loss.
-    for name in ("swarmtrain_tokens_total", "swarmtrain_samples_total", "swarmtrain_microbatches_total",
-                 "swarmtrain_stage_backward_total", "swarmtrain_stage_compute_seconds_total"):
+    for name in (
+        "swarmtrain_tokens_total",
+        "swarmtrain_samples_total",
+        "swarmtrain_microbatches_total",
+        "swarmtrain_stage_backward_total",
+        "swarmtrain_stage_compute_seconds_total",
+    ):
         assert value(b0, name) > value(a0, name), name
-    assert value(b0, "swarmtrain_sent_bytes_total", kind="activations") > value(a0, "swarmtrain_sent_bytes_total",
-                                                                                kind="activations")
+    assert value(b0, "swarmtrain_sent_bytes_total", kind="activations") > value(
+        a0, "swarmtrain_sent_bytes_total", kind="activations"
+    )
     assert value(b0, "swarmtrain_received_bytes_total", kind="activations") > 0
     assert 0 < value(b0, "swarmtrain_loss") < 10
     assert value(b0, "swarmtrain_tokens_per_second") > 0
@@ -178,8 +207,9 @@ def test_live_peers_expose_moving_metrics(cluster, spec_path, text_data):
 
     # The server of the last stage: forward passes, received activations, an averaging round.
     assert value(b1, "swarmtrain_stage_forward_total") > value(a1, "swarmtrain_stage_forward_total")
-    assert value(b1, "swarmtrain_received_bytes_total", kind="activations") > \
-        value(a1, "swarmtrain_received_bytes_total", kind="activations")
+    assert value(b1, "swarmtrain_received_bytes_total", kind="activations") > value(
+        a1, "swarmtrain_received_bytes_total", kind="activations"
+    )
     assert value(b1, "swarmtrain_epoch") >= 1
     # One peer per stage: each epoch's update is local, and counted as such.
     assert value(b1, "swarmtrain_allreduce_total", outcome="alone") >= 1

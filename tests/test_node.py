@@ -54,8 +54,9 @@ class Events:
 def fake_slot(stage: int, *, fail: bool = False):
     if fail:
         raise RuntimeError(f"stage {stage} cannot be opened")
-    return SimpleNamespace(stage=stage, restored_step=None, epoch=7, capacity=50.0, worker=None, optimizer=None,
-                           closed=False)
+    return SimpleNamespace(
+        stage=stage, restored_step=None, epoch=7, capacity=50.0, worker=None, optimizer=None, closed=False
+    )
 
 
 @pytest.fixture
@@ -166,12 +167,19 @@ def test_presence_updates_are_whole_snapshots():
 
 
 def test_the_record_carries_the_status_and_the_live_figures():
-    presence = Presence("QmMe", "0.1.0", 12.0, period=1.0,
-                        figures=lambda: TrainingFigures(epoch=4, loss=2.5, tokens=100, has_data=True))
+    presence = Presence(
+        "QmMe", "0.1.0", 12.0, period=1.0, figures=lambda: TrainingFigures(epoch=4, loss=2.5, tokens=100, has_data=True)
+    )
     presence.update(stage=1, state=PeerState.ONLINE, throughput=30.0)
     record = presence.record()
     assert (record.stage, record.state, record.throughput, record.epoch, record.loss, record.tokens) == (
-        1, PeerState.ONLINE, 30.0, 4, 2.5, 100)
+        1,
+        PeerState.ONLINE,
+        30.0,
+        4,
+        2.5,
+        100,
+    )
     assert PeerInfo.from_record("QmMe", record.to_record()).state == PeerState.ONLINE
 
 
@@ -195,10 +203,14 @@ def test_served_info_follows_the_status(peer):
 def test_shutdown_announces_leaving_and_saves_tied_weights_once(peer, tmp_path):
     spec = preset_spec("tiny", stages=1, model={"tie_word_embeddings": True})
     module = LlamaStage.from_spec(spec, 0)
-    assert module.state_dict()["lm_head.weight"].data_ptr() == module.state_dict()["model.embed_tokens.weight"].data_ptr()
+    assert (
+        module.state_dict()["lm_head.weight"].data_ptr() == module.state_dict()["model.embed_tokens.weight"].data_ptr()
+    )
     out = tmp_path / "final" / "stage.safetensors"
     peer.config = PeerConfig(final_state=str(out))
-    peer.slot = SimpleNamespace(stage=0, epoch=3, worker=SimpleNamespace(module=module, stats=SimpleNamespace(loss_ema=None)))
+    peer.slot = SimpleNamespace(
+        stage=0, epoch=3, worker=SimpleNamespace(module=module, stats=SimpleNamespace(loss_ema=None))
+    )
     peer._shutdown()
     assert peer.swarm.announced[-1][:2] == (0, "leaving")
     assert peer.fake.closed[-1] == (0, False)  # a shutdown waits for the group's pending update

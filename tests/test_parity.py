@@ -43,8 +43,9 @@ def _reference_update(spec, data, trainer_peer_id):
     gradient: the expected states per stage, and the micro-batches."""
     torch.manual_seed(0)
     stages = build_stages(spec)
-    dataset = PackedDataset(data, ByteTokenizer(), seq_len=spec.training.seq_len, batch_size=MICRO,
-                            seed=spec.seed, peer_key=trainer_peer_id)
+    dataset = PackedDataset(
+        data, ByteTokenizer(), seq_len=spec.training.seq_len, batch_size=MICRO, seed=spec.seed, peer_key=trainer_peer_id
+    )
     batches = [next(dataset) for _ in range(TARGET // MICRO)]
     params = [p for s in stages for p in s.parameters()]
     grads = [torch.zeros_like(p) for p in params]
@@ -74,9 +75,20 @@ def _loss(spec, states, batches) -> float:
 @pytest.mark.timeout(600)
 def test_swarm_update_equals_single_process_update(tmp_path):
     spec = preset_spec(
-        "tiny", stages=2, run_id="parity",
-        training=dict(optimizer="sgd", lr=LR, grad_clip=0.0, micro_batch_size=MICRO, target_batch_size=TARGET,
-                      seq_len=32, delay_optimizer_step=False, matchmaking_time=2.0, averaging_timeout=20.0),
+        "tiny",
+        stages=2,
+        run_id="parity",
+        training=dict(
+            optimizer="sgd",
+            lr=LR,
+            grad_clip=0.0,
+            micro_batch_size=MICRO,
+            target_batch_size=TARGET,
+            seq_len=32,
+            delay_optimizer_step=False,
+            matchmaking_time=2.0,
+            averaging_timeout=20.0,
+        ),
         compression=dict(activations="none", gradients="none"),
     )
     spec_path = tmp_path / "spec.toml"
@@ -91,8 +103,9 @@ def test_swarm_update_equals_single_process_update(tmp_path):
             extra = ["--final-state", str(tmp_path / f"{name}.safetensors")]
             if trainer:
                 extra += ["--max-steps", str(TARGET // MICRO)]
-            peers[name] = cluster.peer(name, [maddr], spec_path=spec_path, stage=stage,
-                                       data=data if trainer else None, extra=extra)
+            peers[name] = cluster.peer(
+                name, [maddr], spec_path=spec_path, stage=stage, data=data if trainer else None, extra=extra
+            )
             return peers[name]
 
         for name, stage in (("s0-1", 0), ("s1-0", 1), ("s1-1", 1)):
@@ -134,8 +147,8 @@ def test_swarm_update_equals_single_process_update(tmp_path):
             assert step > 0, f"{key}: the reference update is zero; the test would prove nothing"
             err = (got - want).abs().max().item()
             assert err <= 2e-6 + 1e-4 * step, (
-                f"peer {name}: {key} differs from the single-process update by {err:.3g} (update size {step:.3g})")
+                f"peer {name}: {key} differs from the single-process update by {err:.3g} (update size {step:.3g})"
+            )
     # The update lowered the loss on the batch it was computed from, with the swarm's weights.
     before, after = _loss(spec, init, batches), _loss(spec, [finals["s0-1"], finals["s1-0"]], batches)
     assert after < before, (before, after)
-

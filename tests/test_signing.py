@@ -21,8 +21,22 @@ MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
 
 def _stock_verify(directory: Path, sig: Path, pub: Path, *extra: str) -> subprocess.CompletedProcess:
     assert MODEL_SIGNING.exists(), f"the stock CLI is missing: {MODEL_SIGNING}"
-    return subprocess.run([str(MODEL_SIGNING), "verify", "key", str(directory), "--signature", str(sig),
-                           "--public_key", str(pub), *extra], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            str(MODEL_SIGNING),
+            "verify",
+            "key",
+            str(directory),
+            "--signature",
+            str(sig),
+            "--public_key",
+            str(pub),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +66,9 @@ def test_keypair_files_modes_and_fingerprint(tmp_path):
     assert isinstance(key.curve, ec.SECP256R1)
     der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert fp == hashlib.sha256(der).hexdigest()[:16]
-    assert signing.fingerprint(pub.read_text()) == fp == signing.fingerprint(key) == signing.fingerprint(key.public_key())
+    assert (
+        signing.fingerprint(pub.read_text()) == fp == signing.fingerprint(key) == signing.fingerprint(key.public_key())
+    )
     assert not list(tmp_path.glob(".tmp-*"))
 
 
@@ -76,8 +92,9 @@ def test_rejects_other_curves_and_non_keys(tmp_path):
     with pytest.raises(signing.SigningError, match="P-256"):
         signing.load_public_key(signing.public_key_pem(p384))
     path = tmp_path / "p384.pem"
-    path.write_bytes(p384.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
+    path.write_bytes(
+        p384.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     with pytest.raises(signing.SigningError, match="secp384r1"):
         signing.load_private_key(path)
     with pytest.raises(signing.SigningError, match="not a PEM public key"):
@@ -89,8 +106,10 @@ def test_sign_and_read_manifest(keys, model_dir):
     sig = signing.sign_dir(model_dir, priv)
     assert sig == model_dir / "signatures" / f"{fp}.sig"
     m = signing.read_signed_manifest(sig, pub.read_text())
-    expected = {n: hashlib.sha256((model_dir / n).read_bytes()).hexdigest()
-                for n in ("weights.bin", "config.json", "sub/extra.txt")}
+    expected = {
+        n: hashlib.sha256((model_dir / n).read_bytes()).hexdigest()
+        for n in ("weights.bin", "config.json", "sub/extra.txt")
+    }
     assert dict(m.files) == expected  # the signatures directory is not part of it
     assert "signatures" in m.ignore_paths and m.model_name == "model"
     listing = signing.list_signed_dir(model_dir)

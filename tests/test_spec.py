@@ -39,12 +39,16 @@ def invalid(mutate) -> str:
 # --- validation errors name the field ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("stages, expected", [
-    ([{"start": 0, "end": 3}, {"start": 2, "end": 4}], ("stages[1]", "overlapping")),
-    ([{"start": 0, "end": 1}, {"start": 2, "end": 4}], ("stages[1]", "layers 1..1 are in no stage")),
-    ([{"start": 0, "end": 1}, {"start": 1, "end": 3}], ("stages", "model.num_hidden_layers is 4")),
-    ([{"start": 1, "end": 1}, {"start": 1, "end": 4}], ("stages.0", "stage range [1, 1) is empty")),
-], ids=["overlapping", "gap", "short of the layers", "empty stage"])
+@pytest.mark.parametrize(
+    "stages, expected",
+    [
+        ([{"start": 0, "end": 3}, {"start": 2, "end": 4}], ("stages[1]", "overlapping")),
+        ([{"start": 0, "end": 1}, {"start": 2, "end": 4}], ("stages[1]", "layers 1..1 are in no stage")),
+        ([{"start": 0, "end": 1}, {"start": 1, "end": 3}], ("stages", "model.num_hidden_layers is 4")),
+        ([{"start": 1, "end": 1}, {"start": 1, "end": 4}], ("stages.0", "stage range [1, 1) is empty")),
+    ],
+    ids=["overlapping", "gap", "short of the layers", "empty stage"],
+)
 def test_bad_partition_is_named(stages, expected):
     msg = invalid(lambda d: d.update(stages=stages))
     assert all(text in msg for text in expected), msg
@@ -94,7 +98,8 @@ def test_wrong_types_and_ranges_are_named():
     assert "run_id" in invalid(lambda d: d.update(run_id="has space"))
     assert "compression.activations" in invalid(lambda d: d["compression"].update(activations="zip"))
     assert "trust.trusted_keys[0] is not a PEM public key" in invalid(
-        lambda d: d["trust"].update(trusted_keys=["not a key"]))
+        lambda d: d["trust"].update(trusted_keys=["not a key"])
+    )
 
 
 def test_malformed_documents():
@@ -122,29 +127,38 @@ def test_digest_is_stable_across_save_load_and_key_order(tmp_path):
 
     # The same spec written with its keys (and sections) in another order.
     data = tomllib.loads(path.read_text())
-    reordered = {k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v)
-                 for k, v in reversed(list(data.items()))}
+    reordered = {
+        k: (dict(reversed(list(v.items()))) if isinstance(v, dict) else v) for k, v in reversed(list(data.items()))
+    }
     assert list(reordered) != list(data)
     assert spec_from_dict(reordered).digest() == spec.digest()
     # Defaults written out explicitly or left implicit: the same spec, the same digest.
-    minimal = {"run_id": data["run_id"], "model": data["model"], "stages": data["stages"],
-               "training": data["training"], "trust": data["trust"]}
+    minimal = {
+        "run_id": data["run_id"],
+        "model": data["model"],
+        "stages": data["stages"],
+        "training": data["training"],
+        "trust": data["trust"],
+    }
     assert spec_from_dict(minimal).digest() == spec.digest()
     assert len(spec.digest()) == 64 and spec.short_digest == spec.digest()[:16]
 
 
-@pytest.mark.parametrize("change", [
-    lambda d: d.update(run_id="other"),
-    lambda d: d.update(seed=1),
-    lambda d: d["model"].update(rope_theta=20000.0),
-    lambda d: d["model"].update(tie_word_embeddings=True),
-    lambda d: d.update(stages=[{"start": 0, "end": 1}, {"start": 1, "end": 4}]),
-    lambda d: d["training"].update(lr=0.0031),
-    lambda d: d["training"].update(target_batch_size=33),
-    lambda d: d["compression"].update(gradients="fp16"),
-    lambda d: d["trust"].update(min_signatures=2),
-    lambda d: d["trust"].update(accept_untrusted_live_state=False),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.update(run_id="other"),
+        lambda d: d.update(seed=1),
+        lambda d: d["model"].update(rope_theta=20000.0),
+        lambda d: d["model"].update(tie_word_embeddings=True),
+        lambda d: d.update(stages=[{"start": 0, "end": 1}, {"start": 1, "end": 4}]),
+        lambda d: d["training"].update(lr=0.0031),
+        lambda d: d["training"].update(target_batch_size=33),
+        lambda d: d["compression"].update(gradients="fp16"),
+        lambda d: d["trust"].update(min_signatures=2),
+        lambda d: d["trust"].update(accept_untrusted_live_state=False),
+    ],
+)
 def test_any_change_gives_a_new_digest(change):
     data = base()
     before = spec_from_dict(data).digest()

@@ -81,8 +81,9 @@ def test_two_stages_two_peers_each_train_and_agree(cluster, tmp_path, text_data)
     # the two peers are compared right after an averaging round. Between parameter averages
     # they drift apart by up to an Adam step per failed round: a round that one side joins and
     # the other misses (a timeout on a loaded machine) is a local step on that side.
-    spec = make_tiny_spec(run_id="swarm2x2", target_batch_size=64, matchmaking_time=8.0, averaging_timeout=60.0,
-                          average_state_every=1)
+    spec = make_tiny_spec(
+        run_id="swarm2x2", target_batch_size=64, matchmaking_time=8.0, averaging_timeout=60.0, average_state_every=1
+    )
     spec_path = tmp_path / "spec.toml"
     spec.save(spec_path)
     _, addr = cluster.bootstrap(spec_path=spec_path, timeout=STARTUP)
@@ -105,8 +106,14 @@ def test_two_stages_two_peers_each_train_and_agree(cluster, tmp_path, text_data)
         assert peers[name].wait_event("catch_up", 1)["epoch"] >= 2  # loaded its group's state
 
     # The observer's view of the live swarm: both stages, two online peers each.
-    wait_until(lambda: all(p.last_event("status") and p.last_event("status")["peers_per_stage"] == [2, 2]
-                           for p in peers.values()), 120, "every peer to see 2 peers per stage", cluster)
+    wait_until(
+        lambda: all(
+            p.last_event("status") and p.last_event("status")["peers_per_stage"] == [2, 2] for p in peers.values()
+        ),
+        120,
+        "every peer to see 2 peers per stage",
+        cluster,
+    )
     obs = cluster.start("status", ["status", "--initial-peers", addr, "--spec", str(spec_path), "--json"])
     assert obs.popen.wait(180) == 0, "".join(obs.lines)
     view = json_after_logs(obs.lines)
@@ -120,12 +127,18 @@ def test_two_stages_two_peers_each_train_and_agree(cluster, tmp_path, text_data)
     joined_at = max(last_status(p)["epoch"] for p in peers.values())
     target = max(7, joined_at + 4)
     try:
-        wait_until(lambda: all(last_status(p)["epoch"] >= target for p in peers.values()), 300,
-                   f"epoch {target} on every peer", cluster, poll=2.0)
+        wait_until(
+            lambda: all(last_status(p)["epoch"] >= target for p in peers.values()),
+            300,
+            f"epoch {target} on every peer",
+            cluster,
+            poll=2.0,
+        )
     except AssertionError:
         # A very slow machine: settle for fewer rounds, but the joiners must have averaged.
-        assert all(last_status(p)["epoch"] >= joined_at + 2 for p in peers.values()), \
-            {n: last_status(p) for n, p in peers.items()}
+        assert all(last_status(p)["epoch"] >= joined_at + 2 for p in peers.values()), {
+            n: last_status(p) for n, p in peers.items()
+        }
 
     # Stop the data peers; their hand-back round includes their partners.
     for t in trainers:
@@ -172,8 +185,11 @@ def test_two_stages_two_peers_each_train_and_agree(cluster, tmp_path, text_data)
         # (two peers that stop averaging drift apart by about the distance trained).
         tolerance = max(1e-3, 0.05 * moved)
         print(f"stage {k}: epoch {epoch_a}, peers differ by {diffs[worst]:.2e} ({worst}), moved {moved:.2e}")
-        assert diffs[worst] <= tolerance, (f"stage {k} peers differ by {diffs[worst]:.2e} at {worst} after "
-                                           f"{epoch_a} epochs (weights moved {moved:.2e} from init)", diffs)
+        assert diffs[worst] <= tolerance, (
+            f"stage {k} peers differ by {diffs[worst]:.2e} at {worst} after "
+            f"{epoch_a} epochs (weights moved {moved:.2e} from init)",
+            diffs,
+        )
 
 
 def test_status_then_sigkilled_peer_leaves_no_children(cluster, tmp_path, spec_path):

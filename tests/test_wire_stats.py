@@ -21,10 +21,17 @@ def test_not_installed_without_the_variable(monkeypatch):
 
 def test_read_totals_sums_processes_by_role(tmp_path):
     files = {
-        "grad-1.json": dict(role="grad", pid=1, sent_bytes=100, messages=2, allreduce_groups=3,
-                            bytes_by_compression={"FLOAT16": 60, "BLOCKWISE_8BIT": 40}),
-        "grad-2.json": dict(role="grad", pid=2, sent_bytes=50, messages=1, allreduce_groups=2,
-                            bytes_by_compression={"FLOAT16": 50}),
+        "grad-1.json": dict(
+            role="grad",
+            pid=1,
+            sent_bytes=100,
+            messages=2,
+            allreduce_groups=3,
+            bytes_by_compression={"FLOAT16": 60, "BLOCKWISE_8BIT": 40},
+        ),
+        "grad-2.json": dict(
+            role="grad", pid=2, sent_bytes=50, messages=1, allreduce_groups=2, bytes_by_compression={"FLOAT16": 50}
+        ),
         "state-3.json": dict(role="state", pid=3, sent_bytes=7, messages=1, allreduce_groups=1),
     }
     for name, data in files.items():

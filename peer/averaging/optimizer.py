@@ -33,13 +33,15 @@ log = logging.getLogger("swarmtrain.averaging")
 
 def make_torch_optimizer(params, training: TrainingSpec) -> torch.optim.Optimizer:
     if training.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=training.lr, betas=training.betas, eps=training.eps,
-                                weight_decay=training.weight_decay)
+        opt = torch.optim.AdamW(
+            params, lr=training.lr, betas=training.betas, eps=training.eps, weight_decay=training.weight_decay
+        )
     elif training.optimizer == "adamw8bit":
         import bitsandbytes as bnb  # optional optimizer-memory saver; works on CPU from 0.50
 
-        opt = bnb.optim.AdamW8bit(params, lr=training.lr, betas=training.betas, eps=training.eps,
-                                  weight_decay=training.weight_decay)
+        opt = bnb.optim.AdamW8bit(
+            params, lr=training.lr, betas=training.betas, eps=training.eps, weight_decay=training.weight_decay
+        )
     else:
         opt = torch.optim.SGD(params, lr=training.lr, weight_decay=training.weight_decay)
     _clip_before_step(opt, training.grad_clip)
@@ -133,14 +135,19 @@ class BoundedOptimizer(hivemind.Optimizer):
         # on empty gradients. Only real progress counts: the group reached its target batch,
         # or others already moved to the next epoch.
         tracker = self.tracker
-        why = left_out_of_round(local_epoch=tracker.local_progress.epoch, group_epoch=tracker.global_epoch,
-                                local_samples=tracker.local_progress.samples_accumulated)
+        why = left_out_of_round(
+            local_epoch=tracker.local_progress.epoch,
+            group_epoch=tracker.global_epoch,
+            local_samples=tracker.local_progress.samples_accumulated,
+        )
         if why is not None:
             log.info("%s; loading its state", why)
             self.load_state_from_peers()
             return
-        if (tracker.global_epoch > tracker.local_progress.epoch
-                or tracker.global_progress.samples_accumulated >= self.target_batch_size):
+        if (
+            tracker.global_epoch > tracker.local_progress.epoch
+            or tracker.global_progress.samples_accumulated >= self.target_batch_size
+        ):
             self._update_global_epoch(None)
 
     def _load_local_gradients_into_optimizer(self):
@@ -168,11 +175,18 @@ class BoundedOptimizer(hivemind.Optimizer):
                 log.warning("this peer's gradient round failed while its group went on; loading the group's state")
                 return True
         tracker = self.tracker
-        why = missed_round(local_epoch=self.local_epoch, group_epoch=tracker.global_epoch,
-                           group_samples=tracker.global_progress.samples_accumulated, target=self.target_batch_size)
+        why = missed_round(
+            local_epoch=self.local_epoch,
+            group_epoch=tracker.global_epoch,
+            group_samples=tracker.global_progress.samples_accumulated,
+            target=self.target_batch_size,
+        )
         if why is not None:
-            log.info("out of sync with the stage group: %s; dropping %d accumulated samples and catching up", why,
-                     self.tracker.local_progress.samples_accumulated)
+            log.info(
+                "out of sync with the stage group: %s; dropping %d accumulated samples and catching up",
+                why,
+                self.tracker.local_progress.samples_accumulated,
+            )
             return True
         return False
 
@@ -182,8 +196,11 @@ class BoundedOptimizer(hivemind.Optimizer):
         again on every step; the group's parameter averaging reconciles the weights."""
         if self.tracker.global_epoch <= self.local_epoch:
             return
-        log.info("not loading live state from peers (the spec's trust policy forbids it): joining epoch %d with "
-                 "this peer's own parameters", self.tracker.global_epoch)
+        log.info(
+            "not loading live state from peers (the spec's trust policy forbids it): joining epoch %d with "
+            "this peer's own parameters",
+            self.tracker.global_epoch,
+        )
         self.state_averager.step(wait_for_delayed_updates=True)
         self.set_local_epoch(self.tracker.global_epoch)
         self._drop_accumulated_gradients()
@@ -225,8 +242,12 @@ class BoundedOptimizer(hivemind.Optimizer):
                     raise
                 except BaseException as err:
                     self.last_load_state_error = f"{type(err).__name__}: {err}"
-                    log.warning("loading state from peers failed (attempt %d/%d): %s", attempt,
-                                self.load_state_attempts, self.last_load_state_error)
+                    log.warning(
+                        "loading state from peers failed (attempt %d/%d): %s",
+                        attempt,
+                        self.load_state_attempts,
+                        self.last_load_state_error,
+                    )
                     time.sleep(min(2.0 * attempt, 5.0))
             else:
                 # Behind and unable to catch up: the accumulated gradients are stale all the same.
@@ -243,8 +264,9 @@ class BoundedOptimizer(hivemind.Optimizer):
                     self.grad_averager.state_sharing_priority = self.local_epoch
 
 
-def make_stage_optimizer(spec: RunSpec, stage: int, module: torch.nn.Module, dht: hivemind.DHT, *,
-                         verbose: bool = False) -> BoundedOptimizer:
+def make_stage_optimizer(
+    spec: RunSpec, stage: int, module: torch.nn.Module, dht: hivemind.DHT, *, verbose: bool = False
+) -> BoundedOptimizer:
     wire_stats.install_from_env()  # opt-in byte counts for benchmarks; before the averagers fork
     training, compression = spec.training, spec.compression
     params = [p for p in module.parameters() if p.requires_grad]
@@ -272,12 +294,15 @@ def make_stage_optimizer(spec: RunSpec, stage: int, module: torch.nn.Module, dht
         delay_optimizer_step=delayed,
         delay_grad_averaging=delayed and grad_averager_factory is None,
         average_state_every=training.average_state_every,
-        grad_compression=gradient_compression(compression.gradients, min_compressed_size=compression.min_compressed_size),
+        grad_compression=gradient_compression(
+            compression.gradients, min_compressed_size=compression.min_compressed_size
+        ),
         grad_averager_factory=grad_averager_factory,
         state_averaging_compression=gradient_compression("fp16"),
         load_state_compression=hivemind.compression.NoCompression(),
         accept_live_state=spec.trust.accept_untrusted_live_state,
         verbose=verbose,
-        tracker_opts=dict(min_refresh_period=0.5, max_refresh_period=min(1.0, training.matchmaking_time),
-                          default_refresh_period=1.0),
+        tracker_opts=dict(
+            min_refresh_period=0.5, max_refresh_period=min(1.0, training.matchmaking_time), default_refresh_period=1.0
+        ),
     )

@@ -26,8 +26,10 @@ def missed_round(*, local_epoch: int, group_epoch: int, group_samples: int, targ
     if behind >= 2:
         return f"{behind} epochs behind the group (epoch {group_epoch})"
     if group_samples >= target:
-        return (f"the group is at epoch {group_epoch} and already has a whole batch for its next round "
-                f"({group_samples}/{target} samples): the round for epoch {local_epoch} is over")
+        return (
+            f"the group is at epoch {group_epoch} and already has a whole batch for its next round "
+            f"({group_samples}/{target} samples): the round for epoch {local_epoch} is over"
+        )
     return None
 
 

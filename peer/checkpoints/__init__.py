@@ -10,6 +10,15 @@ from peer.checkpoints.service import CheckpointService, Restored
 from peer.checkpoints.store import CheckpointStore
 
 __all__ = [
-    "CheckpointAnnouncer", "CheckpointFetcher", "CheckpointServer", "CheckpointService", "CheckpointStore",
-    "FetchFailed", "Restored", "SourceFailed", "announced_checkpoints", "live_state_verdict", "restore_candidates",
+    "CheckpointAnnouncer",
+    "CheckpointFetcher",
+    "CheckpointServer",
+    "CheckpointService",
+    "CheckpointStore",
+    "FetchFailed",
+    "Restored",
+    "SourceFailed",
+    "announced_checkpoints",
+    "live_state_verdict",
+    "restore_candidates",
 ]

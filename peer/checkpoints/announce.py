@@ -12,7 +12,6 @@ from protocol.records import CheckpointAnnouncement
 log = logging.getLogger("swarmtrain.ckpt")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # announcing
 
@@ -62,7 +61,6 @@ class CheckpointAnnouncer:
             self._thread.join(5)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # listing the swarm's checkpoints (``swarmtrain checkpoint list``)
 
@@ -76,9 +74,15 @@ def announced_checkpoints(announcements: Iterable[tuple[str, CheckpointAnnouncem
         key = (rec.stage, rec.manifest_digest)
         row = rows.get(key)
         if row is None:
-            row = rows[key] = {"stage": rec.stage, "step": rec.step, "manifest_digest": rec.manifest_digest,
-                               "signers": sorted(rec.signers), "files": rec.files, "total_bytes": rec.total_bytes,
-                               "served_by": []}
+            row = rows[key] = {
+                "stage": rec.stage,
+                "step": rec.step,
+                "manifest_digest": rec.manifest_digest,
+                "signers": sorted(rec.signers),
+                "files": rec.files,
+                "total_bytes": rec.total_bytes,
+                "served_by": [],
+            }
         row["step"] = min(row["step"], rec.step)  # announcers may disagree: the smallest claim
         row["signers"] = sorted(set(row["signers"]) | set(rec.signers))
         if peer_id not in row["served_by"]:

@@ -14,8 +14,9 @@ class ExportError(ValueError):
     """The checkpoints do not make one model: a stage missing or given twice, or mixed steps."""
 
 
-def export_checkpoints(spec: RunSpec, verified: Sequence[VerifiedCheckpoint], out_dir: Path, *,
-                       max_shard_bytes: Optional[int] = None) -> int:
+def export_checkpoints(
+    spec: RunSpec, verified: Sequence[VerifiedCheckpoint], out_dir: Path, *, max_shard_bytes: Optional[int] = None
+) -> int:
     """Write the model of ``verified`` (one checkpoint of every stage, all of one step) to
     ``out_dir``; returns the step. The checkpoints must have been verified by the caller."""
     by_stage: dict[int, VerifiedCheckpoint] = {}
@@ -25,15 +26,18 @@ def export_checkpoints(spec: RunSpec, verified: Sequence[VerifiedCheckpoint], ou
         by_stage[v.meta.stage] = v
     missing = [k for k in range(spec.num_stages) if k not in by_stage]
     if missing:
-        raise ExportError(f"stage(s) {', '.join(map(str, missing))} missing: the spec has {spec.num_stages} stages "
-                          "and export needs one checkpoint of each")
+        raise ExportError(
+            f"stage(s) {', '.join(map(str, missing))} missing: the spec has {spec.num_stages} stages "
+            "and export needs one checkpoint of each"
+        )
     steps = {v.meta.step for v in verified}
     if len(steps) > 1:
         detail = ", ".join(f"stage {k}: step {by_stage[k].meta.step}" for k in sorted(by_stage))
         raise ExportError(f"checkpoints are of different steps ({detail}); export joins the stages of one step")
     try:
-        export_hf_dir(spec, [by_stage[k].model_state for k in range(spec.num_stages)], out_dir,
-                      max_shard_bytes=max_shard_bytes)
+        export_hf_dir(
+            spec, [by_stage[k].model_state for k in range(spec.num_stages)], out_dir, max_shard_bytes=max_shard_bytes
+        )
     except FileExistsError as err:
         raise ExportError(str(err)) from None
     return steps.pop()

@@ -63,24 +63,25 @@ log = logging.getLogger("swarmtrain.ckpt")
 PROGRESS_MIN_BYTES = 8 << 20  # show a progress bar for transfers at least this large
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # client RPCs
 
 
-async def _call(p2p: P2P, peer_id: str, request: CkptRequest, *, max_bytes: int,
-                timeout: float = 60.0) -> list[CkptResponse]:
+async def _call(
+    p2p: P2P, peer_id: str, request: CkptRequest, *, max_bytes: int, timeout: float = 60.0
+) -> list[CkptResponse]:
     try:
-        return await call(p2p, peer_id, CKPT, [request], CkptResponse, timeout=timeout, max_bytes=max_bytes,
-                          kind="checkpoint")
+        return await call(
+            p2p, peer_id, CKPT, [request], CkptResponse, timeout=timeout, max_bytes=max_bytes, kind="checkpoint"
+        )
     except RemoteError as err:
         raise SourceFailed(f"{peer_id}: {err}") from None
 
 
 async def list_remote(p2p: P2P, peer_id: str, spec_digest: str, manifest: str) -> tuple[dict[str, int], int, int]:
-    frames = await _call(p2p, peer_id, CkptRequest(spec_digest=spec_digest, manifest_digest=manifest, op="list"),
-                         max_bytes=1 << 20)
+    frames = await _call(
+        p2p, peer_id, CkptRequest(spec_digest=spec_digest, manifest_digest=manifest, op="list"), max_bytes=1 << 20
+    )
     head = frames[0]
     files: dict[str, int] = {}
     for f in head.files:
@@ -90,11 +91,17 @@ async def list_remote(p2p: P2P, peer_id: str, spec_digest: str, manifest: str) -
     return files, int(head.stage), int(head.step)
 
 
-async def read_remote(p2p: P2P, peer_id: str, spec_digest: str, manifest: str, name: str, offset: int,
-                      length: int) -> bytes:
-    frames = await _call(p2p, peer_id, CkptRequest(spec_digest=spec_digest, manifest_digest=manifest, op="read",
-                                                   name=name, offset=offset, length=length),
-                         max_bytes=length + 64 * (length // DATA_FRAME_BYTES + 2))
+async def read_remote(
+    p2p: P2P, peer_id: str, spec_digest: str, manifest: str, name: str, offset: int, length: int
+) -> bytes:
+    frames = await _call(
+        p2p,
+        peer_id,
+        CkptRequest(
+            spec_digest=spec_digest, manifest_digest=manifest, op="read", name=name, offset=offset, length=length
+        ),
+        max_bytes=length + 64 * (length // DATA_FRAME_BYTES + 2),
+    )
     data = b"".join(f.data for f in frames)
     if len(data) > length:
         raise SourceFailed(f"{peer_id}: sent {len(data)} bytes of {name} for a {length}-byte read")
@@ -126,8 +133,16 @@ class CheckpointFetcher:
     result (``LoopThread.run``); the fetcher itself is synchronous.
     """
 
-    def __init__(self, spec: RunSpec, p2p: P2P, run: Callable, *, request_timeout: float = 30.0,
-                 read_bytes: int = 4 << 20, progress: Optional[bool] = None):
+    def __init__(
+        self,
+        spec: RunSpec,
+        p2p: P2P,
+        run: Callable,
+        *,
+        request_timeout: float = 30.0,
+        read_bytes: int = 4 << 20,
+        progress: Optional[bool] = None,
+    ):
         self.spec, self.p2p, self.run = spec, p2p, run
         self.digest = spec.digest()
         self.request_timeout = request_timeout
@@ -140,8 +155,9 @@ class CheckpointFetcher:
         except (asyncio.TimeoutError, TimeoutError):
             raise SourceFailed(f"no answer within {self.request_timeout:.0f}s") from None
 
-    def fetch(self, stage: int, manifest: str, sources: Sequence[str], dest_root: Path, *,
-              held_step: Optional[int] = None) -> FetchResult:
+    def fetch(
+        self, stage: int, manifest: str, sources: Sequence[str], dest_root: Path, *, held_step: Optional[int] = None
+    ) -> FetchResult:
         """Download, check and publish a checkpoint into ``dest_root/stage-<k>/``.
 
         Raises ``CheckpointRefused`` when what arrived does not verify (the message names the
@@ -159,11 +175,17 @@ class CheckpointFetcher:
         try:
             state = _Transfer(self, stage, manifest, tmp, held_step)
             state.download(list(sources))
-            verified = verify_checkpoint(tmp, self.spec, expected_stage=stage, held_step=held_step,
-                                         expected_shapes=expected_stage_shapes(self.spec, stage))
+            verified = verify_checkpoint(
+                tmp,
+                self.spec,
+                expected_stage=stage,
+                held_step=held_step,
+                expected_shapes=expected_stage_shapes(self.spec, stage),
+            )
             if verified.manifest_digest != manifest:
-                raise CheckpointRefused(tmp, f"the files form checkpoint {verified.manifest_digest}, not the "
-                                             f"announced {manifest}")
+                raise CheckpointRefused(
+                    tmp, f"the files form checkpoint {verified.manifest_digest}, not the announced {manifest}"
+                )
             for name in os.listdir(tmp / signing.SIGNATURES_DIR):
                 signing.fsync_file(tmp / signing.SIGNATURES_DIR / name)
             signing.fsync_dir(tmp / signing.SIGNATURES_DIR)
@@ -223,8 +245,11 @@ class _Transfer:
         finally:
             if self.bar is not None:
                 self.bar.close()
-        raise FetchFailed(f"checkpoint {self.manifest[:16]} of stage {self.stage}: no source delivered it"
-                          + ("" if failures else " (no sources)") + "".join(f"; {m}" for m in failures))
+        raise FetchFailed(
+            f"checkpoint {self.manifest[:16]} of stage {self.stage}: no source delivered it"
+            + ("" if failures else " (no sources)")
+            + "".join(f"; {m}" for m in failures)
+        )
 
     def _from(self, source: str) -> None:
         f = self.f
@@ -237,8 +262,9 @@ class _Transfer:
             self.sizes = content
         elif content != self.sizes:
             # Same manifest digest, different files: one of the two sources lies; the signatures decide.
-            raise SourceFailed(f"{source}: lists files {sorted(content.items())}, another source listed "
-                               f"{sorted(self.sizes.items())}")
+            raise SourceFailed(
+                f"{source}: lists files {sorted(content.items())}, another source listed {sorted(self.sizes.items())}"
+            )
         if source not in self.used_sources:
             self.used_sources.append(source)
         # A partial signature file of an earlier source that this one does not have would read
@@ -265,8 +291,15 @@ class _Transfer:
         if show and self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                            desc=f"checkpoint stage {self.stage}", leave=False)
+            self.bar = tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                desc=f"checkpoint stage {self.stage}",
+                leave=False,
+            )
 
     def _get(self, source: str, name: str, size: int) -> None:
         """Fetch ``name`` up to ``size`` bytes, resuming from what is already on disk."""
@@ -295,8 +328,9 @@ class _Transfer:
             if actual != self.signed[name]:
                 # A tampered chunk: drop this file and fetch it again from another source.
                 path.unlink()
-                raise SourceFailed(f"{source}: {name} does not match its signed sha256 ({self.signed[name]}, got "
-                                   f"{actual}): discarded")
+                raise SourceFailed(
+                    f"{source}: {name} does not match its signed sha256 ({self.signed[name]}, got {actual}): discarded"
+                )
         self.done.add(name)
 
     def _precheck(self) -> dict[str, str]:
@@ -307,11 +341,15 @@ class _Transfer:
         if not trusted:
             raise CheckpointRefused(self.tmp, "no trusted keys: the spec's trust.trusted_keys is empty")
         listing = signing.list_signed_dir(self.tmp)
-        manifest, _, _ = signed_manifest(self.tmp, listing.signatures, trusted, min_signatures=spec.trust.min_signatures)
+        manifest, _, _ = signed_manifest(
+            self.tmp, listing.signatures, trusted, min_signatures=spec.trust.min_signatures
+        )
         signed = dict(manifest.files)
         if manifest_digest(signed) != self.manifest:
-            raise CheckpointRefused(self.tmp, f"the signatures cover checkpoint {manifest_digest(signed)}, not the "
-                                              f"requested {self.manifest}")
+            raise CheckpointRefused(
+                self.tmp,
+                f"the signatures cover checkpoint {manifest_digest(signed)}, not the requested {self.manifest}",
+            )
         check_file_set(self.tmp, signed, list(self.sizes))
         meta_path = self.tmp / META_FILE
         actual = signing.sha256_file(meta_path)

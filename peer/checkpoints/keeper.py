@@ -69,27 +69,41 @@ def check_stage_state(spec: RunSpec, stage: int, raw: Mapping, *, source: str = 
     missing = sorted(set(expected) - set(raw))
     unexpected = sorted(set(raw) - set(expected))
     if missing or unexpected:
-        parts = ([f"missing {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")]
-                 if missing else []) + ([f"unexpected {', '.join(unexpected[:5])}"] if unexpected else [])
+        parts = (
+            [f"missing {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")]
+            if missing
+            else []
+        ) + ([f"unexpected {', '.join(unexpected[:5])}"] if unexpected else [])
         raise StateRejected(f"{source}: stage {stage} state has the wrong tensors: {'; '.join(parts)}")
     out = {}
     for name, shape in expected.items():
         try:
-            out[name] = decode(raw[name], name=name, dtype=torch.float32, shape=list(shape),
-                               max_elements=max(1, math.prod(shape)))
+            out[name] = decode(
+                raw[name], name=name, dtype=torch.float32, shape=list(shape), max_elements=max(1, math.prod(shape))
+            )
         except TensorRejected as err:
             raise StateRejected(f"{source}: stage {stage}: {err}") from None
     return out
 
 
-async def pull_stage_state(p2p: P2P, peer_id: str, spec: RunSpec, stage: int, *,
-                           timeout: float = 60.0) -> tuple[int, dict[str, torch.Tensor]]:
+async def pull_stage_state(
+    p2p: P2P, peer_id: str, spec: RunSpec, stage: int, *, timeout: float = 60.0
+) -> tuple[int, dict[str, torch.Tensor]]:
     """(epoch, parameters) of ``stage`` from ``peer_id``; raises StateRejected with the reason."""
 
     limit = state_byte_limit(spec, stage)
     try:
-        frames = await call(p2p, peer_id, STATE, [StateRequest(spec_digest=spec.digest(), stage=stage)], StateResponse,
-                            timeout=timeout, max_bytes=limit, max_frames=MAX_FRAMES + limit // CHUNK_BYTES, kind="state")
+        frames = await call(
+            p2p,
+            peer_id,
+            STATE,
+            [StateRequest(spec_digest=spec.digest(), stage=stage)],
+            StateResponse,
+            timeout=timeout,
+            max_bytes=limit,
+            max_frames=MAX_FRAMES + limit // CHUNK_BYTES,
+            kind="state",
+        )
     except RemoteError as err:
         raise StateRejected(f"{peer_id}: {err}") from None
     head = frames[0]
@@ -115,8 +129,10 @@ def loss_verdict(loss: float, reference: Optional[float], *, factor: float = 1.5
     if not math.isfinite(loss):
         return f"held-out loss is {loss}"
     if reference is not None and loss > factor * reference + margin:
-        return (f"held-out loss {loss:.4f} exploded: more than {factor} x {reference:.4f} + {margin} "
-                f"= {factor * reference + margin:.4f} (the previous checkpoint's)")
+        return (
+            f"held-out loss {loss:.4f} exploded: more than {factor} x {reference:.4f} + {margin} "
+            f"= {factor * reference + margin:.4f} (the previous checkpoint's)"
+        )
     return None
 
 
@@ -141,8 +157,14 @@ def eval_batch(spec: RunSpec, data: Optional[str] = None, suffixes: Optional[Seq
     try:
         tokenizer = load_tokenizer(spec.tokenizer)
         path = data or stdlib_text_path()
-        return fixed_batch(path, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=spec.seed + 4242,
-                           suffixes=suffixes if data else (suffixes or [".py"]))
+        return fixed_batch(
+            path,
+            tokenizer,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            seed=spec.seed + 4242,
+            suffixes=suffixes if data else (suffixes or [".py"]),
+        )
     except Exception as err:
         if data:
             raise
@@ -162,13 +184,17 @@ def check_signing_key(spec: RunSpec, key_path: Path) -> tuple[str, Optional[str]
     fp = signing.fingerprint(key)
     trusted = {signing.fingerprint(k) for k in spec.trust.trusted_keys}
     if fp not in trusted:
-        raise ValueError(f"--signing-key {key_path} (fingerprint {fp}) is not among the spec's trusted keys "
-                         f"({', '.join(sorted(trusted)) or 'none'}): peers would refuse every checkpoint it signs. "
-                         "Add its public key to trust.trusted_keys (swarmtrain spec init --trusted-key KEY.pub)")
+        raise ValueError(
+            f"--signing-key {key_path} (fingerprint {fp}) is not among the spec's trusted keys "
+            f"({', '.join(sorted(trusted)) or 'none'}): peers would refuse every checkpoint it signs. "
+            "Add its public key to trust.trusted_keys (swarmtrain spec init --trusted-key KEY.pub)"
+        )
     warning = None
     if spec.trust.min_signatures > 1:
-        warning = (f"the spec requires {spec.trust.min_signatures} signatures: checkpoints signed by this keeper "
-                   "alone are not announced until co-signed (swarmtrain checkpoint sign DIR --key ...)")
+        warning = (
+            f"the spec requires {spec.trust.min_signatures} signatures: checkpoints signed by this keeper "
+            "alone are not announced until co-signed (swarmtrain checkpoint sign DIR --key ...)"
+        )
     return fp, warning
 
 
@@ -189,8 +215,18 @@ class Keeper:
     itself, or None (a keeper inside ``swarmtrain run``).
     """
 
-    def __init__(self, spec: RunSpec, config: KeeperConfig, *, swarm: SwarmView, p2p: P2P, run: Callable, service,
-                 event: Callable, local_state: Optional[Callable[[int], Optional[tuple[int, dict]]]] = None):
+    def __init__(
+        self,
+        spec: RunSpec,
+        config: KeeperConfig,
+        *,
+        swarm: SwarmView,
+        p2p: P2P,
+        run: Callable,
+        service,
+        event: Callable,
+        local_state: Optional[Callable[[int], Optional[tuple[int, dict]]]] = None,
+    ):
         self.spec, self.config, self.swarm, self.p2p, self.run = spec, config, swarm, p2p, run
         self.service, self.event, self.local_state = service, event, local_state
         self.fingerprint, warning = check_signing_key(spec, config.signing_key)
@@ -209,10 +245,16 @@ class Keeper:
 
     def start(self) -> None:
         self._offer_existing()
-        self.event("keeper_started", f"keeper signing with key {self.fingerprint} every {self.config.every:g}s into "
-                                     f"{self.config.checkpoint_dir} (keeping {self.config.keep})",
-                   fingerprint=self.fingerprint, checkpoint_dir=str(self.config.checkpoint_dir),
-                   every=self.config.every, keep=self.config.keep, last_step=self.last_step)
+        self.event(
+            "keeper_started",
+            f"keeper signing with key {self.fingerprint} every {self.config.every:g}s into "
+            f"{self.config.checkpoint_dir} (keeping {self.config.keep})",
+            fingerprint=self.fingerprint,
+            checkpoint_dir=str(self.config.checkpoint_dir),
+            every=self.config.every,
+            keep=self.config.keep,
+            last_step=self.last_step,
+        )
         self._thread = threading.Thread(target=self._loop, name="keeper", daemon=True)
         self._thread.start()
 
@@ -227,8 +269,11 @@ class Keeper:
                 self.run_round()
             except Exception as err:  # a failed round must not end the keeper
                 log.exception("keeper round failed")
-                self.event("keeper_error", f"keeper round failed: {type(err).__name__}: {err}",
-                           reason=f"{type(err).__name__}: {err}")
+                self.event(
+                    "keeper_error",
+                    f"keeper round failed: {type(err).__name__}: {err}",
+                    reason=f"{type(err).__name__}: {err}",
+                )
 
     def _offer_existing(self) -> None:
         """Serve and announce the newest local checkpoint of each stage that verifies, and
@@ -239,8 +284,13 @@ class Keeper:
                 try:
                     v = verify_checkpoint(c.path, self.spec, expected_stage=stage, load_tensors=False)
                 except CheckpointRefused as err:
-                    self.event("checkpoint_refused", f"keeper: local checkpoint refused: {err.reason}",
-                               stage=stage, path=str(c.path), reason=err.reason)
+                    self.event(
+                        "checkpoint_refused",
+                        f"keeper: local checkpoint refused: {err.reason}",
+                        stage=stage,
+                        path=str(c.path),
+                        reason=err.reason,
+                    )
                     continue
                 newest[stage] = v
                 self.service.offer(v)
@@ -250,8 +300,10 @@ class Keeper:
         steps = {v.meta.step for v in newest.values()}
         if len(newest) == self.spec.num_stages and len(steps) == 1:
             try:
-                states = [self.store.load(newest[k].path, k, load_optimizer=False).model_state
-                          for k in range(self.spec.num_stages)]
+                states = [
+                    self.store.load(newest[k].path, k, load_optimizer=False).model_state
+                    for k in range(self.spec.num_stages)
+                ]
                 self.reference_loss = evaluate_loss(self.spec, states, self._eval_batch())
             except CheckpointRefused as err:
                 log.warning("cannot take the loss reference from local checkpoints: %s", err)
@@ -273,8 +325,13 @@ class Keeper:
         spec = self.spec
         self.rounds += 1
         snapshot = self.swarm.snapshot()
-        by_stage = {k: sorted((p for p in snapshot if p.stage == k and p.state == PeerState.ONLINE),
-                              key=lambda p: (-p.epoch, -p.throughput, p.peer_id)) for k in range(spec.num_stages)}
+        by_stage = {
+            k: sorted(
+                (p for p in snapshot if p.stage == k and p.state == PeerState.ONLINE),
+                key=lambda p: (-p.epoch, -p.throughput, p.peer_id),
+            )
+            for k in range(spec.num_stages)
+        }
         epochs = [p.epoch for ps in by_stage.values() for p in ps]
         floor = self.last_step if self.last_step is not None else 0
         if epochs and max(epochs) <= floor:
@@ -295,15 +352,23 @@ class Keeper:
         states = [pulled[k][1] for k in range(spec.num_stages)]
         reference = self.reference_loss
         if reference is None:
-            reference = evaluate_loss(spec, [LlamaStage.from_spec(spec, k).state_dict() for k in range(spec.num_stages)],
-                                      self._eval_batch())
+            reference = evaluate_loss(
+                spec, [LlamaStage.from_spec(spec, k).state_dict() for k in range(spec.num_stages)], self._eval_batch()
+            )
             self.reference_loss = reference
         loss = evaluate_loss(spec, states, self._eval_batch())
         why = loss_verdict(loss, reference, factor=self.config.loss_factor, margin=self.config.loss_margin)
         if why is not None:
             self._last_skip = None
-            self.event("keeper_refused", f"keeper: not signing step {step}: {why}", step=step, loss=loss,
-                       reference_loss=reference, reason=why, sources=sources)
+            self.event(
+                "keeper_refused",
+                f"keeper: not signing step {step}: {why}",
+                step=step,
+                loss=loss,
+                reference_loss=reference,
+                reason=why,
+                sources=sources,
+            )
             return None
         tokens = sum(p.tokens for p in snapshot if p.has_data)
         written = []
@@ -319,12 +384,19 @@ class Keeper:
             self.service.offer(v)
         self._forget_pruned()
         self.last_step, self.reference_loss, self._last_skip = step, loss, None
-        self.event("checkpoint_signed", f"keeper: signed step {step} of {spec.num_stages} stage(s), held-out loss "
-                                        f"{loss:.4f} (reference {reference:.4f}), digests "
-                                        + ", ".join(w.manifest_digest[:12] for w in written),
-                   step=step, loss=loss, reference_loss=reference, tokens_seen=tokens,
-                   manifest_digests=[w.manifest_digest for w in written], paths=[str(w.path) for w in written],
-                   sources={str(k): v for k, v in sources.items()}, fingerprint=self.fingerprint)
+        self.event(
+            "checkpoint_signed",
+            f"keeper: signed step {step} of {spec.num_stages} stage(s), held-out loss "
+            f"{loss:.4f} (reference {reference:.4f}), digests " + ", ".join(w.manifest_digest[:12] for w in written),
+            step=step,
+            loss=loss,
+            reference_loss=reference,
+            tokens_seen=tokens,
+            manifest_digests=[w.manifest_digest for w in written],
+            paths=[str(w.path) for w in written],
+            sources={str(k): v for k, v in sources.items()},
+            fingerprint=self.fingerprint,
+        )
         return RoundResult(step, loss, written, sources)
 
     def _pull(self, stage: int, peers) -> Optional[tuple[int, dict, str]]:
@@ -339,16 +411,22 @@ class Keeper:
                     return got[0], got[1], p.peer_id
                 continue
             try:
-                epoch, tensors = self.run(pull_stage_state(self.p2p, p.peer_id, self.spec, stage,
-                                                           timeout=self.config.request_timeout),
-                                          self.config.request_timeout + 10)
+                epoch, tensors = self.run(
+                    pull_stage_state(self.p2p, p.peer_id, self.spec, stage, timeout=self.config.request_timeout),
+                    self.config.request_timeout + 10,
+                )
                 return epoch, tensors, p.peer_id
             except StateRejected as err:
                 if self._stop.is_set():
                     return None  # shutting down: the P2P connection is going away, not the peer
                 errors.append(str(err))
-                self.event("state_rejected", f"keeper: stage {stage} state from {p.peer_id[:16]} rejected: {err}",
-                           stage=stage, peer_id=p.peer_id, reason=str(err))
+                self.event(
+                    "state_rejected",
+                    f"keeper: stage {stage} state from {p.peer_id[:16]} rejected: {err}",
+                    stage=stage,
+                    peer_id=p.peer_id,
+                    reason=str(err),
+                )
         self._skip(f"stage {stage}: no usable state ({'; '.join(errors) or 'no peer to ask'})", stage=stage)
         return None
 

@@ -66,7 +66,9 @@ def check_listing(files: Mapping[str, int], limits: Mapping[str, int], *, source
         else:
             raise SourceFailed(f"{source}: lists {name!r}, which is not part of a checkpoint")
         if size > limit:
-            raise SourceFailed(f"{source}: {name} is {size} bytes, more than the {limit} bytes it can be for this stage")
+            raise SourceFailed(
+                f"{source}: {name} is {size} bytes, more than the {limit} bytes it can be for this stage"
+            )
     for name in (META_FILE, MODEL_FILE):
         if name not in files:
             raise SourceFailed(f"{source}: the listing lacks {name}")

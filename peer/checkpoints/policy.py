@@ -15,7 +15,6 @@ from protocol.records import CheckpointAnnouncement
 log = logging.getLogger("swarmtrain.ckpt")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # the loading policy
 
@@ -98,13 +97,21 @@ def live_state_verdict(
     if group_epoch <= local_epoch:
         return False, f"in step with the group (epoch {local_epoch})"
     if not accept_untrusted:
-        return False, (f"the group is at epoch {group_epoch}, but the spec forbids untrusted live state "
-                       "(trust.accept_untrusted_live_state = false)")
+        return False, (
+            f"the group is at epoch {group_epoch}, but the spec forbids untrusted live state "
+            "(trust.accept_untrusted_live_state = false)"
+        )
     if has_trusted_keys:
         base = trusted_step or 0
-        what = f"the trusted checkpoint (step {base})" if trusted_step else "the spec's initialisation (no trusted checkpoint)"
+        what = (
+            f"the trusted checkpoint (step {base})"
+            if trusted_step
+            else "the spec's initialisation (no trusted checkpoint)"
+        )
         if group_epoch - base > max_lag:
-            return False, (f"the group's live state (epoch {group_epoch}) is {group_epoch - base} epochs ahead of "
-                           f"{what}, more than trust.max_live_state_lag = {max_lag}")
+            return False, (
+                f"the group's live state (epoch {group_epoch}) is {group_epoch - base} epochs ahead of "
+                f"{what}, more than trust.max_live_state_lag = {max_lag}"
+            )
         return True, f"the group is at epoch {group_epoch}, {group_epoch - base} epoch(s) ahead of {what}"
     return True, f"the group is at epoch {group_epoch} (the spec trusts no checkpoint key: no lag limit)"

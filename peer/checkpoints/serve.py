@@ -29,7 +29,6 @@ REQUEST_LIMITS = RequestLimits(max_bytes=64 << 10, max_frames=1, deadline=10.0)
 log = logging.getLogger("swarmtrain.ckpt")
 
 
-
 # ---------------------------------------------------------------------------------------------
 # serving
 
@@ -43,7 +42,9 @@ class Served:
 
 def _listing(path: Path) -> dict[str, int]:
     listing = signing.list_signed_dir(path)
-    names = list(listing.content) + [f"{signing.SIGNATURES_DIR}/{fp}{signing.SIGNATURE_SUFFIX}" for fp in listing.signatures]
+    names = list(listing.content) + [
+        f"{signing.SIGNATURES_DIR}/{fp}{signing.SIGNATURE_SUFFIX}" for fp in listing.signatures
+    ]
     return {name: (path / name).stat().st_size for name in names}
 
 
@@ -95,33 +96,48 @@ class CheckpointServer:
 
     async def _respond(self, request: CkptRequest) -> list[CkptResponse]:
         if request.spec_digest != self.digest:
-            raise Rejected(ErrorCode.WRONG_SPEC, f"spec digest {request.spec_digest[:16]!r} does not match {self.digest[:16]!r}")
+            raise Rejected(
+                ErrorCode.WRONG_SPEC, f"spec digest {request.spec_digest[:16]!r} does not match {self.digest[:16]!r}"
+            )
         with self._lock:
             served = self._index.get(request.manifest_digest)
         if served is None:
-            raise Rejected(ErrorCode.NOT_FOUND, f"no checkpoint with manifest digest {request.manifest_digest[:16]!r} here")
+            raise Rejected(
+                ErrorCode.NOT_FOUND, f"no checkpoint with manifest digest {request.manifest_digest[:16]!r} here"
+            )
         try:
             files = await asyncio.to_thread(_listing, served.path)
         except (OSError, signing.SigningError) as err:
             self.remove(request.manifest_digest)  # pruned or damaged since it was registered
-            raise Rejected(ErrorCode.GONE, f"checkpoint {request.manifest_digest[:16]} is no longer here ({err})") from None
+            raise Rejected(
+                ErrorCode.GONE, f"checkpoint {request.manifest_digest[:16]} is no longer here ({err})"
+            ) from None
         if request.op == "list":
-            return [CkptResponse(files=[CkptFile(name=n, size=s) for n, s in sorted(files.items())],
-                                 stage=served.stage, step=served.step)]
+            return [
+                CkptResponse(
+                    files=[CkptFile(name=n, size=s) for n, s in sorted(files.items())],
+                    stage=served.stage,
+                    step=served.step,
+                )
+            ]
         if request.op != "read":
             raise Rejected(ErrorCode.BAD_REQUEST, f"unknown op {request.op!r} (list or read)")
         if request.name not in files:  # names come only from our own listing: no path tricks
             raise Rejected(ErrorCode.BAD_REQUEST, f"{request.name!r} is not a file of this checkpoint")
         size = files[request.name]
         if request.offset > size or request.length == 0 or request.length > MAX_READ_BYTES:
-            raise Rejected(ErrorCode.BAD_REQUEST, f"bad range offset={request.offset} length={request.length} for "
-                                                  f"a {size}-byte file (reads are at most {MAX_READ_BYTES} bytes)")
+            raise Rejected(
+                ErrorCode.BAD_REQUEST,
+                f"bad range offset={request.offset} length={request.length} for "
+                f"a {size}-byte file (reads are at most {MAX_READ_BYTES} bytes)",
+            )
         try:
             data = await asyncio.to_thread(_read_range, served.path / request.name, request.offset, request.length)
         except OSError as err:
             raise Rejected(ErrorCode.GONE, f"{request.name}: {err.strerror}") from None
-        return [CkptResponse(data=data[i:i + DATA_FRAME_BYTES]) for i in range(0, len(data), DATA_FRAME_BYTES)] or [
-            CkptResponse()]
+        return [CkptResponse(data=data[i : i + DATA_FRAME_BYTES]) for i in range(0, len(data), DATA_FRAME_BYTES)] or [
+            CkptResponse()
+        ]
 
 
 def _error(code: str, message: str) -> CkptResponse:

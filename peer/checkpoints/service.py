@@ -29,7 +29,6 @@ from protocol.spec import RunSpec
 log = logging.getLogger("swarmtrain.ckpt")
 
 
-
 @dataclasses.dataclass
 class Restored:
     verified: VerifiedCheckpoint
@@ -44,8 +43,19 @@ class CheckpointService:
     ``event(name, text, **fields)`` reports (the peer's ``Output.event``).
     """
 
-    def __init__(self, spec: RunSpec, store: CheckpointStore, *, swarm: Optional[SwarmView], p2p: Optional[P2P], run: Optional[Callable],
-                 event: Callable, announce_period: float = 5.0, request_timeout: float = 30.0, counters=None):
+    def __init__(
+        self,
+        spec: RunSpec,
+        store: CheckpointStore,
+        *,
+        swarm: Optional[SwarmView],
+        p2p: Optional[P2P],
+        run: Optional[Callable],
+        event: Callable,
+        announce_period: float = 5.0,
+        request_timeout: float = 30.0,
+        counters=None,
+    ):
         self.spec, self.store, self.swarm, self.p2p, self.run = spec, store, swarm, p2p, run
         self.event = event
         self.server = CheckpointServer(spec, counters=counters)
@@ -91,40 +101,74 @@ class CheckpointService:
         weights are copied only from a checkpoint that passed every check.
         """
         if not self.spec.trust.trusted_keys:
-            self.event("restore_skipped", f"stage {stage}: the spec trusts no checkpoint key; starting from the "
-                                          "spec's initialisation", stage=stage, reason="no trusted keys")
+            self.event(
+                "restore_skipped",
+                f"stage {stage}: the spec trusts no checkpoint key; starting from the spec's initialisation",
+                stage=stage,
+                reason="no trusted keys",
+            )
             return None
         trusted = {signing.fingerprint(k) for k in self.spec.trust.trusted_keys}
-        candidates = restore_candidates(self.store.list(stage), self.announcements(stage), held_step=held_step,
-                                        exclude_sources=[self.peer_id] if self.peer_id else [], trusted=trusted,
-                                        min_signatures=self.spec.trust.min_signatures)
+        candidates = restore_candidates(
+            self.store.list(stage),
+            self.announcements(stage),
+            held_step=held_step,
+            exclude_sources=[self.peer_id] if self.peer_id else [],
+            trusted=trusted,
+            min_signatures=self.spec.trust.min_signatures,
+        )
         for c in candidates:
             try:
                 restored = self._try(stage, c, held_step)
             except CheckpointRefused as err:
-                self.event("checkpoint_refused", f"stage {stage}: refused checkpoint step {c.step} ({c.where}): "
-                                                 f"{err.reason}", stage=stage, step=c.step, manifest_digest=c.manifest,
-                           path=str(err.path) if err.path else None, sources=list(c.sources),
-                           source="local" if c.path is not None else None, reason=err.reason)
+                self.event(
+                    "checkpoint_refused",
+                    f"stage {stage}: refused checkpoint step {c.step} ({c.where}): {err.reason}",
+                    stage=stage,
+                    step=c.step,
+                    manifest_digest=c.manifest,
+                    path=str(err.path) if err.path else None,
+                    sources=list(c.sources),
+                    source="local" if c.path is not None else None,
+                    reason=err.reason,
+                )
                 continue
             except FetchFailed as err:
-                self.event("checkpoint_unavailable", f"stage {stage}: could not fetch checkpoint step {c.step}: {err}",
-                           stage=stage, step=c.step, manifest_digest=c.manifest, reason=str(err))
+                self.event(
+                    "checkpoint_unavailable",
+                    f"stage {stage}: could not fetch checkpoint step {c.step}: {err}",
+                    stage=stage,
+                    step=c.step,
+                    manifest_digest=c.manifest,
+                    reason=str(err),
+                )
                 continue
             v = restored.verified
             load_into_module(v, module)
             self.offer(v)
-            self.event("restored", f"stage {stage}: restored checkpoint step {v.meta.step} "
-                                   f"({v.manifest_digest[:16]}, signed by {', '.join(v.signers)}) from "
-                                   f"{'local ' + str(v.path) if restored.source == 'local' else restored.source}",
-                       stage=stage, step=v.meta.step, manifest_digest=v.manifest_digest, signers=list(v.signers),
-                       source=restored.source, sources=restored.sources, path=str(v.path),
-                       tokens_seen=v.meta.tokens_seen)
+            self.event(
+                "restored",
+                f"stage {stage}: restored checkpoint step {v.meta.step} "
+                f"({v.manifest_digest[:16]}, signed by {', '.join(v.signers)}) from "
+                f"{'local ' + str(v.path) if restored.source == 'local' else restored.source}",
+                stage=stage,
+                step=v.meta.step,
+                manifest_digest=v.manifest_digest,
+                signers=list(v.signers),
+                source=restored.source,
+                sources=restored.sources,
+                path=str(v.path),
+                tokens_seen=v.meta.tokens_seen,
+            )
             return restored
-        self.event("restore_none", f"stage {stage}: no trusted checkpoint found"
-                                   + (f" ({len(candidates)} tried)" if candidates else "")
-                                   + "; starting from the spec's initialisation", stage=stage,
-                   tried=len(candidates))
+        self.event(
+            "restore_none",
+            f"stage {stage}: no trusted checkpoint found"
+            + (f" ({len(candidates)} tried)" if candidates else "")
+            + "; starting from the spec's initialisation",
+            stage=stage,
+            tried=len(candidates),
+        )
         return None
 
     def _try(self, stage: int, c: Candidate, held_step: Optional[int]) -> Restored:
@@ -147,17 +191,31 @@ class CheckpointService:
                 result = fetcher.fetch(stage, c.manifest, remaining, self.store.root, held_step=held_step)
             except CheckpointRefused as err:
                 last_refusal = err
-                self.event("checkpoint_refused", f"stage {stage}: checkpoint {c.manifest[:16]} fetched from "
-                                                 f"{', '.join(s[:16] for s in remaining)} refused: {err.reason}",
-                           stage=stage, step=c.step, manifest_digest=c.manifest, sources=remaining, reason=err.reason)
+                self.event(
+                    "checkpoint_refused",
+                    f"stage {stage}: checkpoint {c.manifest[:16]} fetched from "
+                    f"{', '.join(s[:16] for s in remaining)} refused: {err.reason}",
+                    stage=stage,
+                    step=c.step,
+                    manifest_digest=c.manifest,
+                    sources=remaining,
+                    reason=err.reason,
+                )
                 remaining = remaining[1:]
                 continue
             self.store._digests[result.verified.path] = result.verified.manifest_digest
-            self.event("checkpoint_fetched", f"stage {stage}: fetched checkpoint step {result.verified.meta.step} "
-                                             f"({result.bytes_fetched} bytes in {result.seconds:.1f}s) from "
-                                             f"{', '.join(s[:16] for s in result.sources)}",
-                       stage=stage, step=result.verified.meta.step, manifest_digest=c.manifest,
-                       sources=result.sources, bytes=result.bytes_fetched, seconds=round(result.seconds, 3))
+            self.event(
+                "checkpoint_fetched",
+                f"stage {stage}: fetched checkpoint step {result.verified.meta.step} "
+                f"({result.bytes_fetched} bytes in {result.seconds:.1f}s) from "
+                f"{', '.join(s[:16] for s in result.sources)}",
+                stage=stage,
+                step=result.verified.meta.step,
+                manifest_digest=c.manifest,
+                sources=result.sources,
+                bytes=result.bytes_fetched,
+                seconds=round(result.seconds, 3),
+            )
             return Restored(result.verified, result.sources[-1] if result.sources else "?", result.sources)
         assert last_refusal is not None
         raise last_refusal

@@ -102,15 +102,23 @@ def write_checkpoint(
     """Write, sign (once per key) and publish a checkpoint directory at ``target``, atomically."""
     target = Path(target)
     if not key_paths:
-        raise ValueError("a checkpoint needs at least one signing key: readers ignore unsigned directories "
-                         "(create one with `swarmtrain keygen`)")
+        raise ValueError(
+            "a checkpoint needs at least one signing key: readers ignore unsigned directories "
+            "(create one with `swarmtrain keygen`)"
+        )
     if not 0 <= stage < spec.num_stages:
         raise ValueError(f"stage {stage} does not exist: the spec has {spec.num_stages} stage(s)")
     if target.exists():
         raise FileExistsError(f"{target} already exists; checkpoints are never overwritten")
-    meta = CheckpointMeta(run_id=spec.run_id, spec_digest=spec.digest(), stage=stage, step=step,
-                          tokens_seen=tokens_seen, parent_digest=parent_digest,
-                          created=time.time() if created is None else created)
+    meta = CheckpointMeta(
+        run_id=spec.run_id,
+        spec_digest=spec.digest(),
+        stage=stage,
+        step=step,
+        tokens_seen=tokens_seen,
+        parent_digest=parent_digest,
+        created=time.time() if created is None else created,
+    )
     from safetensors.torch import save_file
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,11 +177,15 @@ def _looks_complete(path: Path) -> Optional[LocalCheckpoint]:
     sig_dir = path / signing.SIGNATURES_DIR
     if not meta_file.is_file() or not sig_dir.is_dir():
         return None
-    signers = tuple(sorted(
-        p.name[: -len(signing.SIGNATURE_SUFFIX)] for p in sig_dir.iterdir()
-        if p.name.endswith(signing.SIGNATURE_SUFFIX) and not p.name.startswith(TEMP_PREFIX)
-        and signing.FINGERPRINT_RE.match(p.name[: -len(signing.SIGNATURE_SUFFIX)])
-    ))
+    signers = tuple(
+        sorted(
+            p.name[: -len(signing.SIGNATURE_SUFFIX)]
+            for p in sig_dir.iterdir()
+            if p.name.endswith(signing.SIGNATURE_SUFFIX)
+            and not p.name.startswith(TEMP_PREFIX)
+            and signing.FINGERPRINT_RE.match(p.name[: -len(signing.SIGNATURE_SUFFIX)])
+        )
+    )
     if not signers:
         return None
     try:
@@ -209,8 +221,11 @@ def list_checkpoints(
                 frontier.extend((c, depth + 1) for c in d.iterdir() if c.is_dir())
             except OSError:
                 continue
-    found = [c for c in found
-             if (stage is None or c.meta.stage == stage) and (spec_digest is None or c.meta.spec_digest == spec_digest)]
+    found = [
+        c
+        for c in found
+        if (stage is None or c.meta.stage == stage) and (spec_digest is None or c.meta.spec_digest == spec_digest)
+    ]
     found.sort(key=lambda c: (c.meta.step, c.meta.created, c.path.name), reverse=True)
     return found
 
@@ -237,9 +252,16 @@ def load_verified(
 ) -> VerifiedCheckpoint:
     """Verify a checkpoint of ``stage`` against the spec's trust policy, the stage's parameter
     names and shapes, and ``held_step``; raise ``CheckpointRefused`` otherwise."""
-    return verify_checkpoint(directory, spec, trusted_keys=trusted_keys, min_signatures=min_signatures,
-                             held_step=held_step, expected_stage=stage,
-                             expected_shapes=expected_stage_shapes(spec, stage), load_optimizer=load_optimizer)
+    return verify_checkpoint(
+        directory,
+        spec,
+        trusted_keys=trusted_keys,
+        min_signatures=min_signatures,
+        held_step=held_step,
+        expected_stage=stage,
+        expected_shapes=expected_stage_shapes(spec, stage),
+        load_optimizer=load_optimizer,
+    )
 
 
 @torch.no_grad()
@@ -255,8 +277,15 @@ def load_into_module(verified: VerifiedCheckpoint, module: torch.nn.Module) -> N
 class CheckpointStore:
     """Checkpoints of one spec under ``root``; keeps the newest ``keep`` of each stage."""
 
-    def __init__(self, root: Union[str, Path], spec: RunSpec, *, key_paths: Sequence[Union[str, Path]] = (),
-                 keep: int = 3, stale_temp_s: float = 24 * 3600):
+    def __init__(
+        self,
+        root: Union[str, Path],
+        spec: RunSpec,
+        *,
+        key_paths: Sequence[Union[str, Path]] = (),
+        keep: int = 3,
+        stale_temp_s: float = 24 * 3600,
+    ):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.root = Path(root)
@@ -289,9 +318,17 @@ class CheckpointStore:
         if parent_digest is _AUTO:
             older = [c for c in self.list(stage) if c.meta.step < step]
             parent_digest = self.manifest_digest_of(older[0].path) if older else None
-        written = write_checkpoint(self.dir_for(stage, step), spec=self.spec, stage=stage, step=step,
-                                   tokens_seen=tokens_seen, model_state=model_state, key_paths=self.key_paths,
-                                   optimizer_state=optimizer_state, parent_digest=parent_digest)
+        written = write_checkpoint(
+            self.dir_for(stage, step),
+            spec=self.spec,
+            stage=stage,
+            step=step,
+            tokens_seen=tokens_seen,
+            model_state=model_state,
+            key_paths=self.key_paths,
+            optimizer_state=optimizer_state,
+            parent_digest=parent_digest,
+        )
         self._digests[written.path] = written.manifest_digest
         if prune:
             self.prune(stage)
@@ -305,12 +342,14 @@ class CheckpointStore:
             self._digests[path] = manifest_digest(signing.hash_files(path, listing.content))
         return self._digests[path]
 
-    def load(self, path: Union[str, Path], stage: int, *, held_step: Optional[int] = None,
-             load_optimizer: bool = True) -> VerifiedCheckpoint:
+    def load(
+        self, path: Union[str, Path], stage: int, *, held_step: Optional[int] = None, load_optimizer: bool = True
+    ) -> VerifiedCheckpoint:
         return load_verified(path, self.spec, stage, held_step=held_step, load_optimizer=load_optimizer)
 
-    def latest_verified(self, stage: int, *, held_step: Optional[int] = None,
-                        load_optimizer: bool = True) -> Optional[VerifiedCheckpoint]:
+    def latest_verified(
+        self, stage: int, *, held_step: Optional[int] = None, load_optimizer: bool = True
+    ) -> Optional[VerifiedCheckpoint]:
         """The newest local checkpoint of ``stage`` that passes verification, or None."""
         for c in self.list(stage):
             if held_step is not None and c.meta.step < held_step:
@@ -323,8 +362,13 @@ class CheckpointStore:
 
     def _is_verified(self, c: LocalCheckpoint) -> bool:
         try:
-            stats = tuple(sorted((p.relative_to(c.path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-                                 for p in c.path.rglob("*") if p.is_file()))
+            stats = tuple(
+                sorted(
+                    (p.relative_to(c.path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                    for p in c.path.rglob("*")
+                    if p.is_file()
+                )
+            )
         except OSError:
             return False
         key = (c.path, stats)

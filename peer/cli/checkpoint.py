@@ -85,16 +85,28 @@ def _verify(directory: Path, spec, trusted_keys, min_signatures, *, held_step=No
     else:
         shapes, stage_arg = _expected_shapes(spec, stage), stage
     try:
-        return verify_checkpoint(directory, spec, trusted_keys=trusted_keys, min_signatures=min_signatures,
-                                 held_step=held_step, expected_stage=stage_arg, expected_shapes=shapes)
+        return verify_checkpoint(
+            directory,
+            spec,
+            trusted_keys=trusted_keys,
+            min_signatures=min_signatures,
+            held_step=held_step,
+            expected_stage=stage_arg,
+            expected_shapes=shapes,
+        )
     except CheckpointRefused as err:
         raise CheckFailed(str(err)) from None
 
 
 @checkpoint.command("sign")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Private key (PEM) from `swarmtrain keygen`.")
+@click.option(
+    "--key",
+    "key_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Private key (PEM) from `swarmtrain keygen`.",
+)
 def checkpoint_sign(directory: Path, key_path: Path):
     """Sign a checkpoint directory: add signatures/<fingerprint>.sig.
 
@@ -108,8 +120,10 @@ def checkpoint_sign(directory: Path, key_path: Path):
             raise CheckFailed(f"{directory}: not a checkpoint: {', '.join(missing)} missing")
         extra = [f for f in listing.content if f not in CHECKPOINT_FILES]
         if extra:
-            raise CheckFailed(f"{directory}: unexpected file(s) {', '.join(extra)}; a checkpoint holds only "
-                              f"{', '.join(CHECKPOINT_FILES)}")
+            raise CheckFailed(
+                f"{directory}: unexpected file(s) {', '.join(extra)}; a checkpoint holds only "
+                f"{', '.join(CHECKPOINT_FILES)}"
+            )
         meta = parse_meta((directory / META_FILE).read_bytes(), directory)
         sig = signing.sign_dir(directory, key_path)
     except (signing.SigningError, CheckpointRefused) as err:
@@ -122,15 +136,29 @@ def checkpoint_sign(directory: Path, key_path: Path):
 
 @checkpoint.command("verify")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Run spec: checks spec digest, run id, stage, tensor names and shapes; its trusted keys "
-                   "are used unless --trusted-key is given.")
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Public key (PEM) to trust instead of the spec's; repeatable.")
-@click.option("--min-signatures", type=click.IntRange(min=1), default=None,
-              help="Valid trusted signatures required (default: the spec's, else 1).")
-@click.option("--held-step", type=click.IntRange(min=0), default=None,
-              help="Refuse a checkpoint older than this step (rollback).")
+@click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Run spec: checks spec digest, run id, stage, tensor names and shapes; its trusted keys "
+    "are used unless --trusted-key is given.",
+)
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Public key (PEM) to trust instead of the spec's; repeatable.",
+)
+@click.option(
+    "--min-signatures",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Valid trusted signatures required (default: the spec's, else 1).",
+)
+@click.option(
+    "--held-step", type=click.IntRange(min=0), default=None, help="Refuse a checkpoint older than this step (rollback)."
+)
 @click.option("--stage", type=click.IntRange(min=0), default=None, help="Refuse a checkpoint of another stage.")
 def checkpoint_verify(directory: Path, spec_path, trusted_keys, min_signatures, held_step, stage):
     """Verify a checkpoint: trusted signatures, file digests, metadata and tensors.
@@ -161,21 +189,38 @@ def checkpoint_verify(directory: Path, spec_path, trusted_keys, min_signatures, 
 
 
 @checkpoint.command("export")
-@click.argument("directories", nargs=-1, required=True,
-                type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Hugging Face model directory to create (must not exist, or be empty).")
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Run spec of the checkpoints (required: checkpoints carry only its digest).")
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Public key (PEM) to trust instead of the spec's; repeatable.")
+@click.argument("directories", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Hugging Face model directory to create (must not exist, or be empty).",
+)
+@click.option(
+    "--spec",
+    "spec_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Run spec of the checkpoints (required: checkpoints carry only its digest).",
+)
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Public key (PEM) to trust instead of the spec's; repeatable.",
+)
 @click.option("--min-signatures", type=click.IntRange(min=1), default=None)
-@click.option("--max-shard-bytes", type=click.IntRange(min=1), default=None, help="Split model.safetensors into shards.")
+@click.option(
+    "--max-shard-bytes", type=click.IntRange(min=1), default=None, help="Split model.safetensors into shards."
+)
 def checkpoint_export(directories, out_dir: Path, spec_path, trusted_keys, min_signatures, max_shard_bytes):
     """Join verified checkpoints of every stage of one step into a Hugging Face model directory."""
     if spec_path is None:
-        raise CheckFailed("export needs --spec SPEC.toml: a checkpoint records only the spec's digest, and the "
-                          "architecture (config.json) comes from the spec")
+        raise CheckFailed(
+            "export needs --spec SPEC.toml: a checkpoint records only the spec's digest, and the "
+            "architecture (config.json) comes from the spec"
+        )
     spec = load_spec_option(spec_path, CheckFailed)
     keys = _read_trusted_keys(trusted_keys)
     verified = [_verify(d, spec, keys, min_signatures) for d in directories]
@@ -192,8 +237,9 @@ def checkpoint_export(directories, out_dir: Path, spec_path, trusted_keys, min_s
 @checkpoint.command("list")
 @click.option("--initial-peers", multiple=True, help="Multiaddr of a bootstrap or any peer; repeatable.")
 @click.option("--run", "run_id", help="The run id (its spec is read from the DHT).")
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Or the run spec file.")
+@click.option(
+    "--spec", "spec_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Or the run spec file."
+)
 @click.option("--spec-digest", help="Pin the spec digest (or a prefix) when joining by --run.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def checkpoint_list(initial_peers, run_id, spec_path, spec_digest, as_json):
@@ -214,8 +260,7 @@ def checkpoint_list(initial_peers, run_id, spec_path, spec_digest, as_json):
     from peer.observe.status import open_observer
 
     try:
-        swarm, close = open_observer(list(initial_peers), spec=spec, run_id=run_id,
-                                     spec_digest=spec_digest)
+        swarm, close = open_observer(list(initial_peers), spec=spec, run_id=run_id, spec_digest=spec_digest)
     except SpecError as err:
         raise CheckFailed(str(err)) from None
     try:
@@ -231,5 +276,7 @@ def checkpoint_list(initial_peers, run_id, spec_path, spec_digest, as_json):
         mine = [r for r in rows if r["stage"] == stage]
         click.echo(f"stage {stage}" + ("" if mine else ": none announced"))
         for r in mine:
-            click.echo(f"  step {r['step']:>6}  digest {r['manifest_digest'][:16]}  signers {','.join(r['signers']) or '-'}"
-                       f"  {r['total_bytes'] or 0:,} bytes  served by {', '.join(r['served_by'])}")
+            click.echo(
+                f"  step {r['step']:>6}  digest {r['manifest_digest'][:16]}  signers {','.join(r['signers']) or '-'}"
+                f"  {r['total_bytes'] or 0:,} bytes  served by {', '.join(r['served_by'])}"
+            )

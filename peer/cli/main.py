@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-from pathlib import Path
-from typing import Optional
 
 # hivemind shares futures' state through torch shared memory; its default "file_system"
 # strategy relies on a torch_shm_manager process, which we saw vanish mid-run under load
@@ -29,7 +26,23 @@ from peer.base.config import (
     RunConfig,
 )
 from peer.cli.checkpoint import checkpoint, keygen
-from peer.cli.options import load_spec_option, spec_or_run
+from peer.cli.options import (
+    announce,
+    build_keeper_config,
+    check_keeper,
+    exit_now,
+    finite,
+    guarded,
+    identity,
+    initial,
+    keeper_options,
+    load_spec_option,
+    maddrs,
+    raise_fd_limit,
+    rebalance_period_for,
+    setup_logging,
+    spec_or_run,
+)
 from peer.cli.spec import spec
 
 
@@ -63,129 +76,33 @@ def demo(seconds, stages, peers_per_stage, preset, workdir, json_summary):
     """
     from peer.dev.demo import run_demo
 
-    sys.exit(run_demo(seconds=seconds, stages=stages, peers_per_stage=peers_per_stage, preset=preset,
-                      workdir=workdir, json_summary=json_summary))
-
-
-def _exit_now(code: int) -> None:
-    """Exit once shutdown is done. hivemind leaves executor threads waiting on events that
-    never fire, and Python would join them forever at exit; everything was stopped already,
-    and the reaper sweeps the process group."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _guarded(fn, *args, **kwargs) -> int:
-    """Run a long-lived command; turn failures into a clear message and an exit code."""
-    from protocol.spec import SpecError
-
-    try:
-        return fn(*args, **kwargs) or 0
-    except KeyboardInterrupt:
-        return 130
-    except SystemExit as err:
-        if isinstance(err.code, str):
-            click.echo(f"Error: {err.code}", err=True)
-            return 1
-        return err.code or 0
-    except (SpecError, ValueError, OSError) as err:
-        click.echo(f"Error: {err}", err=True)
-        return 1
-    except Exception:
-        import traceback
-
-        traceback.print_exc()
-        return 1
-
-
-def _raise_fd_limit() -> None:
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError):
-        pass
-
-
-def _setup_logging(verbose: bool) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        # hivemind logs every averaging round at INFO; keep the console to our status line.
-        logging.getLogger("hivemind").setLevel(logging.ERROR)
-
-
-_maddrs = click.option("--host-maddrs", multiple=True, help="Multiaddrs to listen on (default: all interfaces, a free TCP port).")
-_announce = click.option("--announce-maddrs", multiple=True, help="Public multiaddrs to announce (behind NAT or a port forward).")
-_identity = click.option("--identity", type=click.Path(dir_okay=False), default=None,
-                         help="Identity key file: the same peer id after a restart (created if missing).")
-_initial = click.option("--initial-peers", multiple=True, help="Multiaddr of a bootstrap or any peer; repeatable.")
-
-
-def _keeper_options(fn):
-    """Options of the keeper (peer.checkpoints.keeper), shared by `run` and `bootstrap`."""
-    for opt in reversed([
-        click.option("--keeper", is_flag=True, help="Be the keeper: periodically pull every stage's state, check it "
-                                                    "and sign it as a checkpoint (needs --signing-key, --checkpoint-dir)."),
-        click.option("--signing-key", type=click.Path(exists=True, dir_okay=False),
-                     help="The keeper's private key (swarmtrain keygen); the spec must trust its public key."),
-        click.option("--every", "keeper_every", type=click.FloatRange(min=1.0), default=KeeperConfig.every, show_default=True,
-                     help="Seconds between keeper rounds."),
-        click.option("--keep", "keeper_keep", type=click.IntRange(min=1), default=KeeperConfig.keep, show_default=True,
-                     help="Signed checkpoints kept per stage."),
-        click.option("--eval-data", type=click.Path(exists=True), default=None,
-                     help="Held-out text for the keeper's loss check (default: the Python standard library)."),
-    ]):
-        fn = opt(fn)
-    return fn
-
-
-def _rebalance_period(period, stage) -> float:
-    """A peer that chose its stage itself rebalances by default; one told ``--stage K`` stays
-    there unless ``--rebalance-period`` is given too."""
-    from peer.swarm.churn import DEFAULT_REBALANCE_PERIOD
-
-    if period is not None:
-        return period
-    return DEFAULT_REBALANCE_PERIOD if stage == "auto" else 0.0
-
-
-def _finite(ctx, param, value):
-    # click's FloatRange lets "nan" through (every comparison with NaN is false).
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a number of samples/s")
-    return value
-
-
-def _keeper_config(keeper, signing_key, checkpoint_dir, every, keep, eval_data, **more) -> Optional[KeeperConfig]:
-    if not keeper:
-        return None
-    return KeeperConfig(signing_key=Path(signing_key), checkpoint_dir=Path(checkpoint_dir), every=every, keep=keep,
-                        eval_data=eval_data, **more)
-
-
-def _check_keeper(keeper, signing_key, checkpoint_dir):
-    if keeper and (signing_key is None or checkpoint_dir is None):
-        raise click.UsageError("--keeper needs --signing-key KEY.pem and --checkpoint-dir DIR")
-    if not keeper and signing_key is not None:
-        raise click.UsageError("--signing-key is only used with --keeper")
+    sys.exit(
+        run_demo(
+            seconds=seconds,
+            stages=stages,
+            peers_per_stage=peers_per_stage,
+            preset=preset,
+            workdir=workdir,
+            json_summary=json_summary,
+        )
+    )
 
 
 @main.command()
-@_initial
+@initial
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="The run spec (TOML).")
 @click.option("--run", "run_id", help="Join by run id: the spec is read from the DHT.")
 @click.option("--spec-digest", help="Pin the spec digest (or a prefix) when joining by --run.")
-@click.option("--data", type=click.Path(exists=True), help="Local text: a file, a directory, JSONL or Parquet. Without it the peer only serves.")
+@click.option(
+    "--data",
+    type=click.Path(exists=True),
+    help="Local text: a file, a directory, JSONL or Parquet. Without it the peer only serves.",
+)
 @click.option("--data-suffix", "data_suffixes", multiple=True, help="Only read files with these suffixes (e.g. .py).")
 @click.option("--stage", default="auto", show_default=True, help="'auto' (the least-served stage) or a stage index.")
-@_maddrs
-@_announce
-@_identity
+@maddrs
+@announce
+@identity
 @click.option("--threads", type=int, default=PeerConfig.threads, show_default=True, help="torch threads for this peer.")
 @click.option("--max-seconds", type=float, default=None, help="Stop after this long.")
 @click.option("--max-steps", "max_microbatches", type=int, default=None, help="Stop after this many micro-batches.")
@@ -193,33 +110,91 @@ def _check_keeper(keeper, signing_key, checkpoint_dir):
 @click.option("--status-every", type=float, default=OutputConfig.status_every, show_default=True)
 @click.option("--request-timeout", type=float, default=NetworkConfig.request_timeout, show_default=True)
 @click.option("--client-mode", is_flag=True, help="Do not accept inbound connections (behind NAT without relays).")
-@click.option("--rebalance-period", type=click.FloatRange(min=0.0), default=None,
-              help="Seconds between checks for a better stage (randomised by a third either way; 0: never move). "
-                   "Default: 15 with --stage auto, 0 with a fixed --stage. A peer also moves to refill a stage "
-                   "whose peers are all gone.")
-@click.option("--rebalance-cooldown", type=click.FloatRange(min=0.0), default=ChurnConfig.rebalance_cooldown,
-              show_default=True,
-              help="Seconds a peer stays on a stage after joining or moving before a rebalancing move "
-                   "(refilling an empty stage does not wait).")
-@click.option("--throughput", type=click.FloatRange(min=0.0, min_open=True, max=1e9), default=None, callback=_finite,
-              help="Samples/s this peer announces for its stage, which stage choice and rebalancing weigh. "
-                   "Default: measured when a stage opens (the best of a few forward+backward passes).")
-@click.option("--final-state", type=click.Path(dir_okay=False), default=None,
-              help="On exit, write this peer's stage weights (safetensors) here.")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
-              help="Local signed checkpoints: the newest that verifies is loaded at start, fetched ones are kept "
-                   "here (default: a temporary dir).")
-@_keeper_options
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-              help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).")
-@click.option("--metrics-host", default=OutputConfig.metrics_host, show_default=True,
-              help="Address for --metrics-port (0.0.0.0 to let another machine scrape it).")
+@click.option(
+    "--rebalance-period",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="Seconds between checks for a better stage (randomised by a third either way; 0: never move). "
+    "Default: 15 with --stage auto, 0 with a fixed --stage. A peer also moves to refill a stage "
+    "whose peers are all gone.",
+)
+@click.option(
+    "--rebalance-cooldown",
+    type=click.FloatRange(min=0.0),
+    default=ChurnConfig.rebalance_cooldown,
+    show_default=True,
+    help="Seconds a peer stays on a stage after joining or moving before a rebalancing move "
+    "(refilling an empty stage does not wait).",
+)
+@click.option(
+    "--throughput",
+    type=click.FloatRange(min=0.0, min_open=True, max=1e9),
+    default=None,
+    callback=finite,
+    help="Samples/s this peer announces for its stage, which stage choice and rebalancing weigh. "
+    "Default: measured when a stage opens (the best of a few forward+backward passes).",
+)
+@click.option(
+    "--final-state",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="On exit, write this peer's stage weights (safetensors) here.",
+)
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Local signed checkpoints: the newest that verifies is loaded at start, fetched ones are kept "
+    "here (default: a temporary dir).",
+)
+@keeper_options
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).",
+)
+@click.option(
+    "--metrics-host",
+    default=OutputConfig.metrics_host,
+    show_default=True,
+    help="Address for --metrics-port (0.0.0.0 to let another machine scrape it).",
+)
 @click.option("--log-json", is_flag=True, help="JSON lines instead of the status line.")
 @click.option("-v", "--verbose", is_flag=True)
-def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stage, host_maddrs, announce_maddrs,
-        identity, threads, max_seconds, max_microbatches, announce_period, status_every, request_timeout,
-        client_mode, rebalance_period, rebalance_cooldown, throughput, final_state, checkpoint_dir, keeper, signing_key,
-        keeper_every, keeper_keep, eval_data, metrics_port, metrics_host, log_json, verbose):
+def run(
+    initial_peers,
+    spec_path,
+    run_id,
+    spec_digest,
+    data,
+    data_suffixes,
+    stage,
+    host_maddrs,
+    announce_maddrs,
+    identity,
+    threads,
+    max_seconds,
+    max_microbatches,
+    announce_period,
+    status_every,
+    request_timeout,
+    client_mode,
+    rebalance_period,
+    rebalance_cooldown,
+    throughput,
+    final_state,
+    checkpoint_dir,
+    keeper,
+    signing_key,
+    keeper_every,
+    keeper_keep,
+    eval_data,
+    metrics_port,
+    metrics_host,
+    log_json,
+    verbose,
+):
     """Join a swarm as a peer: serve a stage and train on local data."""
     from peer.base.procs import start_reaper
 
@@ -228,51 +203,107 @@ def run(initial_peers, spec_path, run_id, spec_digest, data, data_suffixes, stag
     spec = spec_or_run(spec_path, run_id)
     if stage != "auto" and not stage.isdigit():
         raise click.UsageError("--stage must be 'auto' or a stage index")
-    _check_keeper(keeper, signing_key, checkpoint_dir)
-    _setup_logging(verbose)
+    check_keeper(keeper, signing_key, checkpoint_dir)
+    setup_logging(verbose)
     start_reaper()  # before any thread or child: p2pd and hivemind's helpers die with this peer
-    _raise_fd_limit()
+    raise_fd_limit()
     from peer.node import run_peer
 
-    keeper_config = _keeper_config(keeper, signing_key, checkpoint_dir, keeper_every, keeper_keep, eval_data,
-                                   request_timeout=max(KeeperConfig.request_timeout, request_timeout))
+    keeper_config = build_keeper_config(
+        keeper,
+        signing_key,
+        checkpoint_dir,
+        keeper_every,
+        keeper_keep,
+        eval_data,
+        request_timeout=max(KeeperConfig.request_timeout, request_timeout),
+    )
     config = PeerConfig(
-        network=NetworkConfig(initial_peers=list(initial_peers), host_maddrs=list(host_maddrs) or DEFAULT_HOST_MADDRS,
-                              announce_maddrs=list(announce_maddrs), identity=identity, client_mode=client_mode,
-                              announce_period=announce_period, request_timeout=request_timeout),
+        network=NetworkConfig(
+            initial_peers=list(initial_peers),
+            host_maddrs=list(host_maddrs) or DEFAULT_HOST_MADDRS,
+            announce_maddrs=list(announce_maddrs),
+            identity=identity,
+            client_mode=client_mode,
+            announce_period=announce_period,
+            request_timeout=request_timeout,
+        ),
         run=RunConfig(spec=spec, run_id=run_id, spec_digest=spec_digest),
         data=DataConfig(path=data, suffixes=list(data_suffixes) or None),
-        churn=ChurnConfig(stage=None if stage == "auto" else int(stage),
-                          rebalance_period=_rebalance_period(rebalance_period, stage),
-                          rebalance_cooldown=rebalance_cooldown, throughput=throughput),
+        churn=ChurnConfig(
+            stage=None if stage == "auto" else int(stage),
+            rebalance_period=rebalance_period_for(rebalance_period, stage),
+            rebalance_cooldown=rebalance_cooldown,
+            throughput=throughput,
+        ),
         checkpoints=CheckpointConfig(directory=checkpoint_dir, keeper=keeper_config),
-        output=OutputConfig(log_json=log_json, status_every=status_every, metrics_port=metrics_port,
-                            metrics_host=metrics_host),
-        threads=threads, max_seconds=max_seconds, max_microbatches=max_microbatches, final_state=final_state)
-    _exit_now(_guarded(run_peer, config))
+        output=OutputConfig(
+            log_json=log_json, status_every=status_every, metrics_port=metrics_port, metrics_host=metrics_host
+        ),
+        threads=threads,
+        max_seconds=max_seconds,
+        max_microbatches=max_microbatches,
+        final_state=final_state,
+    )
+    exit_now(guarded(run_peer, config))
 
 
 @main.command()
-@_maddrs
-@_announce
-@_identity
-@_initial
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="Publish this run spec in the DHT.")
+@maddrs
+@announce
+@identity
+@initial
+@click.option(
+    "--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="Publish this run spec in the DHT."
+)
 @click.option("--max-seconds", type=float, default=None, help="Stop after this long.")
-@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None,
-              help="With --keeper: where signed checkpoints are written, kept and served from.")
-@_keeper_options
-@click.option("--announce-period", type=float, default=5.0, show_default=True,
-              help="With --keeper: seconds between checkpoint announcements.")
-@click.option("--dashboard-port", type=click.IntRange(0, 65535), default=None,
-              help="Also serve the web dashboard of the run on this port (needs --spec; 0: any free port).")
-@click.option("--dashboard-host", default="127.0.0.1", show_default=True,
-              help="Address for --dashboard-port (0.0.0.0 to show it to other machines).")
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="With --keeper: where signed checkpoints are written, kept and served from.",
+)
+@keeper_options
+@click.option(
+    "--announce-period",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="With --keeper: seconds between checkpoint announcements.",
+)
+@click.option(
+    "--dashboard-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve the web dashboard of the run on this port (needs --spec; 0: any free port).",
+)
+@click.option(
+    "--dashboard-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address for --dashboard-port (0.0.0.0 to show it to other machines).",
+)
 @click.option("--log-json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
-def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, max_seconds, checkpoint_dir, keeper,
-              signing_key, keeper_every, keeper_keep, eval_data, announce_period, dashboard_port, dashboard_host,
-              log_json, verbose):
+def bootstrap(
+    host_maddrs,
+    announce_maddrs,
+    identity,
+    initial_peers,
+    spec_path,
+    max_seconds,
+    checkpoint_dir,
+    keeper,
+    signing_key,
+    keeper_every,
+    keeper_keep,
+    eval_data,
+    announce_period,
+    dashboard_port,
+    dashboard_host,
+    log_json,
+    verbose,
+):
     """Host a bootstrap DHT node with a persistent identity.
 
     Prints the multiaddrs that peers pass as --initial-peers. A stock `hivemind-dht` works as
@@ -280,26 +311,35 @@ def bootstrap(host_maddrs, announce_maddrs, identity, initial_peers, spec_path, 
     """
     from peer.base.procs import start_reaper
 
-    _check_keeper(keeper, signing_key, checkpoint_dir)
+    check_keeper(keeper, signing_key, checkpoint_dir)
     if keeper and spec_path is None:
         raise click.UsageError("--keeper needs --spec SPEC.toml")
     if dashboard_port is not None and spec_path is None:
         raise click.UsageError("--dashboard-port needs --spec SPEC.toml (the dashboard shows one run)")
     spec = load_spec_option(spec_path)
-    _setup_logging(verbose)
+    setup_logging(verbose)
     start_reaper()
     from peer.node.bootstrap import run_bootstrap
 
-    keeper_config = _keeper_config(keeper, signing_key, checkpoint_dir, keeper_every, keeper_keep, eval_data)
-    _exit_now(run_bootstrap(host_maddrs=list(host_maddrs) or DEFAULT_BOOTSTRAP_MADDRS,
-                           announce_maddrs=list(announce_maddrs), identity=identity,
-                           initial_peers=list(initial_peers), spec=spec, log_json=log_json, max_seconds=max_seconds,
-                           keeper=keeper_config, announce_period=announce_period,
-                           dashboard=(dashboard_host, dashboard_port) if dashboard_port is not None else None))
+    keeper_config = build_keeper_config(keeper, signing_key, checkpoint_dir, keeper_every, keeper_keep, eval_data)
+    exit_now(
+        run_bootstrap(
+            host_maddrs=list(host_maddrs) or DEFAULT_BOOTSTRAP_MADDRS,
+            announce_maddrs=list(announce_maddrs),
+            identity=identity,
+            initial_peers=list(initial_peers),
+            spec=spec,
+            log_json=log_json,
+            max_seconds=max_seconds,
+            keeper=keeper_config,
+            announce_period=announce_period,
+            dashboard=(dashboard_host, dashboard_port) if dashboard_port is not None else None,
+        )
+    )
 
 
 @main.command()
-@_initial
+@initial
 @click.option("--run", "run_id", help="The run id (its spec is read from the DHT).")
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="Or the run spec file.")
 @click.option("--spec-digest", help="Pin the spec digest (or a prefix).")
@@ -312,13 +352,12 @@ def status(initial_peers, run_id, spec_path, spec_digest, as_json, watch):
     if not initial_peers:
         raise click.UsageError("--initial-peers is required")
     spec = spec_or_run(spec_path, run_id, run_first=True)
-    _setup_logging(False)
+    setup_logging(False)
     from peer.observe.status import format_snapshot, open_observer, swarm_snapshot
     from protocol.spec import SpecError
 
     try:
-        swarm, close = open_observer(list(initial_peers), spec=spec, run_id=run_id,
-                                     spec_digest=spec_digest)
+        swarm, close = open_observer(list(initial_peers), spec=spec, run_id=run_id, spec_digest=spec_digest)
     except SpecError as err:
         raise click.ClickException(str(err)) from None
     try:
@@ -335,14 +374,23 @@ def status(initial_peers, run_id, spec_path, spec_digest, as_json, watch):
 
 
 @main.command()
-@_initial
+@initial
 @click.option("--run", "run_id", help="The run id (its spec is read from the DHT).")
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="Or the run spec file.")
 @click.option("--spec-digest", help="Pin the spec digest (or a prefix).")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="HTTP port (0: any free port).")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: other machines too).")
-@click.option("--poll-period", type=click.FloatRange(min=0.5), default=2.0, show_default=True,
-              help="Seconds between reads of the DHT.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="HTTP port (0: any free port)."
+)
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: other machines too)."
+)
+@click.option(
+    "--poll-period",
+    type=click.FloatRange(min=0.5),
+    default=2.0,
+    show_default=True,
+    help="Seconds between reads of the DHT.",
+)
 @click.option("--max-seconds", type=float, default=None, help="Stop after this long.")
 @click.option("--log-json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
@@ -354,12 +402,24 @@ def dashboard(initial_peers, run_id, spec_path, spec_digest, port, host, poll_pe
     if not initial_peers:
         raise click.UsageError("--initial-peers is required")
     spec = spec_or_run(spec_path, run_id, run_first=True)
-    _setup_logging(verbose)
+    setup_logging(verbose)
     start_reaper()  # the observer's p2pd dies with this process
     from peer.observe.dashboard import run_dashboard
 
-    _exit_now(_guarded(run_dashboard, list(initial_peers), spec=spec, run_id=run_id, spec_digest=spec_digest,
-                       host=host, port=port, period=poll_period, log_json=log_json, max_seconds=max_seconds))
+    exit_now(
+        guarded(
+            run_dashboard,
+            list(initial_peers),
+            spec=spec,
+            run_id=run_id,
+            spec_digest=spec_digest,
+            host=host,
+            port=port,
+            period=poll_period,
+            log_json=log_json,
+            max_seconds=max_seconds,
+        )
+    )
 
 
 def entry() -> None:

@@ -17,13 +17,23 @@ def spec() -> None:
 
 @spec.command("init")
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
-              help="tiny (~1M parameters, tests), small (~25M), base (~1B).")
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default="tiny",
+    show_default=True,
+    help="tiny (~1M parameters, tests), small (~25M), base (~1B).",
+)
 @click.option("--stages", type=int, default=None, help="Number of pipeline stages (default: the preset's).")
 @click.option("--run-id", default="swarm", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Init seed shared by every peer.")
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A public key (PEM) whose signature makes a checkpoint trusted; repeatable.")
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A public key (PEM) whose signature makes a checkpoint trusted; repeatable.",
+)
 @click.option("--min-signatures", type=int, default=1, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatures, force):
@@ -37,8 +47,14 @@ def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatu
             raise click.ClickException(f"--trusted-key {path}: not a PEM public key")
         keys.append(text)
     try:
-        run_spec = preset_spec(preset, stages=stages, run_id=run_id, seed=seed, trusted_keys=tuple(keys),
-                               trust=dict(min_signatures=min_signatures))
+        run_spec = preset_spec(
+            preset,
+            stages=stages,
+            run_id=run_id,
+            seed=seed,
+            trusted_keys=tuple(keys),
+            trust=dict(min_signatures=min_signatures),
+        )
     except SpecError as err:
         raise click.ClickException(str(err)) from None
     run_spec.save(out)
@@ -60,9 +76,13 @@ def spec_show(path: Path, as_json: bool):
     m = run_spec.model
     click.echo(f"run_id   {run_spec.run_id}")
     click.echo(f"digest   {run_spec.digest()}")
-    click.echo(f"model    hidden {m.hidden_size}, layers {m.num_hidden_layers}, heads {m.num_attention_heads}/"
-               f"{m.num_key_value_heads} kv, vocab {m.vocab_size}")
+    click.echo(
+        f"model    hidden {m.hidden_size}, layers {m.num_hidden_layers}, heads {m.num_attention_heads}/"
+        f"{m.num_key_value_heads} kv, vocab {m.vocab_size}"
+    )
     for k, s in enumerate(run_spec.stages):
         extra = (" + embedding" if k == 0 else "") + (" + norm, LM head" if k == run_spec.num_stages - 1 else "")
         click.echo(f"stage {k}  layers [{s.start}, {s.end}){extra}")
-    click.echo(f"trust    {len(run_spec.trust.trusted_keys)} trusted key(s), {run_spec.trust.min_signatures} signature(s) needed")
+    click.echo(
+        f"trust    {len(run_spec.trust.trusted_keys)} trusted key(s), {run_spec.trust.min_signatures} signature(s) needed"
+    )

@@ -157,9 +157,9 @@ class PackedDataset:
         emitted = int(state["emitted"])
         if state["files_digest"] != self._files_digest():
             log.warning(
-                "the files under %s changed since the data position was saved; "
-                "restarting epoch %d from its first file",
-                self.root, start.epoch,
+                "the files under %s changed since the data position was saved; restarting epoch %d from its first file",
+                self.root,
+                start.epoch,
             )
             start, emitted = _Position(epoch=start.epoch), 0
         self._block_idx, self._block_start, self._emitted = int(state["block"]), start, emitted
@@ -276,7 +276,12 @@ def fixed_batch(
 ) -> torch.Tensor:
     """A deterministic evaluation batch: the same tokens for the same files, on every peer."""
     dataset = PackedDataset(
-        dataset_path, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed,
-        peer_key="eval", suffixes=suffixes,
+        dataset_path,
+        tokenizer,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        seed=seed,
+        peer_key="eval",
+        suffixes=suffixes,
     )
     return next(dataset)

@@ -60,9 +60,7 @@ class FileTokenizer:
         except Exception as err:  # tokenizers raises a bare Exception for malformed files
             raise TokenizerError(f"cannot load tokenizer {self.path}: {err}") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self.eos_id = next(
-            (i for i in (self._tok.token_to_id(t) for t in EOS_CANDIDATES) if i is not None), None
-        )
+        self.eos_id = next((i for i in (self._tok.token_to_id(t) for t in EOS_CANDIDATES) if i is not None), None)
 
     def encode(self, text: str) -> list[int]:
         # No post-processor specials (BOS/CLS...): document boundaries are the data layer's job.
@@ -92,8 +90,7 @@ def load_tokenizer(spec: TokenizerSpec, base_dir: Optional[Path] = None) -> Unio
         path = Path(base_dir) / path
     if not path.is_file():
         raise TokenizerError(
-            f"tokenizer file {path} not found (the run spec expects a tokenizer.json with "
-            f"SHA-256 {spec.sha256})"
+            f"tokenizer file {path} not found (the run spec expects a tokenizer.json with SHA-256 {spec.sha256})"
         )
     try:
         actual = file_sha256(path)
@@ -101,7 +98,6 @@ def load_tokenizer(spec: TokenizerSpec, base_dir: Optional[Path] = None) -> Unio
         raise TokenizerError(f"cannot read tokenizer file {path}: {err.strerror or err}") from None
     if actual != spec.sha256:
         raise TokenizerError(
-            f"tokenizer file {path} does not match the run spec: expected SHA-256 {spec.sha256}, "
-            f"got {actual}"
+            f"tokenizer file {path} does not match the run spec: expected SHA-256 {spec.sha256}, got {actual}"
         )
     return FileTokenizer(path)

@@ -51,14 +51,17 @@ class Proc:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"{self.name}: no {name!r} event within {timeout:.0f}s; last output:\n"
-                                   + "".join(self.lines[-30:]))
+                raise TimeoutError(
+                    f"{self.name}: no {name!r} event within {timeout:.0f}s; last output:\n" + "".join(self.lines[-30:])
+                )
             try:
                 e = self._q.get(timeout=min(remaining, 0.5))
             except queue.Empty:
                 if not self.alive() and self._q.empty():
-                    raise RuntimeError(f"{self.name} exited with {self.popen.returncode} before {name!r}; output:\n"
-                                       + "".join(self.lines[-40:])) from None
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.popen.returncode} before {name!r}; output:\n"
+                        + "".join(self.lines[-40:])
+                    ) from None
                 continue
             if e.get("event") == name and predicate(e):
                 return e
@@ -97,18 +100,37 @@ class Cluster:
     def start(self, name: str, args: Sequence[str], *, command: Optional[Sequence[str]] = None) -> Proc:
         log_path = self.workdir / f"{name}.log"
         popen = subprocess.Popen(
-            [*(command or SWARMTRAIN), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            cwd=self.workdir, env=self.env, start_new_session=True, stdin=subprocess.DEVNULL,
+            [*(command or SWARMTRAIN), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=self.workdir,
+            env=self.env,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
         )
         proc = Proc(name, popen, log_path)
         threading.Thread(target=_pump, args=(proc,), daemon=True).start()
         self.procs.append(proc)
         return proc
 
-    def bootstrap(self, name: str = "bootstrap", *, spec_path: Optional[Path] = None, timeout: float = 60.0,
-                  extra: Sequence[str] = ()) -> tuple[Proc, str]:
-        args = ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--identity", str(self.workdir / f"{name}.id"),
-                "--log-json", *extra]
+    def bootstrap(
+        self,
+        name: str = "bootstrap",
+        *,
+        spec_path: Optional[Path] = None,
+        timeout: float = 60.0,
+        extra: Sequence[str] = (),
+    ) -> tuple[Proc, str]:
+        args = [
+            "bootstrap",
+            "--host-maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--identity",
+            str(self.workdir / f"{name}.id"),
+            "--log-json",
+            *extra,
+        ]
         if spec_path is not None:
             args += ["--spec", str(spec_path)]
         proc = self.start(name, args)
@@ -121,8 +143,11 @@ class Cluster:
         exe = Path(sys.executable).parent / "hivemind-dht"
         if not exe.exists():
             raise FileNotFoundError(f"{exe}: hivemind's CLI is not installed beside this Python")
-        proc = self.start(name, ["--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--identity_path",
-                                 str(self.workdir / f"{name}.id")], command=[str(exe)])
+        proc = self.start(
+            name,
+            ["--host_maddrs", "/ip4/127.0.0.1/tcp/0", "--identity_path", str(self.workdir / f"{name}.id")],
+            command=[str(exe)],
+        )
         deadline = time.monotonic() + timeout
         while (maddr := find_maddr("".join(proc.lines))) is None:
             if not proc.alive():
@@ -132,11 +157,29 @@ class Cluster:
             time.sleep(0.2)
         return proc, maddr
 
-    def peer(self, name: str, initial_peers: Sequence[str], *, spec_path: Optional[Path] = None,
-             run_id: Optional[str] = None, stage: Optional[int] = None, data: Optional[str] = None,
-             extra: Sequence[str] = ()) -> Proc:
-        args = ["run", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--log-json", "--threads", "1",
-                "--announce-period", "2", "--status-every", "2"]
+    def peer(
+        self,
+        name: str,
+        initial_peers: Sequence[str],
+        *,
+        spec_path: Optional[Path] = None,
+        run_id: Optional[str] = None,
+        stage: Optional[int] = None,
+        data: Optional[str] = None,
+        extra: Sequence[str] = (),
+    ) -> Proc:
+        args = [
+            "run",
+            "--host-maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--log-json",
+            "--threads",
+            "1",
+            "--announce-period",
+            "2",
+            "--status-every",
+            "2",
+        ]
         for m in initial_peers:
             args += ["--initial-peers", m]
         args += ["--spec", str(spec_path)] if spec_path is not None else ["--run", run_id]

@@ -71,9 +71,15 @@ def train_local(
     optimizers = [make_torch_optimizer([p for p in s.parameters() if p.requires_grad], training) for s in stages]
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(training)) for o in optimizers]
     accumulate = max(1, math.ceil(training.target_batch_size / training.micro_batch_size))
-    dataset = PackedDataset(data_path, load_tokenizer(spec.tokenizer), seq_len=training.seq_len,
-                            batch_size=training.micro_batch_size, seed=spec.seed, peer_key=peer_key,
-                            suffixes=suffixes)
+    dataset = PackedDataset(
+        data_path,
+        load_tokenizer(spec.tokenizer),
+        seq_len=training.seq_len,
+        batch_size=training.micro_batch_size,
+        seed=spec.seed,
+        peer_key=peer_key,
+        suffixes=suffixes,
+    )
     warmup = min(10, steps // 10) if warmup is None else max(0, warmup)
 
     losses: list[float] = []
@@ -85,9 +91,15 @@ def train_local(
 
     def progress() -> dict:
         now = time.monotonic()
-        return dict(microbatches=len(losses), tokens=tokens, optimizer_steps=optimizer_steps, loss=loss_ema,
-                    last_loss=losses[-1] if losses else None, tokens_per_s=tokens / max(1e-6, now - started),
-                    seconds=now - started)
+        return dict(
+            microbatches=len(losses),
+            tokens=tokens,
+            optimizer_steps=optimizer_steps,
+            loss=loss_ema,
+            last_loss=losses[-1] if losses else None,
+            tokens_per_s=tokens / max(1e-6, now - started),
+            seconds=now - started,
+        )
 
     for step in range(steps):
         batch = next(dataset)
@@ -123,7 +135,7 @@ def train_local(
 
         for k, stage in enumerate(stages):
             save_tensors(stage.state_dict(), Path(final_state) / f"stage{k}.safetensors")
-    tail = losses[-min(10, len(losses)):]
+    tail = losses[-min(10, len(losses)) :]
     return dict(
         tokens_per_s=(tokens - measured_tokens) / max(1e-6, ended - measured_from),
         tokens_per_s_total=tokens / max(1e-6, ended - started),
@@ -147,15 +159,35 @@ def train_local(
 @click.option("--steps", type=int, default=1000, show_default=True, help="Micro-batches to train.")
 @click.option("--max-seconds", type=float, default=None, help="Stop after this long.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch threads.")
-@click.option("--peer-key", default="local", show_default=True,
-              help="Data-order key: a swarm trainer's peer id gives its exact batches.")
-@click.option("--warmup", type=int, default=None, help="Micro-batches left out of tokens/s (default: a tenth, at most 10).")
+@click.option(
+    "--peer-key",
+    default="local",
+    show_default=True,
+    help="Data-order key: a swarm trainer's peer id gives its exact batches.",
+)
+@click.option(
+    "--warmup", type=int, default=None, help="Micro-batches left out of tokens/s (default: a tenth, at most 10)."
+)
 @click.option("--status-every", type=float, default=2.0, show_default=True)
-@click.option("--final-state", type=click.Path(file_okay=False), default=None,
-              help="Directory for stage<k>.safetensors on exit.")
+@click.option(
+    "--final-state", type=click.Path(file_okay=False), default=None, help="Directory for stage<k>.safetensors on exit."
+)
 @click.option("--log-json", is_flag=True, help="JSON lines: status events and a final 'done' event.")
-def main(spec_path, preset, stages, data, suffixes, steps, max_seconds, threads, peer_key, warmup, status_every,
-         final_state, log_json):
+def main(
+    spec_path,
+    preset,
+    stages,
+    data,
+    suffixes,
+    steps,
+    max_seconds,
+    threads,
+    peer_key,
+    warmup,
+    status_every,
+    final_state,
+    log_json,
+):
     """Train a spec's whole model in one process (the swarm benchmark's baseline)."""
     try:
         spec = load_spec(spec_path) if spec_path else preset_spec(preset, stages=stages, run_id="local")
@@ -170,17 +202,36 @@ def main(spec_path, preset, stages, data, suffixes, steps, max_seconds, threads,
 
     def on_status(p: dict) -> None:
         loss = f"loss {p['loss']:.3f} | " if p["loss"] is not None else ""
-        emit("status", p, f"step {p['microbatches']} | {loss}{p['tokens_per_s']:,.0f} tok/s | "
-                          f"optimizer step {p['optimizer_steps']}")
+        emit(
+            "status",
+            p,
+            f"step {p['microbatches']} | {loss}{p['tokens_per_s']:,.0f} tok/s | optimizer step {p['optimizer_steps']}",
+        )
 
-    emit("starting", dict(threads=threads, steps=steps, digest=spec.digest()),
-         f"training {spec.model.num_hidden_layers} layers in one process, {threads} threads, {steps} micro-batches")
-    result = train_local(spec, data, steps=steps, threads=threads, suffixes=list(suffixes) or None, peer_key=peer_key,
-                         warmup=warmup, max_seconds=max_seconds, status_every=status_every, on_status=on_status,
-                         final_state=final_state)
+    emit(
+        "starting",
+        dict(threads=threads, steps=steps, digest=spec.digest()),
+        f"training {spec.model.num_hidden_layers} layers in one process, {threads} threads, {steps} micro-batches",
+    )
+    result = train_local(
+        spec,
+        data,
+        steps=steps,
+        threads=threads,
+        suffixes=list(suffixes) or None,
+        peer_key=peer_key,
+        warmup=warmup,
+        max_seconds=max_seconds,
+        status_every=status_every,
+        on_status=on_status,
+        final_state=final_state,
+    )
     summary = {k: v for k, v in result.items() if k != "losses"}
-    emit("done", summary, f"done: {result['tokens']} tokens, {result['tokens_per_s']:,.0f} tok/s, "
-                          f"final loss {result['final_loss']:.3f}")
+    emit(
+        "done",
+        summary,
+        f"done: {result['tokens']} tokens, {result['tokens_per_s']:,.0f} tok/s, final loss {result['final_loss']:.3f}",
+    )
     return 0
 
 

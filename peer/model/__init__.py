@@ -12,6 +12,12 @@ from peer.model.llama import (
 )
 
 __all__ = [
-    "EMBED", "HEAD", "LlamaStage", "build_stages", "causal_lm_loss", "chain_forward", "stage_param_names",
+    "EMBED",
+    "HEAD",
+    "LlamaStage",
+    "build_stages",
+    "causal_lm_loss",
+    "chain_forward",
+    "stage_param_names",
     "stage_param_shapes",
 ]

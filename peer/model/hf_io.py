@@ -30,8 +30,16 @@ _METADATA = {"format": "pt"}  # transformers refuses safetensors files without i
 
 # Fields of config.json that decide the shapes or the function of the weights.
 ARCH_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "rope_theta",
+    "max_position_embeddings",
+    "tie_word_embeddings",
 )
 
 
@@ -201,7 +209,9 @@ def export_hf_dir(
 ) -> Path:
     """Join the state dicts of all stages into a Hugging Face model directory, atomically."""
     if len(stage_state_dicts) != spec.num_stages:
-        raise CheckpointError(f"export needs one state dict per stage: got {len(stage_state_dicts)}, the spec has {spec.num_stages}")
+        raise CheckpointError(
+            f"export needs one state dict per stage: got {len(stage_state_dicts)}, the spec has {spec.num_stages}"
+        )
     merged: dict[str, torch.Tensor] = {}
     for k, sd in enumerate(stage_state_dicts):
         shapes = stage_param_shapes(spec, k)
@@ -213,9 +223,7 @@ def export_hf_dir(
             del sd[HEAD]
         missing, unexpected = shapes.keys() - sd.keys(), sd.keys() - shapes.keys()
         if missing or unexpected:
-            raise CheckpointError(
-                f"stage {k} state dict: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
-            )
+            raise CheckpointError(f"stage {k} state dict: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
         for name, shape in shapes.items():
             merged[name] = _checked(sd[name].detach().cpu().contiguous(), shape, name, Path(f"<stage {k}>"))
 

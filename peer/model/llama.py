@@ -167,8 +167,9 @@ class LlamaStage(nn.Module):
         params = dict(self.named_parameters())
         missing, unexpected = params.keys() - state.keys(), state.keys() - params.keys()
         if missing or unexpected:
-            raise ValueError(f"{source}: does not fit the module: missing {sorted(missing)}, "
-                             f"unexpected {sorted(unexpected)}")
+            raise ValueError(
+                f"{source}: does not fit the module: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
+            )
         for name, p in params.items():
             if tuple(p.shape) != tuple(state[name].shape):
                 raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, module has {tuple(p.shape)}")

@@ -45,8 +45,9 @@ def unaliased(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_tensors(state: Mapping[str, torch.Tensor], path: Union[str, Path],
-                 metadata: Optional[Mapping[str, str]] = None) -> Path:
+def save_tensors(
+    state: Mapping[str, torch.Tensor], path: Union[str, Path], metadata: Optional[Mapping[str, str]] = None
+) -> Path:
     """Write ``state`` (un-aliased) to ``path`` atomically: a temporary file, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,15 @@ from peer.net.framing import FrameError, join_tensors, read_frame, split_message
 from peer.net.rpc import Rejected, RemoteError, RequestLimits, RpcServer, call
 
 __all__ = [
-    "FrameError", "Rejected", "RemoteError", "RequestLimits", "RpcServer", "WireCounters", "call", "join_tensors",
-    "read_frame", "split_message", "write_frame",
+    "FrameError",
+    "Rejected",
+    "RemoteError",
+    "RequestLimits",
+    "RpcServer",
+    "WireCounters",
+    "call",
+    "join_tensors",
+    "read_frame",
+    "split_message",
+    "write_frame",
 ]

@@ -53,9 +53,7 @@ async def read_frame(reader: asyncio.StreamReader, message_type: Type[M]) -> Opt
     return message
 
 
-def split_message(
-    header: Message, names: Sequence[str], tensors: Sequence[runtime_pb2.Tensor]
-) -> list[Message]:
+def split_message(header: Message, names: Sequence[str], tensors: Sequence[runtime_pb2.Tensor]) -> list[Message]:
     """One request/response as frames: the header fields on the first frame, each tensor's
     chunks on following frames (hivemind's ``split_for_streaming`` parts)."""
     frames = [header]

@@ -63,7 +63,8 @@ async def call(
     unless ``raise_errors`` is False (the caller reads the error field itself)."""
     try:
         frames = await asyncio.wait_for(
-            _exchange(p2p, peer_id, handler, request, response_type, max_bytes, max_frames, counters, kind), timeout)
+            _exchange(p2p, peer_id, handler, request, response_type, max_bytes, max_frames, counters, kind), timeout
+        )
     except asyncio.TimeoutError:
         raise RemoteError(ErrorCode.TIMEOUT, f"no answer from {peer_id[:12]} within {timeout:.1f}s") from None
     head = frames[0]
@@ -96,8 +97,10 @@ async def _exchange(p2p, peer_id, handler, request, response_type, max_bytes, ma
                 counters.add("received", kind, size)
             frames.append(frame)
             if total > max_bytes or len(frames) > max_frames:
-                raise RemoteError(ErrorCode.BAD_RESPONSE, f"{peer_id[:12]}: the answer exceeds {max_bytes} bytes "
-                                                          f"or {max_frames} frames")
+                raise RemoteError(
+                    ErrorCode.BAD_RESPONSE,
+                    f"{peer_id[:12]}: the answer exceeds {max_bytes} bytes or {max_frames} frames",
+                )
     except (asyncio.IncompleteReadError, ConnectionError, FrameError) as err:
         raise RemoteError(ErrorCode.UNREACHABLE, f"{peer_id[:12]}: {type(err).__name__}: {err}") from None
     finally:
@@ -142,8 +145,17 @@ class RpcServer:
         self.p2p: Optional[P2P] = None
         self._names: list[str] = []
 
-    async def add(self, p2p: P2P, name: str, handle: Handle, request_type: Type[Message], error_reply: ErrorReply,
-                  limits: RequestLimits, *, kind: str) -> None:
+    async def add(
+        self,
+        p2p: P2P,
+        name: str,
+        handle: Handle,
+        request_type: Type[Message],
+        error_reply: ErrorReply,
+        limits: RequestLimits,
+        *,
+        kind: str,
+    ) -> None:
         """Serve ``name``: read a request of ``request_type`` frames within ``limits``, then
         ``await handle(frames)`` and send what it returns. ``handle`` raises ``Rejected`` to
         refuse; any other exception is answered ``internal`` and logged."""
@@ -207,8 +219,9 @@ class RpcServer:
             if limits.max_frames == 1 and len(frames) > 1:
                 raise Rejected(ErrorCode.BAD_REQUEST, "one request per stream")
             if len(frames) > limits.max_frames or total > limits.max_bytes:
-                raise Rejected(ErrorCode.BAD_REQUEST, f"request exceeds {limits.max_bytes} bytes "
-                                                      f"or {limits.max_frames} frames")
+                raise Rejected(
+                    ErrorCode.BAD_REQUEST, f"request exceeds {limits.max_bytes} bytes or {limits.max_frames} frames"
+                )
         if not frames:
             raise Rejected(ErrorCode.BAD_REQUEST, "empty request")
         return frames

@@ -51,8 +51,13 @@ def run_bootstrap(
         signal.signal(sig, lambda *_: stop.set())
     ident = load_or_create_identity(identity or "~/.swarmtrain/bootstrap.id")
     validators = run_validators(spec.run_id, spec.digest()) if spec is not None else ()
-    dht = start_dht(ident, initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                    validators=validators)
+    dht = start_dht(
+        ident,
+        initial_peers=initial_peers,
+        host_maddrs=host_maddrs,
+        announce_maddrs=announce_maddrs,
+        validators=validators,
+    )
     keeper_parts = board = None
     try:
         if keeper is not None:
@@ -61,8 +66,13 @@ def run_bootstrap(
             board = _start_dashboard(dht, ident, spec, dashboard, out)
         maddrs = visible_maddrs(dht)
         if log_json:
-            out.event("ready", "bootstrap ready", peer_id=str(ident.peer_id), maddrs=maddrs,
-                      digest=spec.digest() if spec else None)
+            out.event(
+                "ready",
+                "bootstrap ready",
+                peer_id=str(ident.peer_id),
+                maddrs=maddrs,
+                digest=spec.digest() if spec else None,
+            )
         else:
             print(f"[swarmtrain] bootstrap {ident.peer_id} is up (identity {ident.path}). Peers join with:", flush=True)
             for m in maddrs:
@@ -109,9 +119,15 @@ def _start_keeper(dht, ident, spec: RunSpec, config: KeeperConfig, out: Output, 
 
     loop = LoopThread()
     p2p = loop.run(dht.replicate_p2p(), timeout=30)
-    side = CheckpointSide(spec, CheckpointConfig(directory=str(config.checkpoint_dir), keeper=config),
-                          NetworkConfig(announce_period=announce_period, request_timeout=config.request_timeout),
-                          swarm=SwarmDHT(dht, spec, ident), p2p=p2p, loop=loop, event=out.event)
+    side = CheckpointSide(
+        spec,
+        CheckpointConfig(directory=str(config.checkpoint_dir), keeper=config),
+        NetworkConfig(announce_period=announce_period, request_timeout=config.request_timeout),
+        swarm=SwarmDHT(dht, spec, ident),
+        p2p=p2p,
+        loop=loop,
+        event=out.event,
+    )
     side.start_keeper(local_state=None)
     return side, loop
 

@@ -15,17 +15,35 @@ from peer.checkpoints.keeper import Keeper
 from protocol.spec import RunSpec
 
 
-def start_keeper(spec: RunSpec, config: KeeperConfig, *, swarm, p2p, run: Callable, service: CheckpointService,
-                 event: Callable, local_state: Optional[Callable] = None) -> Keeper:
-    keeper = Keeper(spec, config, swarm=swarm, p2p=p2p, run=run, service=service, event=event,
-                    local_state=local_state)
+def start_keeper(
+    spec: RunSpec,
+    config: KeeperConfig,
+    *,
+    swarm,
+    p2p,
+    run: Callable,
+    service: CheckpointService,
+    event: Callable,
+    local_state: Optional[Callable] = None,
+) -> Keeper:
+    keeper = Keeper(spec, config, swarm=swarm, p2p=p2p, run=run, service=service, event=event, local_state=local_state)
     keeper.start()
     return keeper
 
 
 class CheckpointSide:
-    def __init__(self, spec: RunSpec, config: CheckpointConfig, network: NetworkConfig, *, swarm, p2p, loop,
-                 event: Callable, counters=None):
+    def __init__(
+        self,
+        spec: RunSpec,
+        config: CheckpointConfig,
+        network: NetworkConfig,
+        *,
+        swarm,
+        p2p,
+        loop,
+        event: Callable,
+        counters=None,
+    ):
         self.spec, self.config, self.network, self.swarm, self.p2p, self.loop = spec, config, network, swarm, p2p, loop
         self.event, self.counters = event, counters
         self.keeper: Optional[Keeper] = None
@@ -40,9 +58,17 @@ class CheckpointSide:
                 root = self._tmp = tempfile.mkdtemp(prefix="swarmtrain-ckpt-")
             keep = self.config.keeper.keep if self.config.keeper is not None else KeeperConfig.keep
             store = CheckpointStore(Path(root).expanduser(), self.spec, keep=keep)
-            self._service = CheckpointService(self.spec, store, swarm=self.swarm, p2p=self.p2p, run=self.loop.run,
-                                              event=self.event, announce_period=self.network.announce_period,
-                                              request_timeout=self.network.request_timeout, counters=self.counters)
+            self._service = CheckpointService(
+                self.spec,
+                store,
+                swarm=self.swarm,
+                p2p=self.p2p,
+                run=self.loop.run,
+                event=self.event,
+                announce_period=self.network.announce_period,
+                request_timeout=self.network.request_timeout,
+                counters=self.counters,
+            )
             self._service.start()
         return self._service
 
@@ -64,8 +90,16 @@ class CheckpointSide:
 
     def start_keeper(self, *, local_state: Callable) -> None:
         """``run --keeper``: sign checkpoints of the whole pipeline from this peer."""
-        self.keeper = start_keeper(self.spec, self.config.keeper, swarm=self.swarm, p2p=self.p2p, run=self.loop.run,
-                                   service=self.service(), event=self.event, local_state=local_state)
+        self.keeper = start_keeper(
+            self.spec,
+            self.config.keeper,
+            swarm=self.swarm,
+            p2p=self.p2p,
+            run=self.loop.run,
+            service=self.service(),
+            event=self.event,
+            local_state=local_state,
+        )
 
     def stop(self) -> None:
         if self.keeper is not None:

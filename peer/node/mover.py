@@ -58,8 +58,15 @@ class Mover:
         # previous one's: time enough for a mover's 'joining' record to be seen.
         turns = dict(empty_since=self._empty_stages.since, fallback_grace=2 * self.period)
         here = dict(my_peer_id=presence.peer_id, my_stage=presence.status.stage)
-        planned = check_move(snapshot, peer.spec.num_stages, now=time.monotonic(), last_move_at=self.last_move_at,
-                             policy=self.policy, **here, **turns)
+        planned = check_move(
+            snapshot,
+            peer.spec.num_stages,
+            now=time.monotonic(),
+            last_move_at=self.last_move_at,
+            policy=self.policy,
+            **here,
+            **turns,
+        )
         if planned.target is None:
             return
         # Records may be a few seconds old: decide again on a fresh read right before moving,
@@ -70,11 +77,23 @@ class Mover:
             log.warning("not moving: the fresh snapshot failed: %s", err)
             return
         self._stage_epochs.observe(fresh)
-        confirmed = check_move(fresh, peer.spec.num_stages, now=time.monotonic(), last_move_at=self.last_move_at,
-                               policy=self.policy, planned=planned.target, **here, **turns)
+        confirmed = check_move(
+            fresh,
+            peer.spec.num_stages,
+            now=time.monotonic(),
+            last_move_at=self.last_move_at,
+            policy=self.policy,
+            planned=planned.target,
+            **here,
+            **turns,
+        )
         if confirmed.target is None:
-            peer.out.event("move_cancelled", f"not moving to stage {planned.target}: {confirmed.why}",
-                           to=planned.target, reason=confirmed.why)
+            peer.out.event(
+                "move_cancelled",
+                f"not moving to stage {planned.target}: {confirmed.why}",
+                to=planned.target,
+                reason=confirmed.why,
+            )
             return
         self.move_to(confirmed.target, recovery=confirmed.recovery)
 
@@ -88,8 +107,11 @@ class Mover:
         old, started = presence.status.stage, time.monotonic()
         reason = "recovery" if recovery else "rebalance"
         last_seen = self._stage_epochs.last(target)
-        peer.out.event("moving", f"moving from stage {old} to stage {target} ({reason})",
-                       **{"from": old, "to": target, "reason": reason})
+        peer.out.event(
+            "moving",
+            f"moving from stage {old} to stage {target} ({reason})",
+            **{"from": old, "to": target, "reason": reason},
+        )
         if not recovery:
             # The old group's next round may take this peer's accumulated samples; a recovery
             # does not wait: the pipeline is stalled until the empty stage is back.
@@ -106,15 +128,20 @@ class Mover:
             if recovery and peer.slot.restored_step is None and peer.checkpoints_announced(target):
                 # The stage's signed checkpoint exists but this try failed (a broken transfer):
                 # one more try before restarting a whole stage from the spec's init.
-                peer.out.event("restore_retry", f"stage {target} has signed checkpoints but none could be loaded; "
-                                                "trying once more", stage=target)
+                peer.out.event(
+                    "restore_retry",
+                    f"stage {target} has signed checkpoints but none could be loaded; trying once more",
+                    stage=target,
+                )
                 peer.close_slot(for_move=False)
                 peer.open_slot(target)
         except Exception as err:
             log.exception("opening stage %d failed", target)
-            peer.out.event("move_failed", f"could not open stage {target} ({type(err).__name__}: {err}); "
-                                          f"going back to stage {old}",
-                           **{"from": old, "to": target, "reason": f"{type(err).__name__}: {err}"})
+            peer.out.event(
+                "move_failed",
+                f"could not open stage {target} ({type(err).__name__}: {err}); going back to stage {old}",
+                **{"from": old, "to": target, "reason": f"{type(err).__name__}: {err}"},
+            )
             presence.update(stage=old)
             presence.announce()
             peer.open_slot(old)
@@ -131,19 +158,41 @@ class Mover:
             return False
         slot = peer.slot
         seconds = time.monotonic() - started
-        peer.out.event("moved", f"now serving stage {target} (was {old}, {reason}) after {seconds:.1f}s, at epoch "
-                                f"{slot.epoch}" + (f", restored from checkpoint step {slot.restored_step}"
-                                                   if slot.restored_step is not None else ""),
-                       **{"from": old, "to": target, "reason": reason, "seconds": round(seconds, 3),
-                          "close_s": round(closed - started, 3), "open_s": round(time.monotonic() - closed, 3),
-                          "epoch": slot.epoch, "restored_step": slot.restored_step})
+        peer.out.event(
+            "moved",
+            f"now serving stage {target} (was {old}, {reason}) after {seconds:.1f}s, at epoch "
+            f"{slot.epoch}"
+            + (f", restored from checkpoint step {slot.restored_step}" if slot.restored_step is not None else ""),
+            **{
+                "from": old,
+                "to": target,
+                "reason": reason,
+                "seconds": round(seconds, 3),
+                "close_s": round(closed - started, 3),
+                "open_s": round(time.monotonic() - closed, 3),
+                "epoch": slot.epoch,
+                "restored_step": slot.restored_step,
+            },
+        )
         if recovery:
             lost = epochs_lost(last_seen, slot.restored_step)
-            source = (f"checkpoint step {slot.restored_step}" if slot.restored_step is not None
-                      else "the spec's initialisation (no trusted checkpoint)")
-            peer.out.event("recovered", f"stage {target} had no peer left: restored from {source}; "
-                                        + (f"{lost} epoch(s) of its training lost (last seen at epoch {last_seen})"
-                                           if lost is not None else "its last epoch was never seen"),
-                           stage=target, restored_step=slot.restored_step, epoch_lost=lost,
-                           last_seen_epoch=last_seen, epoch=slot.epoch)
+            source = (
+                f"checkpoint step {slot.restored_step}"
+                if slot.restored_step is not None
+                else "the spec's initialisation (no trusted checkpoint)"
+            )
+            peer.out.event(
+                "recovered",
+                f"stage {target} had no peer left: restored from {source}; "
+                + (
+                    f"{lost} epoch(s) of its training lost (last seen at epoch {last_seen})"
+                    if lost is not None
+                    else "its last epoch was never seen"
+                ),
+                stage=target,
+                restored_step=slot.restored_step,
+                epoch_lost=lost,
+                last_seen_epoch=last_seen,
+                epoch=slot.epoch,
+            )
         return True

@@ -19,13 +19,13 @@ from typing import Optional
 import torch
 
 from peer.base import LoopThread, Output
-from peer.base.config import PeerConfig
+from peer.base.config import OutputConfig, PeerConfig
 from peer.model.tensor_files import save_tensors
 from peer.net import WireCounters
 from peer.node.checkpointing import CheckpointSide
 from peer.node.mover import Mover
-from peer.node.presence import PeerStatus, Presence, TrainingFigures
-from peer.node.report import FirstContribution, print_status
+from peer.node.presence import PeerStatus, Presence
+from peer.node.report import FirstContribution, print_status, training_figures
 from peer.node.slot import SlotContext, StageSlot
 from peer.pipeline import ServedInfo, Trainer
 from peer.swarm import Identity, SwarmDHT, cleanup_identity, load_or_create_identity, start_dht, visible_maddrs
@@ -45,8 +45,13 @@ class Peer:
         self.stop_event = threading.Event()
         self.counters = WireCounters()
         self.started = time.time()
-        self.presence = Presence("", PROTOCOL_VERSION, self.started, period=config.network.announce_period,
-                                 figures=self._figures)
+        self.presence = Presence(
+            "",
+            PROTOCOL_VERSION,
+            self.started,
+            period=config.network.announce_period,
+            figures=lambda: training_figures(self),
+        )
         self.mover = Mover(self, period=config.churn.rebalance_period, cooldown=config.churn.rebalance_cooldown)
         self.identity: Optional[Identity] = None
         self.dht = self.swarm = self.p2p = None
@@ -57,7 +62,7 @@ class Peer:
         self.ckpt: Optional[CheckpointSide] = None
         self.metrics = None  # a peer.observe.metrics object when --metrics-port is given
         self._capacity: Optional[float] = None  # announced samples/s, kept across a move
-        self._second_signal = False
+        self.second_signal = False
         self._first_contribution = FirstContribution()
 
     # --- what others read (metrics, the status line): public, never private fields ---------
@@ -89,26 +94,6 @@ class Peer:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def install_signal_handlers(self) -> None:
-        peer_pid = os.getpid()
-
-        def request_stop(signum, _frame):
-            if os.getpid() != peer_pid:
-                # A process hivemind forked from this one (an averager) inherited the handler:
-                # it must die on the reaper's SIGTERM, not print a 'stopping' of the peer.
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
-                return
-            if self.stop_event.is_set():
-                self._second_signal = True  # a second Ctrl-C: stop waiting for anything
-                return
-            self.out.event("stopping", f"{signal.Signals(signum).name}: announcing 'leaving' and finishing in-flight work",
-                           signal=signal.Signals(signum).name)
-            self.stop_event.set()
-
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
-
     def run(self) -> int:
         torch.set_num_threads(max(1, self.config.threads))
         try:
@@ -121,11 +106,16 @@ class Peer:
     def _start(self) -> None:
         cfg, net = self.config, self.config.network
         if cfg.output.metrics_port is not None:
-            self._start_metrics()  # first: a port that is taken fails before joining the swarm
+            self.metrics = start_metrics(cfg.output, self.out)
         self.identity = load_or_create_identity(net.identity)
         self.out.event("starting", f"peer {self.identity.peer_id} starting the DHT", peer_id=str(self.identity.peer_id))
-        self.dht = start_dht(self.identity, initial_peers=net.initial_peers, host_maddrs=net.host_maddrs,
-                             announce_maddrs=net.announce_maddrs, client_mode=net.client_mode)
+        self.dht = start_dht(
+            self.identity,
+            initial_peers=net.initial_peers,
+            host_maddrs=net.host_maddrs,
+            announce_maddrs=net.announce_maddrs,
+            client_mode=net.client_mode,
+        )
         self.spec = spec = resolve_run_spec(self.dht, cfg.run.spec, cfg.run.run_id, cfg.run.spec_digest)
         self.swarm = SwarmDHT(self.dht, spec, self.identity)
         self.presence.peer_id = self.swarm.peer_id
@@ -135,47 +125,64 @@ class Peer:
         if not 0 <= stage < spec.num_stages:
             raise SystemExit(f"--stage {stage} is out of range: the spec has {spec.num_stages} stages")
         stage_spec = spec.stages[stage]
-        self.out.event("stage", f"taking stage {stage} of {spec.num_stages} (layers {stage_spec.start}.."
-                                f"{stage_spec.end - 1})", stage=stage)
+        self.out.event(
+            "stage",
+            f"taking stage {stage} of {spec.num_stages} (layers {stage_spec.start}..{stage_spec.end - 1})",
+            stage=stage,
+        )
         self.presence.update(stage=stage, state=PeerState.JOINING)
         self.presence.announce()  # 'joining': visible to status, not yet routed to
         self.presence.start(self.swarm)
 
         self.loop = LoopThread()
         self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
-        self.ckpt = CheckpointSide(self.spec, cfg.checkpoints, net, swarm=self.swarm, p2p=self.p2p, loop=self.loop,
-                                   event=self.out.event, counters=self.counters)
+        self.ckpt = CheckpointSide(
+            self.spec,
+            cfg.checkpoints,
+            net,
+            swarm=self.swarm,
+            p2p=self.p2p,
+            loop=self.loop,
+            event=self.out.event,
+            counters=self.counters,
+        )
         self.open_slot(stage)
         resumed = self.resume_if_group_gone()
         if resumed is not None:
             restored = self.slot.restored_step
             weights = "restored" if restored is not None else "initial"
-            self.out.event("resumed_alone", f"no other peer serves stage {stage}: continuing its epoch count at "
-                                            f"{resumed} with the {weights} weights",
-                           stage=stage, epoch=resumed, restored_step=restored)
+            self.out.event(
+                "resumed_alone",
+                f"no other peer serves stage {stage}: continuing its epoch count at "
+                f"{resumed} with the {weights} weights",
+                stage=stage,
+                epoch=resumed,
+                restored_step=restored,
+            )
         if cfg.data.path:
-            self.trainer = Trainer(spec, self.p2p, self.swarm.peer_id, snapshot=lambda: self.presence.peers,
-                                   local_stage=stage, local_worker=self.worker,
-                                   request_timeout=net.request_timeout, counters=self.counters,
-                                   seed=hash(self.swarm.peer_id) & 0xFFFF)
+            self.trainer = Trainer(
+                spec,
+                self.p2p,
+                self.swarm.peer_id,
+                snapshot=lambda: self.presence.peers,
+                local_stage=stage,
+                local_worker=self.worker,
+                request_timeout=net.request_timeout,
+                counters=self.counters,
+                seed=hash(self.swarm.peer_id) & 0xFFFF,
+            )
         self.presence.update(state=PeerState.ONLINE)
         self.presence.announce()
         self.mover.joined()
-        self.out.event("ready", f"serving stage {stage} as {self.swarm.peer_id}"
-                       + (" and training on " + cfg.data.path if cfg.data.path else " (no --data: serving only)"),
-                       peer_id=self.swarm.peer_id, stage=stage, maddrs=visible_maddrs(self.dht), digest=spec.digest())
-
-    def _start_metrics(self) -> None:
-        from peer.observe.metrics import PeerMetrics
-
-        cfg = self.config.output
-        self.metrics = PeerMetrics()
-        try:
-            port = self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
-        except OSError as err:
-            raise SystemExit(f"--metrics-port {cfg.metrics_port}: cannot listen on {cfg.metrics_host}: {err}")
-        url = f"http://{cfg.metrics_host}:{port}/metrics"
-        self.out.event("metrics", f"Prometheus metrics at {url}", port=port, url=url)
+        self.out.event(
+            "ready",
+            f"serving stage {stage} as {self.swarm.peer_id}"
+            + (" and training on " + cfg.data.path if cfg.data.path else " (no --data: serving only)"),
+            peer_id=self.swarm.peer_id,
+            stage=stage,
+            maddrs=visible_maddrs(self.dht),
+            digest=spec.digest(),
+        )
 
     def _choose_stage(self) -> int:
         # Records appear within an announce period; a short wait avoids herding into stage 0.
@@ -183,8 +190,7 @@ class Peer:
         while time.monotonic() < deadline and not self.presence.peers:
             time.sleep(0.5)
             self.presence.refresh()
-        return choose_stage(self.presence.peers, self.spec.num_stages, my_throughput=1.0,
-                            my_peer_id=self.swarm.peer_id)
+        return choose_stage(self.presence.peers, self.spec.num_stages, my_throughput=1.0, my_peer_id=self.swarm.peer_id)
 
     def _main_loop(self) -> None:
         cfg = self.config
@@ -194,12 +200,19 @@ class Peer:
             from peer.data import PackedDataset, load_tokenizer
 
             tokenizer = load_tokenizer(self.spec.tokenizer)
-            dataset = PackedDataset(cfg.data.path, tokenizer, seq_len=self.spec.training.seq_len,
-                                    batch_size=self.spec.training.micro_batch_size, seed=self.spec.seed,
-                                    peer_key=self.swarm.peer_id, suffixes=cfg.data.suffixes)
+            dataset = PackedDataset(
+                cfg.data.path,
+                tokenizer,
+                seq_len=self.spec.training.seq_len,
+                batch_size=self.spec.training.micro_batch_size,
+                seed=self.spec.seed,
+                peer_key=self.swarm.peer_id,
+                suffixes=cfg.data.suffixes,
+            )
             self._async_stop = asyncio.Event()
-            train_future = self.loop.submit(self.trainer.run(dataset, stop=self._async_stop,
-                                                             max_microbatches=cfg.max_microbatches))
+            train_future = self.loop.submit(
+                self.trainer.run(dataset, stop=self._async_stop, max_microbatches=cfg.max_microbatches)
+            )
         last_status = time.monotonic()
         while not self.stop_event.is_set():
             time.sleep(0.2)
@@ -243,8 +256,7 @@ class Peer:
         slot = self.slot
         self.close_slot(for_move=False)
         if slot is not None and slot.worker is not None and self.config.final_state:
-            save_tensors(slot.worker.module.state_dict(), self.config.final_state,
-                             metadata={"epoch": str(slot.epoch)})
+            save_tensors(slot.worker.module.state_dict(), self.config.final_state, metadata={"epoch": str(slot.epoch)})
         if self.loop is not None:
             self.loop.stop()
         if self.dht is not None:
@@ -259,9 +271,17 @@ class Peer:
     # --- the stage slot (opened on start, swapped on a move) --------------------------------
 
     def open_slot(self, stage: int) -> None:
-        ctx = SlotContext(spec=self.spec, dht=self.dht, p2p=self.p2p, loop=self.loop, counters=self.counters,
-                          event=self.out.event, info=self._served_info, checkpoints=self.ckpt.service,
-                          throughput=self.config.churn.throughput)
+        ctx = SlotContext(
+            spec=self.spec,
+            dht=self.dht,
+            p2p=self.p2p,
+            loop=self.loop,
+            counters=self.counters,
+            event=self.out.event,
+            info=self._served_info,
+            checkpoints=self.ckpt.service,
+            throughput=self.config.churn.throughput,
+        )
         slot = StageSlot.open(ctx, stage, held_step=self.ckpt.held_step(stage))
         if slot.restored_step is not None:
             self.ckpt.hold(stage, slot.restored_step)
@@ -286,9 +306,11 @@ class Peer:
             return
         training = self.spec.training
         try:
-            self.slot.hand_back_gradients(partners=self.presence.others_on(self.slot.stage, ACTIVE_STATES),
-                                          budget=training.matchmaking_time + training.averaging_timeout,
-                                          give_up=lambda: self._second_signal)
+            self.slot.hand_back_gradients(
+                partners=self.presence.others_on(self.slot.stage, ACTIVE_STATES),
+                budget=training.matchmaking_time + training.averaging_timeout,
+                give_up=lambda: self.second_signal,
+            )
         except Exception as err:
             log.warning("could not hand back gradients: %s", err)
 
@@ -315,25 +337,52 @@ class Peer:
         status = self.status
         return ServedInfo(state=status.state, throughput=status.throughput, epoch=self.epoch, version=PROTOCOL_VERSION)
 
-    def _figures(self) -> TrainingFigures:
-        trainer, worker = self.trainer, self.worker
-        loss = None
-        if trainer is not None and trainer.stats.loss_ema is not None:
-            loss = float(trainer.stats.loss_ema)
-        elif worker is not None and worker.stats.loss_ema is not None:
-            loss = float(worker.stats.loss_ema)
-        if trainer is None:
-            return TrainingFigures(epoch=self.epoch, loss=loss)
-        stats = trainer.stats
-        elapsed = max(1e-6, time.monotonic() - stats.started)
-        return TrainingFigures(epoch=self.epoch, loss=loss, tokens=stats.tokens, samples_per_s=stats.samples / elapsed,
-                               has_data=True)
-
 
 def run_peer(config: PeerConfig) -> int:
     peer = Peer(config)
-    peer.install_signal_handlers()
+    install_signal_handlers(peer)
     try:
         return peer.run()
     except KeyboardInterrupt:
         return 130
+
+
+def install_signal_handlers(peer: Peer) -> None:
+    """Ctrl-C or SIGTERM: announce 'leaving' and finish in-flight work; a second one: stop
+    waiting for anything."""
+    peer_pid = os.getpid()
+
+    def request_stop(signum, _frame):
+        if os.getpid() != peer_pid:
+            # A process hivemind forked from this one (an averager) inherited the handler:
+            # it must die on the reaper's SIGTERM, not print a 'stopping' of the peer.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if peer.stop_event.is_set():
+            peer.second_signal = True  # a second Ctrl-C: stop waiting for anything
+            return
+        peer.out.event(
+            "stopping",
+            f"{signal.Signals(signum).name}: announcing 'leaving' and finishing in-flight work",
+            signal=signal.Signals(signum).name,
+        )
+        peer.stop_event.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+
+def start_metrics(config: OutputConfig, out: Output):
+    """Prometheus /metrics, started first: a port that is taken fails before joining the swarm."""
+    from peer.observe.metrics import PeerMetrics
+
+    cfg = config
+    metrics = PeerMetrics()
+    try:
+        port = metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
+    except OSError as err:
+        raise SystemExit(f"--metrics-port {cfg.metrics_port}: cannot listen on {cfg.metrics_host}: {err}")
+    url = f"http://{cfg.metrics_host}:{port}/metrics"
+    out.event("metrics", f"Prometheus metrics at {url}", port=port, url=url)
+    return metrics

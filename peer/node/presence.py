@@ -44,8 +44,15 @@ class TrainingFigures:
 
 
 class Presence:
-    def __init__(self, peer_id: str, version: str, started: float, *, period: float,
-                 figures: Callable[[], TrainingFigures] = TrainingFigures):
+    def __init__(
+        self,
+        peer_id: str,
+        version: str,
+        started: float,
+        *,
+        period: float,
+        figures: Callable[[], TrainingFigures] = TrainingFigures,
+    ):
         self.peer_id, self.version, self.started, self.period = peer_id, version, started, period
         self.figures = figures
         self.swarm: Optional[SwarmView] = None
@@ -77,10 +84,19 @@ class Presence:
     def record(self, status: Optional[PeerStatus] = None) -> PeerInfo:
         status = status or self._status
         figures = self.figures()
-        return PeerInfo(peer_id=self.peer_id, stage=status.stage, state=status.state, throughput=status.throughput,
-                        epoch=figures.epoch, loss=figures.loss, tokens=figures.tokens,
-                        samples_per_s=figures.samples_per_s, has_data=figures.has_data, version=self.version,
-                        started=self.started)
+        return PeerInfo(
+            peer_id=self.peer_id,
+            stage=status.stage,
+            state=status.state,
+            throughput=status.throughput,
+            epoch=figures.epoch,
+            loss=figures.loss,
+            tokens=figures.tokens,
+            samples_per_s=figures.samples_per_s,
+            has_data=figures.has_data,
+            version=self.version,
+            started=self.started,
+        )
 
     def announce(self, ttl: Optional[float] = None) -> bool:
         """Publish the current status now. Never raises: a failed announce is logged, and the

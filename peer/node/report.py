@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from peer.node.presence import TrainingFigures
+
 if TYPE_CHECKING:
     from peer.node.peer import Peer
 
@@ -26,8 +28,14 @@ class FirstContribution:
         if served or trained:
             self.done = True
             seconds = time.time() - peer.started
-            peer.out.event("contributing", f"first contribution {seconds:.1f}s after start", seconds=round(seconds, 3),
-                           served_samples=served, trained_microbatches=trained, stage=peer.status.stage)
+            peer.out.event(
+                "contributing",
+                f"first contribution {seconds:.1f}s after start",
+                seconds=round(seconds, 3),
+                served_samples=served,
+                trained_microbatches=trained,
+                stage=peer.status.stage,
+            )
 
 
 def print_status(peer: "Peer") -> None:
@@ -39,13 +47,42 @@ def print_status(peer: "Peer") -> None:
     loss = t.loss_ema if t else (worker.stats.loss_ema if worker is not None else None)
     served = (worker.stats.backward + (worker.stats.forward if worker.is_last else 0)) if worker is not None else 0
     sent = sum(peer.counters.sent.values())
-    text = (f"stage {stage} | epoch {epoch} | "
-            + (f"step {t.microbatches} | " if t else "")
-            + (f"loss {loss:.3f} | " if loss is not None else "")
-            + (f"{tok_s:,.0f} tok/s | " if t else "")
-            + f"served {served} | peers/stage {per_stage} | sent {sent / 1e6:.1f} MB")
-    peer.out.event("status", text, stage=stage, epoch=epoch, microbatches=t.microbatches if t else 0,
-                   loss=loss, tokens=t.tokens if t else 0, tokens_per_s=tok_s, peers_per_stage=per_stage,
-                   samples_accumulated=worker.stats.samples if worker is not None else 0,
-                   retries=t.retries if t else 0,
-                   bytes_sent=dict(peer.counters.sent), bytes_received=dict(peer.counters.received))
+    text = (
+        f"stage {stage} | epoch {epoch} | "
+        + (f"step {t.microbatches} | " if t else "")
+        + (f"loss {loss:.3f} | " if loss is not None else "")
+        + (f"{tok_s:,.0f} tok/s | " if t else "")
+        + f"served {served} | peers/stage {per_stage} | sent {sent / 1e6:.1f} MB"
+    )
+    peer.out.event(
+        "status",
+        text,
+        stage=stage,
+        epoch=epoch,
+        microbatches=t.microbatches if t else 0,
+        loss=loss,
+        tokens=t.tokens if t else 0,
+        tokens_per_s=tok_s,
+        peers_per_stage=per_stage,
+        samples_accumulated=worker.stats.samples if worker is not None else 0,
+        retries=t.retries if t else 0,
+        bytes_sent=dict(peer.counters.sent),
+        bytes_received=dict(peer.counters.received),
+    )
+
+
+def training_figures(peer: "Peer") -> TrainingFigures:
+    """The live figures of a peer's record: epoch, loss, and its trainer's work."""
+    trainer, worker = peer.trainer, peer.worker
+    loss = None
+    if trainer is not None and trainer.stats.loss_ema is not None:
+        loss = float(trainer.stats.loss_ema)
+    elif worker is not None and worker.stats.loss_ema is not None:
+        loss = float(worker.stats.loss_ema)
+    if trainer is None:
+        return TrainingFigures(epoch=peer.epoch, loss=loss)
+    stats = trainer.stats
+    elapsed = max(1e-6, time.monotonic() - stats.started)
+    return TrainingFigures(
+        epoch=peer.epoch, loss=loss, tokens=stats.tokens, samples_per_s=stats.samples / elapsed, has_data=True
+    )

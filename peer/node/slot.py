@@ -92,10 +92,15 @@ class StageSlot:
             return
         capacity = measure_stage_capacity(self.ctx.spec, self.module)
         self.capacity = capacity.samples_per_s
-        self.ctx.event("capacity", f"stage {self.stage}: {capacity.samples_per_s:.1f} samples/s (best of "
-                                   f"{capacity.passes} forward+backward passes, {capacity.seconds:.1f}s)",
-                       stage=self.stage, samples_per_s=round(capacity.samples_per_s, 3), passes=capacity.passes,
-                       seconds=round(capacity.seconds, 3))
+        self.ctx.event(
+            "capacity",
+            f"stage {self.stage}: {capacity.samples_per_s:.1f} samples/s (best of "
+            f"{capacity.passes} forward+backward passes, {capacity.seconds:.1f}s)",
+            stage=self.stage,
+            samples_per_s=round(capacity.samples_per_s, 3),
+            passes=capacity.passes,
+            seconds=round(capacity.seconds, 3),
+        )
 
     def _catch_up(self) -> None:
         """Join the stage group at its current epoch, as far as the spec's trust policy allows.
@@ -119,19 +124,32 @@ class StageSlot:
             opt.set_local_epoch(self.restored_step)
         tracker.fetched_global_progress_this_epoch.wait(timeout=5.0)
         group = tracker.global_epoch
-        load, why = live_state_verdict(group_epoch=group, local_epoch=opt.local_epoch, trusted_step=self.restored_step,
-                                       has_trusted_keys=bool(trust.trusted_keys),
-                                       accept_untrusted=trust.accept_untrusted_live_state,
-                                       max_lag=trust.max_live_state_lag)
+        load, why = live_state_verdict(
+            group_epoch=group,
+            local_epoch=opt.local_epoch,
+            trusted_step=self.restored_step,
+            has_trusted_keys=bool(trust.trusted_keys),
+            accept_untrusted=trust.accept_untrusted_live_state,
+            max_lag=trust.max_live_state_lag,
+        )
         if load:
-            event("catch_up", f"stage group is at epoch {group}: loading its state ({why})", epoch=group,
-                  restored_step=self.restored_step)
+            event(
+                "catch_up",
+                f"stage group is at epoch {group}: loading its state ({why})",
+                epoch=group,
+                restored_step=self.restored_step,
+            )
             opt.load_state_from_peers()
         elif group > opt.local_epoch:
             weights = "checkpoint" if self.restored_step is not None else "initial"
-            event("live_state_refused", f"not loading the stage group's live state: {why}; keeping the {weights} "
-                                        f"weights and joining at epoch {group}",
-                  epoch=group, restored_step=self.restored_step, reason=why)
+            event(
+                "live_state_refused",
+                f"not loading the stage group's live state: {why}; keeping the {weights} "
+                f"weights and joining at epoch {group}",
+                epoch=group,
+                restored_step=self.restored_step,
+                reason=why,
+            )
             opt.accept_live_state = False
             opt.set_local_epoch(group)
 
@@ -158,11 +176,11 @@ class StageSlot:
     def parameters(self):
         """(epoch, parameters) of the stage, read in its worker thread (for ``run --keeper``)."""
         worker = self.worker
-        return worker.call(lambda: (self.epoch, {k: p.detach().clone() for k, p in worker.module.named_parameters()}),
-                           timeout=60)
+        return worker.call(
+            lambda: (self.epoch, {k: p.detach().clone() for k, p in worker.module.named_parameters()}), timeout=60
+        )
 
-    def hand_back_gradients(self, *, partners: Sequence[PeerInfo], budget: float,
-                            give_up: Callable[[], bool]) -> None:
+    def hand_back_gradients(self, *, partners: Sequence[PeerInfo], budget: float, give_up: Callable[[], bool]) -> None:
         """Before leaving, let the stage group's next round take the samples this peer
         accumulated, instead of dropping them; waits up to ``budget`` seconds."""
         opt = self.optimizer
@@ -176,14 +194,21 @@ class StageSlot:
         if opt.tracker.global_progress.num_peers <= 1 and not partners:
             return
         samples, epoch = averager.local_samples_accumulated, opt.local_epoch
-        self.ctx.event("handing_back", f"waiting up to {budget:.0f}s for stage {self.stage}'s averaging round to "
-                                       f"take {samples} accumulated samples", samples=samples, epoch=epoch)
+        self.ctx.event(
+            "handing_back",
+            f"waiting up to {budget:.0f}s for stage {self.stage}'s averaging round to "
+            f"take {samples} accumulated samples",
+            samples=samples,
+            epoch=epoch,
+        )
         deadline = time.monotonic() + budget
         while time.monotonic() < deadline and opt.local_epoch == epoch and not give_up():
             time.sleep(0.2)
-        self.ctx.event("handed_back" if opt.local_epoch != epoch else "hand_back_timeout",
-                       f"epoch {opt.local_epoch}" + ("" if opt.local_epoch != epoch else ": samples dropped"),
-                       epoch=opt.local_epoch)
+        self.ctx.event(
+            "handed_back" if opt.local_epoch != epoch else "hand_back_timeout",
+            f"epoch {opt.local_epoch}" + ("" if opt.local_epoch != epoch else ": samples dropped"),
+            epoch=opt.local_epoch,
+        )
 
     # --- closing ---------------------------------------------------------------------------
 

@@ -138,8 +138,14 @@ def finite(obj):
 class Poller:
     """Calls ``read()`` (a snapshot of the swarm) every ``period`` seconds in a thread."""
 
-    def __init__(self, read: Callable[[], dict], *, period: float = POLL_PERIOD, history: Optional[History] = None,
-                 decorate: Callable[[dict], dict] = lambda s: s):
+    def __init__(
+        self,
+        read: Callable[[], dict],
+        *,
+        period: float = POLL_PERIOD,
+        history: Optional[History] = None,
+        decorate: Callable[[dict], dict] = lambda s: s,
+    ):
         self.read, self.period, self.decorate = read, period, decorate
         self.history = history or History()
         self.latest: Optional[dict] = None
@@ -179,8 +185,12 @@ class Poller:
 
     def swarm_view(self) -> dict:
         view = dict(self.latest) if self.latest is not None else {"stages": [], "checkpoints": [], "run_id": None}
-        view["observer"] = {"last_poll": self.last_poll, "error": self.last_error, "polls": self.polls,
-                            "poll_period": self.period}
+        view["observer"] = {
+            "last_poll": self.last_poll,
+            "error": self.last_error,
+            "polls": self.polls,
+            "poll_period": self.period,
+        }
         return view
 
 
@@ -191,8 +201,10 @@ def checkpoint_decorator(trusted_fingerprints: set[str]) -> Callable[[dict], dic
     from protocol.records import CheckpointAnnouncement
 
     def decorate(snapshot: dict) -> dict:
-        announcements = [(c["peer_id"], CheckpointAnnouncement.from_record({k: v for k, v in c.items() if k != "peer_id"}))
-                         for c in snapshot.get("checkpoints", ())]
+        announcements = [
+            (c["peer_id"], CheckpointAnnouncement.from_record({k: v for k, v in c.items() if k != "peer_id"}))
+            for c in snapshot.get("checkpoints", ())
+        ]
         rows = announced_checkpoints(announcements)
         for row in rows:
             row["signers"] = [{"fingerprint": s, "trusted": s in trusted_fingerprints} for s in row["signers"]]
@@ -239,16 +251,23 @@ def _handler_for(poller: Poller, page: bytes):
             elif path == "/api/history":
                 points = poller.history.as_list()
                 limit = _int_param(query, "max")
-                self._json({"points": downsample(points, limit) if limit else points, "total_points": len(points),
-                            "poll_period": poller.period, "rate_window": poller.history.rate_window})
+                self._json(
+                    {
+                        "points": downsample(points, limit) if limit else points,
+                        "total_points": len(points),
+                        "poll_period": poller.period,
+                        "rate_window": poller.history.rate_window,
+                    }
+                )
             elif path == "/healthz":
                 self._send(HTTPStatus.OK, b"ok\n", "text/plain")
             else:
                 self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
 
         def _json(self, obj) -> None:
-            self._send(HTTPStatus.OK, json.dumps(finite(obj), allow_nan=False, default=str).encode(),
-                       "application/json")
+            self._send(
+                HTTPStatus.OK, json.dumps(finite(obj), allow_nan=False, default=str).encode(), "application/json"
+            )
 
         def _send(self, status, body: bytes, ctype: str) -> None:
             self.send_response(status)
@@ -256,9 +275,11 @@ def _handler_for(poller: Poller, page: bytes):
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             # The page loads nothing from elsewhere; say so to the browser as well.
-            self.send_header("Content-Security-Policy",
-                             "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                             "connect-src 'self'; img-src 'self' data:")
+            self.send_header(
+                "Content-Security-Policy",
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "connect-src 'self'; img-src 'self' data:",
+            )
             self.send_header("X-Content-Type-Options", "nosniff")
             self.end_headers()
             self.wfile.write(body)
@@ -276,8 +297,11 @@ class Dashboard:
         from peer.observe.status import swarm_snapshot
 
         self.swarm = swarm
-        self.poller = Poller(lambda: swarm_snapshot(swarm), period=period,
-                             decorate=checkpoint_decorator(trusted_fingerprints(swarm.spec)))
+        self.poller = Poller(
+            lambda: swarm_snapshot(swarm),
+            period=period,
+            decorate=checkpoint_decorator(trusted_fingerprints(swarm.spec)),
+        )
         self.httpd = ThreadingHTTPServer((host, port), _handler_for(self.poller, page_html()))
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="dashboard-http", daemon=True)
@@ -305,9 +329,18 @@ class Dashboard:
         self.poller.stop()
 
 
-def run_dashboard(initial_peers, *, spec=None, run_id: Optional[str] = None, spec_digest: Optional[str] = None,
-                  host: str = "127.0.0.1", port: int = 8080, period: float = POLL_PERIOD, log_json: bool = False,
-                  max_seconds: Optional[float] = None) -> int:
+def run_dashboard(
+    initial_peers,
+    *,
+    spec=None,
+    run_id: Optional[str] = None,
+    spec_digest: Optional[str] = None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    period: float = POLL_PERIOD,
+    log_json: bool = False,
+    max_seconds: Optional[float] = None,
+) -> int:
     """``swarmtrain dashboard``: observe the swarm through a client-mode DHT node and serve the page."""
     import signal
 
@@ -326,8 +359,14 @@ def run_dashboard(initial_peers, *, spec=None, run_id: Optional[str] = None, spe
         except OSError as err:
             raise SystemExit(f"--port {port}: cannot listen on {host}: {err}")
         dashboard.start()
-        out.event("ready", f"dashboard of run {swarm.spec.run_id!r} at {dashboard.url} (Ctrl-C to stop)",
-                  url=dashboard.url, port=dashboard.port, run_id=swarm.spec.run_id, digest=swarm.digest)
+        out.event(
+            "ready",
+            f"dashboard of run {swarm.spec.run_id!r} at {dashboard.url} (Ctrl-C to stop)",
+            url=dashboard.url,
+            port=dashboard.port,
+            run_id=swarm.spec.run_id,
+            digest=swarm.digest,
+        )
         stop.wait(max_seconds)
     finally:
         if dashboard is not None:

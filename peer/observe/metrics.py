@@ -65,7 +65,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "stage_rejected": ("counter", "Stage requests rejected by validation.", ()),
     "stage_discarded": ("counter", "Stage results discarded (past their deadline, or duplicates).", ()),
     "stage_compute_seconds": ("counter", "Seconds spent computing forward/backward in this stage.", ()),
-    "stage_throughput": ("gauge", "Samples/s through forward+backward of this stage, as announced (measured when the stage opened).", ()),
+    "stage_throughput": (
+        "gauge",
+        "Samples/s through forward+backward of this stage, as announced (measured when the stage opened).",
+        (),
+    ),
     "stage_queue_depth": ("gauge", "Requests waiting for this peer's stage worker.", ()),
     # averaging (the stage group's hivemind optimizer)
     "epoch": ("gauge", "The stage optimizer's local epoch (averaged updates applied).", ()),
@@ -74,16 +78,27 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "averaging_rounds": ("counter", "Stage optimizer epochs advanced by one (observed).", ()),
     "catch_ups": ("counter", "Stage optimizer epoch jumps of more than one (state loaded or epoch joined).", ()),
     "step_seconds": ("gauge", "Wall time between the last two optimizer epochs of this peer.", ()),
-    "allreduce": ("counter", "Gradient averaging per optimizer epoch by outcome: averaged (with the group), failed "
-                            "(local gradients used), skipped (not started), alone (no other peer in the group); "
-                            "observed on the optimizer.", ("outcome",)),
-    "load_state_failures": ("counter", "Failures to load state from peers (observed: each new error of the optimizer).", ()),
+    "allreduce": (
+        "counter",
+        "Gradient averaging per optimizer epoch by outcome: averaged (with the group), failed "
+        "(local gradients used), skipped (not started), alone (no other peer in the group); "
+        "observed on the optimizer.",
+        ("outcome",),
+    ),
+    "load_state_failures": (
+        "counter",
+        "Failures to load state from peers (observed: each new error of the optimizer).",
+        (),
+    ),
     "load_state_error": ("gauge", "1 while the last attempt to load state from peers failed.", ()),
     # the wire
     "sent_bytes": ("counter", "Bytes of payload sent, by kind (activations, state, checkpoint).", ("kind",)),
     "received_bytes": ("counter", "Bytes of payload received, by kind.", ("kind",)),
-    "requests_rejected": ("counter", "Requests refused before any work (malformed, oversized, stalled, wrong spec or "
-                                     "stage), by RPC handler.", ("rpc",)),
+    "requests_rejected": (
+        "counter",
+        "Requests refused before any work (malformed, oversized, stalled, wrong spec or stage), by RPC handler.",
+        ("rpc",),
+    ),
 }
 
 RATE_WINDOW = 20.0
@@ -104,7 +119,8 @@ class _Collector:
             if not series:
                 continue
             family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
-                f"{PREFIX}_{name}", help_text, labels=list(labels))
+                f"{PREFIX}_{name}", help_text, labels=list(labels)
+            )
             for label_values, value in series.items():
                 family.add_metric(list(label_values), float(value))
             yield family
@@ -217,8 +233,14 @@ class PeerMetrics:
                 v.setdefault(name, {})[tuple(str(x) for x in labels)] = float(value)
 
         spec, swarm = peer.spec, peer.swarm
-        put("info", 1, swarm.peer_id if swarm else "", spec.run_id if spec else "",
-            spec.digest()[:16] if spec else "", _version())
+        put(
+            "info",
+            1,
+            swarm.peer_id if swarm else "",
+            spec.run_id if spec else "",
+            spec.digest()[:16] if spec else "",
+            _version(),
+        )
         put("up_seconds", time.time() - peer.started)
         status = peer.status
         put("stage", status.stage)

@@ -19,23 +19,40 @@ def swarm_snapshot(swarm: SwarmDHT) -> dict:
     for k, s in enumerate(spec.stages):
         members = [p for p in peers if p.stage == k]
         online = [p for p in members if p.state == PeerState.ONLINE]
-        stages.append({
-            "stage": k, "layers": [s.start, s.end],
-            "peers": [{"peer_id": p.peer_id, "state": str(p.state), "throughput": round(p.throughput, 3), "epoch": p.epoch,
-                       "loss": p.loss, "tokens": p.tokens, "samples_per_s": round(p.samples_per_s, 3),
-                       "has_data": p.has_data, "version": p.version} for p in members],
-            "online": len(online),
-            "throughput": round(sum(p.throughput for p in online), 3),
-            "epoch": max((p.epoch for p in members), default=0),
-        })
+        stages.append(
+            {
+                "stage": k,
+                "layers": [s.start, s.end],
+                "peers": [
+                    {
+                        "peer_id": p.peer_id,
+                        "state": str(p.state),
+                        "throughput": round(p.throughput, 3),
+                        "epoch": p.epoch,
+                        "loss": p.loss,
+                        "tokens": p.tokens,
+                        "samples_per_s": round(p.samples_per_s, 3),
+                        "has_data": p.has_data,
+                        "version": p.version,
+                    }
+                    for p in members
+                ],
+                "online": len(online),
+                "throughput": round(sum(p.throughput for p in online), 3),
+                "epoch": max((p.epoch for p in members), default=0),
+            }
+        )
     losses = [p.loss for p in peers if p.loss is not None and p.has_data]
     try:
         checkpoints = [{"peer_id": pid, **rec.to_record()} for pid, rec in swarm.checkpoint_announcements()]
     except Exception:
         checkpoints = []
     return {
-        "run_id": spec.run_id, "digest": swarm.digest, "time": time.time(),
-        "num_peers": len(peers), "stages": stages,
+        "run_id": spec.run_id,
+        "digest": swarm.digest,
+        "time": time.time(),
+        "num_peers": len(peers),
+        "stages": stages,
         "loss": (sum(losses) / len(losses)) if losses else None,
         "tokens_per_s": round(sum(p.samples_per_s for p in peers) * spec.training.seq_len, 1),
         "checkpoints": checkpoints,
@@ -43,25 +60,38 @@ def swarm_snapshot(swarm: SwarmDHT) -> dict:
 
 
 def format_snapshot(view: dict) -> str:
-    lines = [f"run {view['run_id']}  digest {view['digest'][:16]}  peers {view['num_peers']}  "
-             f"loss {view['loss']:.3f}" if view["loss"] is not None else
-             f"run {view['run_id']}  digest {view['digest'][:16]}  peers {view['num_peers']}"]
+    lines = [
+        f"run {view['run_id']}  digest {view['digest'][:16]}  peers {view['num_peers']}  loss {view['loss']:.3f}"
+        if view["loss"] is not None
+        else f"run {view['run_id']}  digest {view['digest'][:16]}  peers {view['num_peers']}"
+    ]
     for st in view["stages"]:
-        lines.append(f"stage {st['stage']} layers [{st['layers'][0]}, {st['layers'][1]})  online {st['online']}  "
-                     f"throughput {st['throughput']:.1f} samples/s  epoch {st['epoch']}"
-                     + ("   <-- NO PEERS" if st["online"] == 0 else ""))
+        lines.append(
+            f"stage {st['stage']} layers [{st['layers'][0]}, {st['layers'][1]})  online {st['online']}  "
+            f"throughput {st['throughput']:.1f} samples/s  epoch {st['epoch']}"
+            + ("   <-- NO PEERS" if st["online"] == 0 else "")
+        )
         for p in st["peers"]:
             loss = f"{p['loss']:.3f}" if p["loss"] is not None else "-"
-            lines.append(f"    {p['peer_id'][:20]:20}  {p['state']:8}  {p['throughput']:8.1f}/s  epoch {p['epoch']:4}  "
-                         f"loss {loss:>7}  {'trains' if p['has_data'] else 'serves'}")
+            lines.append(
+                f"    {p['peer_id'][:20]:20}  {p['state']:8}  {p['throughput']:8.1f}/s  epoch {p['epoch']:4}  "
+                f"loss {loss:>7}  {'trains' if p['has_data'] else 'serves'}"
+            )
     for c in view.get("checkpoints", []):
-        lines.append(f"checkpoint stage {c['stage']} step {c['step']} digest {c['manifest_digest'][:16]} "
-                     f"signers {','.join(c['signers'])} at {c['peer_id'][:16]}")
+        lines.append(
+            f"checkpoint stage {c['stage']} step {c['step']} digest {c['manifest_digest'][:16]} "
+            f"signers {','.join(c['signers'])} at {c['peer_id'][:16]}"
+        )
     return "\n".join(lines)
 
 
-def open_observer(initial_peers: Sequence[str], *, spec: Optional[RunSpec] = None, run_id: Optional[str] = None,
-                  spec_digest: Optional[str] = None):
+def open_observer(
+    initial_peers: Sequence[str],
+    *,
+    spec: Optional[RunSpec] = None,
+    run_id: Optional[str] = None,
+    spec_digest: Optional[str] = None,
+):
     """A client-mode DHT for reading the swarm; returns (swarm, closer)."""
     ident = load_or_create_identity(None)
     dht = start_dht(ident, initial_peers=initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True)

@@ -8,6 +8,16 @@ from peer.pipeline.trainer import Trainer
 from peer.pipeline.worker import StageError, StageWorker
 
 __all__ = [
-    "BanList", "Limits", "RemoteError", "ServedInfo", "StageError", "StageServer", "StageWorker", "ThroughputEMA",
-    "Trainer", "call_info", "call_stage", "choose_peer",
+    "BanList",
+    "Limits",
+    "RemoteError",
+    "ServedInfo",
+    "StageError",
+    "StageServer",
+    "StageWorker",
+    "ThroughputEMA",
+    "Trainer",
+    "call_info",
+    "call_stage",
+    "choose_peer",
 ]

@@ -32,8 +32,17 @@ async def call_stage(
     """Send one forward/backward request; returns the response header and decoded tensors."""
     header.timeout = timeout
     frames = split_message(header, names, [encode(t, codec) for t in tensors])
-    responses = await call(p2p, peer_id, BACKWARD if backward else FORWARD, frames, StageResponse, timeout=timeout,
-                           max_bytes=max_bytes, counters=counters, kind="activations")
+    responses = await call(
+        p2p,
+        peer_id,
+        BACKWARD if backward else FORWARD,
+        frames,
+        StageResponse,
+        timeout=timeout,
+        max_bytes=max_bytes,
+        counters=counters,
+        kind="activations",
+    )
     try:
         raw = join_tensors(responses, max_bytes)
         decoded = {name: decode(proto, name=name) for name, proto in raw.items()}
@@ -44,6 +53,16 @@ async def call_stage(
 
 async def call_info(p2p: P2P, peer_id: str, spec_digest: str, timeout: float = 5.0) -> InfoResponse:
     """The peer's InfoResponse; its ``error`` says when the peer serves another spec."""
-    responses = await call(p2p, peer_id, INFO, [InfoRequest(spec_digest=spec_digest)], InfoResponse,
-                           timeout=timeout, max_bytes=64 << 10, max_frames=1, kind="info", raise_errors=False)
+    responses = await call(
+        p2p,
+        peer_id,
+        INFO,
+        [InfoRequest(spec_digest=spec_digest)],
+        InfoResponse,
+        timeout=timeout,
+        max_bytes=64 << 10,
+        max_frames=1,
+        kind="info",
+        raise_errors=False,
+    )
     return responses[0]

@@ -68,9 +68,7 @@ def _weights(candidates: Sequence[tuple[str, float, int]]) -> list[float]:
     return [(t if t > 0 else floor) / (1 + max(in_flight, 0)) for t, (_, _, in_flight) in zip(throughputs, candidates)]
 
 
-def choose_peer(
-    candidates: Sequence[tuple[str, float, int]], *, banned: set[str], rng: random.Random
-) -> Optional[str]:
+def choose_peer(candidates: Sequence[tuple[str, float, int]], *, banned: set[str], rng: random.Random) -> Optional[str]:
     """Pick a peer of a stage for the next micro-batch (SWARM's stochastic wiring).
 
     `candidates` are (peer_id, throughput in samples/s, micro-batches in flight on it). The

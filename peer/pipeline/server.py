@@ -68,9 +68,15 @@ class Limits:
     def check_ids(self, name: str, proto) -> torch.Tensor:
         m = self.spec.model
         ids = decode(proto, name=name, dtype=torch.int64, max_elements=self.max_batch * m.max_position_embeddings)
-        if ids.dim() != 2 or not (1 <= ids.shape[0] <= self.max_batch) or not (2 <= ids.shape[1] <= m.max_position_embeddings):
-            raise TensorRejected(f"{name}: shape {list(ids.shape)} where [batch<={self.max_batch}, "
-                                 f"2<=length<={m.max_position_embeddings}] was expected")
+        if (
+            ids.dim() != 2
+            or not (1 <= ids.shape[0] <= self.max_batch)
+            or not (2 <= ids.shape[1] <= m.max_position_embeddings)
+        ):
+            raise TensorRejected(
+                f"{name}: shape {list(ids.shape)} where [batch<={self.max_batch}, "
+                f"2<=length<={m.max_position_embeddings}] was expected"
+            )
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= m.vocab_size):
             raise TensorRejected(f"{name}: token ids must be in [0, {m.vocab_size})")
         return ids
@@ -78,11 +84,17 @@ class Limits:
     def check_hidden(self, name: str, proto, like: Optional[tuple] = None) -> torch.Tensor:
         m = self.spec.model
         shape = [None, None, m.hidden_size] if like is None else list(like)
-        x = decode(proto, name=name, dtype=torch.float32, shape=shape,
-                   max_elements=self.max_batch * m.max_position_embeddings * m.hidden_size)
+        x = decode(
+            proto,
+            name=name,
+            dtype=torch.float32,
+            shape=shape,
+            max_elements=self.max_batch * m.max_position_embeddings * m.hidden_size,
+        )
         if not (1 <= x.shape[0] <= self.max_batch) or not (2 <= x.shape[1] <= m.max_position_embeddings):
-            raise TensorRejected(f"{name}: shape {list(x.shape)} exceeds batch {self.max_batch} or length "
-                                 f"{m.max_position_embeddings}")
+            raise TensorRejected(
+                f"{name}: shape {list(x.shape)} exceeds batch {self.max_batch} or length {m.max_position_embeddings}"
+            )
         return x
 
     def check_inputs(self, proto) -> torch.Tensor:
@@ -92,8 +104,15 @@ class Limits:
 class StageServer:
     """Registers this stage's handlers on a P2P instance (a replica of the DHT's daemon)."""
 
-    def __init__(self, spec: RunSpec, stage: int, worker: StageWorker, *, info: Callable[[], ServedInfo],
-                 counters: Optional[WireCounters] = None):
+    def __init__(
+        self,
+        spec: RunSpec,
+        stage: int,
+        worker: StageWorker,
+        *,
+        info: Callable[[], ServedInfo],
+        counters: Optional[WireCounters] = None,
+    ):
         self.spec, self.stage, self.worker = spec, stage, worker
         self.digest = spec.digest()
         self.limits = Limits.for_stage(spec, stage)
@@ -106,12 +125,33 @@ class StageServer:
 
     async def start(self, p2p: P2P) -> None:
         stage_request = RequestLimits(max_bytes=self.limits.max_bytes)
-        await self.rpc.add(p2p, FORWARD, self._stage_handler(self._forward), StageRequest, _stage_error, stage_request,
-                           kind="activations")
-        await self.rpc.add(p2p, BACKWARD, self._stage_handler(self._backward), StageRequest, _stage_error,
-                           stage_request, kind="activations")
-        await self.rpc.add(p2p, INFO, self._serve_info, InfoRequest, lambda _code, msg: InfoResponse(error=msg),
-                           SMALL_REQUEST, kind="info")
+        await self.rpc.add(
+            p2p,
+            FORWARD,
+            self._stage_handler(self._forward),
+            StageRequest,
+            _stage_error,
+            stage_request,
+            kind="activations",
+        )
+        await self.rpc.add(
+            p2p,
+            BACKWARD,
+            self._stage_handler(self._backward),
+            StageRequest,
+            _stage_error,
+            stage_request,
+            kind="activations",
+        )
+        await self.rpc.add(
+            p2p,
+            INFO,
+            self._serve_info,
+            InfoRequest,
+            lambda _code, msg: InfoResponse(error=msg),
+            SMALL_REQUEST,
+            kind="info",
+        )
         await self.rpc.add(p2p, STATE, self._serve_state, StateRequest, _state_error, SMALL_REQUEST, kind="state")
 
     async def stop(self) -> None:
@@ -135,8 +175,10 @@ class StageServer:
 
     def _check_header(self, header: StageRequest) -> None:
         if header.spec_digest != self.digest:
-            raise Rejected(ErrorCode.WRONG_SPEC, f"spec digest {header.spec_digest[:16]!r} does not match this "
-                                                 f"server's {self.digest[:16]!r}")
+            raise Rejected(
+                ErrorCode.WRONG_SPEC,
+                f"spec digest {header.spec_digest[:16]!r} does not match this server's {self.digest[:16]!r}",
+            )
         if header.stage != self.stage:
             raise Rejected(ErrorCode.WRONG_STAGE, f"this peer serves stage {self.stage}, not {header.stage}")
         if not (0 < len(header.microbatch_id) <= 128):
@@ -148,8 +190,9 @@ class StageServer:
         tensors = join_tensors(frames, self.limits.max_bytes)
         missing, unknown = required - tensors.keys(), tensors.keys() - required - optional
         if missing or unknown:
-            raise TensorRejected(f"expected tensors {sorted(required)} (optional {sorted(optional)}), "
-                                 f"got {sorted(tensors)}")
+            raise TensorRejected(
+                f"expected tensors {sorted(required)} (optional {sorted(optional)}), got {sorted(tensors)}"
+            )
         return tensors
 
     def _reply(self, names, tensors, **fields) -> list[StageResponse]:
@@ -167,9 +210,12 @@ class StageServer:
             inputs = self.limits.check_inputs(tensors["inputs"])
             labels = self.limits.check_ids("labels", tensors["labels"])
             if labels.shape != inputs.shape[:2]:
-                raise TensorRejected(f"labels shape {list(labels.shape)} does not match inputs {list(inputs.shape[:2])}")
-            loss, grad_in = await asyncio.wrap_future(self.worker.forward(header.microbatch_id, inputs, labels,
-                                                                          deadline=deadline))
+                raise TensorRejected(
+                    f"labels shape {list(labels.shape)} does not match inputs {list(inputs.shape[:2])}"
+                )
+            loss, grad_in = await asyncio.wrap_future(
+                self.worker.forward(header.microbatch_id, inputs, labels, deadline=deadline)
+            )
             if grad_in is None:
                 return [StageResponse(loss=loss)]
             return self._reply(["grad_inputs"], [grad_in], loss=loss)
@@ -187,19 +233,29 @@ class StageServer:
         inputs = self.limits.check_inputs(tensors["inputs"]) if "inputs" in tensors else None
         grad_outputs = self.limits.check_hidden("grad_outputs", tensors["grad_outputs"])
         if inputs is not None and tuple(grad_outputs.shape[:2]) != tuple(inputs.shape[:2]):
-            raise TensorRejected(f"grad_outputs shape {list(grad_outputs.shape)} does not match inputs "
-                                 f"{list(inputs.shape)}")
-        grad_in = await asyncio.wrap_future(self.worker.backward(header.microbatch_id, grad_outputs, inputs,
-                                                                 deadline=deadline, accumulate=header.accumulate))
+            raise TensorRejected(
+                f"grad_outputs shape {list(grad_outputs.shape)} does not match inputs {list(inputs.shape)}"
+            )
+        grad_in = await asyncio.wrap_future(
+            self.worker.backward(
+                header.microbatch_id, grad_outputs, inputs, deadline=deadline, accumulate=header.accumulate
+            )
+        )
         if grad_in is None:
             return [StageResponse()]
         return self._reply(["grad_inputs"], [grad_in])
 
     async def _serve_info(self, frames: list[InfoRequest]) -> list[InfoResponse]:
         info = self.info()
-        response = InfoResponse(spec_digest=self.digest, stage=self.stage, state=str(info.state),
-                                throughput=float(info.throughput), epoch=int(info.epoch), version=info.version,
-                                queue_depth=self.worker.queue_depth)
+        response = InfoResponse(
+            spec_digest=self.digest,
+            stage=self.stage,
+            state=str(info.state),
+            throughput=float(info.throughput),
+            epoch=int(info.epoch),
+            version=info.version,
+            queue_depth=self.worker.queue_depth,
+        )
         if frames[0].spec_digest != self.digest:
             response.error = f"spec digest {frames[0].spec_digest[:16]!r} does not match {self.digest[:16]!r}"
         return [response]
@@ -217,8 +273,10 @@ class StageServer:
     async def _serve_state(self, frames: list[StateRequest]) -> list[StateResponse]:
         request = frames[0]
         if request.spec_digest != self.digest:
-            raise Rejected(ErrorCode.WRONG_SPEC, f"spec digest {request.spec_digest[:16]!r} does not match this "
-                                                 f"server's {self.digest[:16]!r}")
+            raise Rejected(
+                ErrorCode.WRONG_SPEC,
+                f"spec digest {request.spec_digest[:16]!r} does not match this server's {self.digest[:16]!r}",
+            )
         if request.stage != self.stage:
             raise Rejected(ErrorCode.WRONG_STAGE, f"this peer serves stage {self.stage}, not {request.stage}")
         if self._state_busy:

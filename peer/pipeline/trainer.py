@@ -141,9 +141,17 @@ class Trainer:
             if peer == LOCAL:
                 result = await self._local(stage, mb_id, backward, dict(zip(names, tensors)))
             else:
-                head, out = await call_stage(self.p2p, peer, backward=backward, header=self._header(stage, mb_id),
-                                             names=names, tensors=tensors, codec=self.codec,
-                                             timeout=self.request_timeout, counters=self.counters)
+                head, out = await call_stage(
+                    self.p2p,
+                    peer,
+                    backward=backward,
+                    header=self._header(stage, mb_id),
+                    names=names,
+                    tensors=tensors,
+                    codec=self.codec,
+                    timeout=self.request_timeout,
+                    counters=self.counters,
+                )
                 result = (head.loss, out)
             self.ema.update(peer, samples, time.monotonic() - start)
             self.bans.record_success(peer)
@@ -156,12 +164,14 @@ class Trainer:
         deadline = time.monotonic() + self.request_timeout
         try:
             if backward:
-                grad = await asyncio.wrap_future(worker.backward(mb_id, named["grad_outputs"], named.get("inputs"),
-                                                                 deadline=deadline))
+                grad = await asyncio.wrap_future(
+                    worker.backward(mb_id, named["grad_outputs"], named.get("inputs"), deadline=deadline)
+                )
                 return 0.0, ({} if grad is None else {"grad_inputs": grad})
             if "labels" in named:
-                loss, grad = await asyncio.wrap_future(worker.forward(mb_id, named["inputs"], named["labels"],
-                                                                      deadline=deadline))
+                loss, grad = await asyncio.wrap_future(
+                    worker.forward(mb_id, named["inputs"], named["labels"], deadline=deadline)
+                )
                 return loss, ({} if grad is None else {"grad_inputs": grad})
             out = await asyncio.wrap_future(worker.forward(mb_id, named["inputs"]))
             return 0.0, {"outputs": out}
@@ -181,8 +191,13 @@ class Trainer:
                 self.stats.retries += 1
                 if peer != LOCAL:
                     duration = self.bans.ban(peer, time.monotonic())
-                    log.info("stage %d peer %s failed (%s); banned for %.0fs, retrying elsewhere", stage,
-                             peer[:12], err, duration)
+                    log.info(
+                        "stage %d peer %s failed (%s); banned for %.0fs, retrying elsewhere",
+                        stage,
+                        peer[:12],
+                        err,
+                        duration,
+                    )
                 failed.append(peer)
                 peer = await self._pick(stage, exclude=failed[-1:])
 
@@ -194,6 +209,7 @@ class Trainer:
         hops: list[tuple[str, torch.Tensor]] = []  # (peer, input) per non-last stage
         x = input_ids
         for stage in range(last):
+
             async def forward(peer, stage=stage, x=x):
                 _, out = await self._hop(peer, stage, mb_id, backward=False, names=["inputs"], tensors=[x])
                 if "outputs" not in out:
@@ -205,8 +221,9 @@ class Trainer:
             x = out
 
         async def forward_last(peer, x=x):
-            loss, out = await self._hop(peer, last, mb_id, backward=False, names=["inputs", "labels"],
-                                        tensors=[x, input_ids])
+            loss, out = await self._hop(
+                peer, last, mb_id, backward=False, names=["inputs", "labels"], tensors=[x, input_ids]
+            )
             if last > 0 and "grad_inputs" not in out:
                 raise RemoteError("bad_response", "last stage returned no input gradient")
             return loss, out.get("grad_inputs")
@@ -219,15 +236,17 @@ class Trainer:
             async def backward(peer, stage=stage, grad=grad, inputs=inputs, first_peer=first_peer):
                 if peer == first_peer:
                     try:
-                        _, out = await self._hop(peer, stage, mb_id, backward=True, names=["grad_outputs"],
-                                                 tensors=[grad])
+                        _, out = await self._hop(
+                            peer, stage, mb_id, backward=True, names=["grad_outputs"], tensors=[grad]
+                        )
                         return out.get("grad_inputs")
                     except RemoteError as err:
                         if err.code != "cache_miss":
                             raise
                 # Another peer (or a cache miss): re-send the input so it can recompute forward.
-                _, out = await self._hop(peer, stage, mb_id, backward=True, names=["grad_outputs", "inputs"],
-                                         tensors=[grad, inputs])
+                _, out = await self._hop(
+                    peer, stage, mb_id, backward=True, names=["grad_outputs", "inputs"], tensors=[grad, inputs]
+                )
                 return out.get("grad_inputs")
 
             _, grad = await self._with_retries(stage, first_peer, backward)

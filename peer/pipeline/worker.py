@@ -96,16 +96,30 @@ class StageWorker:
             self._tasks.put((priority, self._seq, fn, args, future))
         return future
 
-    def forward(self, mb_id: str, inputs: torch.Tensor, labels: Optional[torch.Tensor] = None, *,
-                deadline: float = float("inf"), accumulate: bool = True) -> concurrent.futures.Future:
+    def forward(
+        self,
+        mb_id: str,
+        inputs: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        deadline: float = float("inf"),
+        accumulate: bool = True,
+    ) -> concurrent.futures.Future:
         if self.is_last:
             if labels is None:
                 raise StageError("bad_request", "the last stage needs labels with its inputs")
             return self.submit(self._forward_backward_last, mb_id, inputs, labels, deadline, accumulate, priority=1)
         return self.submit(self._forward, mb_id, inputs, priority=1)
 
-    def backward(self, mb_id: str, grad_outputs: torch.Tensor, inputs: Optional[torch.Tensor] = None, *,
-                 deadline: float = float("inf"), accumulate: bool = True) -> concurrent.futures.Future:
+    def backward(
+        self,
+        mb_id: str,
+        grad_outputs: torch.Tensor,
+        inputs: Optional[torch.Tensor] = None,
+        *,
+        deadline: float = float("inf"),
+        accumulate: bool = True,
+    ) -> concurrent.futures.Future:
         return self.submit(self._backward, mb_id, grad_outputs, inputs, deadline, accumulate, priority=0)
 
     @property
@@ -211,8 +225,10 @@ class StageWorker:
         else:
             inputs, outputs = cached.inputs, cached.outputs
         if grad_outputs.shape != outputs.shape:
-            raise StageError("bad_request", f"grad_outputs shape {list(grad_outputs.shape)} does not match "
-                                            f"outputs {list(outputs.shape)}")
+            raise StageError(
+                "bad_request",
+                f"grad_outputs shape {list(grad_outputs.shape)} does not match outputs {list(outputs.shape)}",
+            )
         return self._accumulate(mb_id, outputs, inputs, grad_outputs, inputs.shape[0], deadline, accumulate, start)
 
     def _accumulate(self, mb_id, outputs, inputs, grad_outputs, batch, deadline, accumulate, start):

@@ -6,6 +6,12 @@ from peer.swarm.identity import Identity, cleanup_identity, load_or_create_ident
 from peer.swarm.view import SwarmView
 
 __all__ = [
-    "Identity", "SwarmDHT", "SwarmView", "cleanup_identity", "load_or_create_identity", "resolve_spec", "start_dht",
+    "Identity",
+    "SwarmDHT",
+    "SwarmView",
+    "cleanup_identity",
+    "load_or_create_identity",
+    "resolve_spec",
+    "start_dht",
     "visible_maddrs",
 ]

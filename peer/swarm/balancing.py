@@ -84,9 +84,7 @@ def _spread(tied: Sequence[int], peer_id: str) -> int:
     return sorted(tied)[int.from_bytes(digest[:8], "big") % len(tied)]
 
 
-def choose_stage(
-    peers: Sequence[PeerInfo], num_stages: int, *, my_throughput: float, my_peer_id: str = ""
-) -> int:
+def choose_stage(peers: Sequence[PeerInfo], num_stages: int, *, my_throughput: float, my_peer_id: str = "") -> int:
     """The stage a new peer should serve: an empty one if any, else the least-served one.
 
     `my_throughput` does not change the choice: adding any throughput to the least-served

@@ -17,8 +17,16 @@ from typing import Mapping, Optional, Sequence
 from peer.swarm.balancing import RebalancePolicy, plan_move
 from protocol.records import ACTIVE_STATES, PeerInfo, PeerState
 
-__all__ = ["DEFAULT_REBALANCE_PERIOD", "next_check_delay", "MoveCheck", "check_move", "recovery_fallback",
-           "EmptyStages", "StageEpochs", "epochs_lost"]
+__all__ = [
+    "DEFAULT_REBALANCE_PERIOD",
+    "next_check_delay",
+    "MoveCheck",
+    "check_move",
+    "recovery_fallback",
+    "EmptyStages",
+    "StageEpochs",
+    "epochs_lost",
+]
 
 # Seconds between two looks at the snapshot (randomised around it, see next_check_delay).
 DEFAULT_REBALANCE_PERIOD = 15.0
@@ -79,8 +87,11 @@ def recovery_fallback(
     if since is None:
         return None
     candidates = [p for p in active if p.state == PeerState.ONLINE and count[p.stage] >= 2]
-    named = {p.peer_id for p in candidates
-             if plan_move(peers, num_stages, my_peer_id=p.peer_id, now=now, last_move_at=None) == target}
+    named = {
+        p.peer_id
+        for p in candidates
+        if plan_move(peers, num_stages, my_peer_id=p.peer_id, now=now, last_move_at=None) == target
+    }
     order = sorted(candidates, key=lambda p: (p.peer_id not in named, -count[p.stage], p.peer_id))
     rank = next((i for i, p in enumerate(order) if p.peer_id == my_peer_id), None)
     if rank is None or now - since < rank * grace:
@@ -130,8 +141,9 @@ def check_move(
         return MoveCheck(None, why="this peer is not announced online at its stage yet")
     target = plan_move(peers, num_stages, my_peer_id=my_peer_id, now=now, last_move_at=last_move_at, policy=policy)
     if target is None and empty_since is not None:
-        target = recovery_fallback(peers, num_stages, my_peer_id=my_peer_id, now=now, empty_since=empty_since,
-                                   grace=fallback_grace)
+        target = recovery_fallback(
+            peers, num_stages, my_peer_id=my_peer_id, now=now, empty_since=empty_since, grace=fallback_grace
+        )
     if target is None:
         return MoveCheck(None, why="the policy keeps this peer where it is")
     if planned is not None and target != planned:

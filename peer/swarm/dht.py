@@ -106,8 +106,13 @@ class SwarmDHT:
                 out.append(p)
             elif p.peer_id not in self._refused:
                 self._refused.add(p.peer_id)
-                log.warning("ignoring peer %s: it speaks swarmtrain protocol %r, this peer %s (one of you needs "
-                            "another version of swarmtrain)", p.peer_id, p.version[:32], PROTOCOL_VERSION)
+                log.warning(
+                    "ignoring peer %s: it speaks swarmtrain protocol %r, this peer %s (one of you needs "
+                    "another version of swarmtrain)",
+                    p.peer_id,
+                    p.version[:32],
+                    PROTOCOL_VERSION,
+                )
         return out
 
     # --- checkpoints -----------------------------------------------------------------------
@@ -207,13 +212,21 @@ def resolve_spec(
             )
         if time.monotonic() > deadline:
             what = f"with digest {pinned_digest}" if pinned_digest else "at all"
-            raise SpecError(f"no spec for run {run_id!r} {what} was found in the DHT within {timeout:.0f}s; "
-                            "is the bootstrap started with --spec?")
+            raise SpecError(
+                f"no spec for run {run_id!r} {what} was found in the DHT within {timeout:.0f}s; "
+                "is the bootstrap started with --spec?"
+            )
         time.sleep(1.0)
 
 
-def resolve_run_spec(dht: hivemind.DHT, spec: Optional[RunSpec], run_id: Optional[str], spec_digest: Optional[str],
-                     *, timeout: float = 30.0) -> RunSpec:
+def resolve_run_spec(
+    dht: hivemind.DHT,
+    spec: Optional[RunSpec],
+    run_id: Optional[str],
+    spec_digest: Optional[str],
+    *,
+    timeout: float = 30.0,
+) -> RunSpec:
     """The run's spec from ``--spec`` (a loaded file) or ``--run`` (the DHT), checked against
     ``--spec-digest`` when given: the one place the three options meet."""
     if spec is None:
