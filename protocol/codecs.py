@@ -32,6 +32,25 @@ ACTIVATION_CODECS: dict[str, CompressionBase] = {
 
 # Hard ceiling for one decoded tensor, whatever the spec says: 2**28 float32 elements is 1 GiB.
 MAX_TENSOR_ELEMENTS = 2**28
+MAX_DIMS = 8
+
+# What swarmtrain sends: float tensors as float32 through any codec, integer ids uncompressed.
+# hivemind's deserializer trusts the sender's dtype string and buffer (a 16-byte FLOAT16 tensor
+# declaring dtype "(250000000,)f8" allocated 16 GB; short 8-bit buffers reach bitsandbytes'
+# unchecked kernel), so a tensor must match one of these pairs and its buffer must have the
+# exact length its codec writes for the declared shape before any byte is deserialized.
+_C = runtime_pb2.CompressionType
+ALLOWED_DTYPES: dict[int, frozenset[str]] = {
+    _C.NONE: frozenset({"float32", "int64"}),
+    _C.FLOAT16: frozenset({"float32"}),
+    _C.MEANSTD_16BIT: frozenset({"float32"}),
+    _C.UNIFORM_8BIT: frozenset({"float32"}),
+    _C.QUANTILE_8BIT: frozenset({"float32"}),
+    _C.BLOCKWISE_8BIT: frozenset({"float32"}),
+}
+_ITEMSIZE = {"float32": 4, "int64": 8}
+_BLOCKSIZE = 4096  # hivemind's blockwise quantization block
+_CODEBOOK = 256  # entries of an 8-bit codebook
 
 
 class TensorRejected(ValueError):
@@ -86,6 +105,8 @@ def decode(
     ``shape`` may hold None for a free dimension. Floating tensors come back as float32.
     """
     declared = list(proto.size)
+    if len(declared) > MAX_DIMS:
+        raise TensorRejected(f"{name}: {len(declared)} dimensions (at most {MAX_DIMS})")
     if any(d < 0 for d in declared):
         raise TensorRejected(f"{name}: negative dimension in declared shape {declared}")
     numel = 1
@@ -95,6 +116,7 @@ def decode(
         raise TensorRejected(f"{name}: {numel} elements exceeds the limit of {max_elements}")
     if shape is not None:
         _check_shape(name, declared, shape)
+    check_buffer(proto, name=name)
     try:
         tensor = deserialize_torch_tensor(proto)
     except Exception as err:  # garbage bytes surface as many different exception types
@@ -111,6 +133,63 @@ def decode(
         if finite and not torch.isfinite(tensor).all():
             raise TensorRejected(f"{name}: contains NaN or infinite values")
     return tensor
+
+
+def expected_buffer_bytes(compression: int, dtype: str, shape: Sequence[int]) -> int:
+    """The exact length of the buffer hivemind's codec writes for ``shape``; raises
+    TensorRejected for a (compression, dtype) pair swarmtrain never sends."""
+    if compression not in ALLOWED_DTYPES:
+        raise TensorRejected(f"compression {compression} is not accepted")
+    if dtype not in ALLOWED_DTYPES[compression]:
+        raise TensorRejected(
+            f"dtype {dtype[:32]!r} is not accepted with compression "
+            f"{_C.Name(compression)} (only {sorted(ALLOWED_DTYPES[compression])})"
+        )
+    numel = 1
+    for d in shape:
+        numel *= d
+    if compression == _C.NONE:
+        return numel * _ITEMSIZE[dtype]
+    if compression == _C.FLOAT16:
+        return numel * 2
+    if compression == _C.MEANSTD_16BIT:
+        if not shape or shape[-1] == 0:
+            raise TensorRejected("MEANSTD_16BIT needs a non-empty last dimension")
+        return numel * 2 + 2 * 4 * (numel // shape[-1])
+    if compression in (_C.UNIFORM_8BIT, _C.QUANTILE_8BIT):
+        return 8 + 4 * _CODEBOOK + numel
+    # BLOCKWISE_8BIT: absmax per block, a 256-entry codebook, one byte per element
+    if numel == 0:
+        raise TensorRejected("BLOCKWISE_8BIT of an empty tensor")
+    return 16 + 4 * -(-numel // _BLOCKSIZE) + 4 * _CODEBOOK + numel
+
+
+def check_buffer(proto: runtime_pb2.Tensor, *, name: str = "tensor") -> None:
+    """Refuse a tensor whose codec, dtype or buffer length is not what its declared shape
+    needs, before hivemind's deserializer sees it (it trusts all three)."""
+    try:
+        expected = expected_buffer_bytes(proto.compression, proto.dtype, list(proto.size))
+    except TensorRejected as err:
+        raise TensorRejected(f"{name}: {err}") from None
+    if len(proto.buffer) != expected:
+        raise TensorRejected(
+            f"{name}: buffer of {len(proto.buffer)} bytes where {expected} were expected for shape {list(proto.size)}"
+        )
+    # The 8-bit formats start with their table sizes (int64): they must be the ones whose
+    # lengths were counted above, or the deserializer reads past them.
+    numel = 1
+    for d in proto.size:
+        numel *= d
+    if proto.compression in (_C.UNIFORM_8BIT, _C.QUANTILE_8BIT):
+        sizes = [("codebook", 0, _CODEBOOK)]
+    elif proto.compression == _C.BLOCKWISE_8BIT:
+        sizes = [("absmax", 0, -(-numel // _BLOCKSIZE)), ("codebook", 8, _CODEBOOK)]
+    else:
+        sizes = []
+    for what, offset, want in sizes:
+        got = int.from_bytes(proto.buffer[offset : offset + 8], "little", signed=True)
+        if got != want:
+            raise TensorRejected(f"{name}: {what} of {got} entries where {want} were expected")
 
 
 def _check_shape(name: str, got: Sequence[int], expected: Sequence[Optional[int]]) -> None:

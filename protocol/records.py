@@ -71,6 +71,16 @@ def spec_key(run_id: str) -> str:
     return f"{run_id}_spec"
 
 
+def spec_signature_key(run_id: str) -> str:
+    """Signatures of published specs by keys a user may trust (``swarmtrain run --trusted-key``)."""
+    return f"{run_id}_specsig"
+
+
+def spec_signed_message(run_id: str, digest: str) -> bytes:
+    """What a spec signature signs: the run id and the spec's digest."""
+    return f"swarmtrain-spec:{run_id}:{digest}".encode()
+
+
 def averaging_run_id(run_id: str, digest: str, stage: int) -> str:
     """The hivemind.Optimizer run id of one stage group."""
     # hivemind averager prefixes may not contain dots.
@@ -131,10 +141,21 @@ class RunSchema(pydantic.BaseModel):
     checkpoints: Dict[_OwnedSubkey, Optional[CheckpointAnnouncementModel]]
 
 
+class SpecSignatureModel(pydantic.BaseModel):
+    digest: pydantic.constr(regex=r"^[0-9a-f]{64}$")
+    fingerprint: pydantic.constr(regex=r"^[0-9a-f]{16,64}$")
+    signature: pydantic.conbytes(min_length=8, max_length=160)  # DER ECDSA P-256: at most 72
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
 class SpecSchema(pydantic.BaseModel):
-    """Key ``<run_id>_spec``: the spec as published by a bootstrap (owner-marked subkey)."""
+    """Key ``<run_id>_spec``: the spec as published by a bootstrap; ``<run_id>_specsig``: its
+    signatures by trusted keys (owner-marked subkeys)."""
 
     spec: Dict[_OwnedSubkey, Optional[SpecRecordModel]]
+    specsig: Dict[_OwnedSubkey, Optional[SpecSignatureModel]]
 
 
 @dataclasses.dataclass(frozen=True)

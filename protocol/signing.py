@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 SIGNATURES_DIR = "signatures"
@@ -116,6 +117,20 @@ def fingerprint(key: Union[PublicKeyLike, ec.EllipticCurvePrivateKey]) -> str:
     public = load_public_key(key)
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()[:16]
+
+
+def sign_message(key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
+    """ECDSA P-256 over SHA-256 of ``message`` (DER): for small records, not directories."""
+    _check_p256(key, "signing key")
+    return key.sign(message, ec.ECDSA(hashes.SHA256()))
+
+
+def verify_message(key: PublicKeyLike, message: bytes, signature: bytes) -> bool:
+    try:
+        load_public_key(key).verify(bytes(signature), message, ec.ECDSA(hashes.SHA256()))
+        return True
+    except (InvalidSignature, ValueError, SigningError):
+        return False
 
 
 def public_key_path_for(private_path: Union[str, Path]) -> Path:

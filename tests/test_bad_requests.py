@@ -252,17 +252,17 @@ CASES = {
     ),
     "batch over the limit": (
         lambda s: s.request(
-            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden((65, 2, 128)), labels((65, 2))]
+            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden((9, 2, 128)), labels((9, 2))]
         ),
         "bad_request",
-        "exceeds batch 64",
+        "exceeds batch 8",  # the spec's micro-batch: what an honest trainer sends
     ),
     "sequence over max positions": (
         lambda s: s.request(
-            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden((1, 300, 128)), labels((1, 300))]
+            s.ready1["peer_id"], s.header(), ["inputs", "labels"], [hidden((1, 65, 128)), labels((1, 65))]
         ),
         "bad_request",
-        "length 256",
+        "length 64",  # the spec's seq_len
     ),
     "frame over 4 MiB": (
         lambda s: s.raw(s.ready1["peer_id"], [struct.pack(">I", MAX_FRAME_BYTES + 1)], end=False),
@@ -312,7 +312,7 @@ CASES = {
     "garbage tensor bytes": (
         lambda s: s.request(s.ready1["peer_id"], s.header(), ["inputs", "labels"], [_garbage_buffer(), labels()]),
         "bad_request",
-        "inputs: cannot decode",
+        "inputs: buffer of 3 bytes where 16384 were expected",  # checked before hivemind deserializes it
     ),
     "truncated tensor (missing chunks)": (lambda s: _truncated(s), "bad_request", "truncated"),
     "unknown tensor name": (

@@ -416,3 +416,15 @@ def test_figures_measured_once_per_stage_settle_on_stages_of_unequal_cost(seed):
         path = [(src, dst) for _, p, src, dst in history if p == pid]
         for (src1, dst1), (src2, dst2) in zip(path, path[1:]):
             assert not (dst2 == src1 and src2 == dst1), f"{pid} flapped: {path}"
+
+
+def test_a_claim_of_huge_throughput_counts_as_a_fast_peer_not_a_stage():
+    from peer.swarm.balancing import CLAIM_CAP_FACTOR, capped_claims
+
+    honest = [PeerInfo(f"h{i}", i % 2, "online", 100.0) for i in range(4)]
+    fake = PeerInfo("fake", 0, "online", 1e9)
+    capped = {p.peer_id: p.throughput for p in capped_claims([*honest, fake])}
+    assert capped["fake"] == CLAIM_CAP_FACTOR * 100.0 and capped["h0"] == 100.0
+    # One fake record on stage 0 does not send a newcomer away from it for ever:
+    totals = stage_throughputs([*honest, fake], 2)
+    assert totals == [200.0 + CLAIM_CAP_FACTOR * 100.0, 200.0]

@@ -147,3 +147,19 @@ def test_ema_ignores_unmeasurable_samples_and_forgets():
     assert ema.get("a", 3.0) == 3.0
     with pytest.raises(ValueError):
         ThroughputEMA(alpha=0.0)
+
+
+def test_announced_throughput_is_a_prior_capped_by_the_others():
+    from peer.pipeline.routing import PRIOR_CAP_FACTOR, capped_priors
+
+    cands = [("liar", 1e9, 0), ("a", 100.0, 0), ("b", 120.0, 0)]
+    capped = dict((p, t) for p, t, _ in capped_priors(cands))
+    assert capped["liar"] == PRIOR_CAP_FACTOR * 120.0 and capped["a"] == 100.0 and capped["b"] == 120.0  # the median
+    # Two peers: the lower median is the honest one's figure.
+    assert dict((p, t) for p, t, _ in capped_priors(cands[:2]))["liar"] == PRIOR_CAP_FACTOR * 100.0
+    # Once something is measured, the best measured figure is the reference.
+    assert dict((p, t) for p, t, _ in capped_priors(cands, {"a": 50.0}))["liar"] == PRIOR_CAP_FACTOR * 50.0
+    assert capped_priors([("x", float("inf"), 1), ("y", 10.0, 0)])[0][1] == PRIOR_CAP_FACTOR * 10.0
+    # The liar now gets about 2.4/(2.4+1+1.2) of the traffic, not all of it.
+    counts = Counter(choose_peer(capped_priors(cands), banned=set(), rng=random.Random(s)) for s in range(2000))
+    assert counts["liar"] < 1200

@@ -23,6 +23,7 @@ import torch
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
 from peer.averaging import wire_stats
+from peer.averaging.bounds import MAX_EPOCH, BoundedProgressTracker, update_scheduler_fast
 from peer.averaging.staleness import left_out_of_round, missed_round
 from protocol.codecs import gradient_compression
 from protocol.records import averaging_run_id
@@ -108,7 +109,15 @@ class BoundedOptimizer(hivemind.Optimizer):
     forever (hivemind 1.1.12 loops until it succeeds), and which can be told not to take
     live state from untrusted peers at all."""
 
-    def __init__(self, *args, load_state_attempts: int = 3, accept_live_state: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        load_state_attempts: int = 3,
+        accept_live_state: bool = True,
+        max_epoch_lead: int = MAX_EPOCH,
+        **kwargs,
+    ):
+        self.max_epoch_lead = max_epoch_lead  # peer.averaging.bounds
         self.load_state_attempts = load_state_attempts
         self.accept_live_state = accept_live_state
         self.last_load_state_error: Optional[str] = None
@@ -118,6 +127,23 @@ class BoundedOptimizer(hivemind.Optimizer):
         self.missed_group_update = False
         with _keeping_sigint_handler():
             super().__init__(*args, **kwargs)
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs) -> BoundedProgressTracker:
+        return BoundedProgressTracker(
+            dht=self.dht,
+            prefix=self.run_id,
+            target_batch_size=target_batch_size,
+            client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+            max_epoch_lead=self.max_epoch_lead,
+            **kwargs,
+        )
+
+    def _make_state_averager(self, **kwargs):
+        averager = super()._make_state_averager(**kwargs)
+        averager._update_scheduler = types.MethodType(update_scheduler_fast, averager)
+        return averager
 
     def tick(self) -> None:
         """What ``step`` does besides accumulating: catch up when behind, and join the group's
@@ -275,7 +301,11 @@ def make_stage_optimizer(
         # hivemind 1.1.12 has no PowerSGDGradientAverager.get_factory: the factory is any callable.
         grad_averager_factory = functools.partial(PowerSGDGradientAverager, averager_rank=compression.powersgd_rank)
     delayed = training.delay_optimizer_step
+    # With trusted checkpoints a joiner restores one near the group first; a group claiming
+    # to be further ahead than live state may be (trust.max_live_state_lag) is lying.
+    lead = spec.trust.max_live_state_lag if spec.trust.trusted_keys else MAX_EPOCH
     return BoundedOptimizer(
+        max_epoch_lead=lead,
         dht=dht,
         run_id=averaging_run_id(spec.run_id, spec.digest(), stage),
         target_batch_size=training.target_batch_size,

@@ -32,7 +32,8 @@ class RunConfig:
 
     spec: Any = None  # protocol.spec.RunSpec
     run_id: Optional[str] = None
-    spec_digest: Optional[str] = None  # pins the spec when joining by run id
+    spec_digest: Optional[str] = None  # pins the spec when joining by run id (the whole digest)
+    trusted_keys: Sequence[str] = ()  # or: PEM public keys, one of which must sign the run's spec
 
 
 @dataclass(frozen=True)

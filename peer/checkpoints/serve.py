@@ -65,7 +65,7 @@ class CheckpointServer:
         self._lock = threading.Lock()
         self._max_concurrent = max_concurrent
         self._active = 0
-        self.rpc = RpcServer(counters)
+        self.rpc = RpcServer(counters, max_streams=4 * max_concurrent, max_streams_per_peer=2)
 
     def add(self, manifest: str, path: Path, stage: int, step: int) -> None:
         with self._lock:
@@ -85,7 +85,7 @@ class CheckpointServer:
     async def stop(self) -> None:
         await self.rpc.remove_all()
 
-    async def _handle(self, frames: list[CkptRequest]) -> list[CkptResponse]:
+    async def _handle(self, frames: list[CkptRequest], _remote: str) -> list[CkptResponse]:
         if self._active >= self._max_concurrent:
             return [_error(ErrorCode.BUSY, "too many transfers in progress")]
         self._active += 1

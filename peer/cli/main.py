@@ -39,6 +39,7 @@ from peer.cli.options import (
     load_spec_option,
     maddrs,
     raise_fd_limit,
+    read_keys,
     rebalance_period_for,
     setup_logging,
     spec_or_run,
@@ -92,7 +93,14 @@ def demo(seconds, stages, peers_per_stage, preset, workdir, json_summary):
 @initial
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="The run spec (TOML).")
 @click.option("--run", "run_id", help="Join by run id: the spec is read from the DHT.")
-@click.option("--spec-digest", help="Pin the spec digest (or a prefix) when joining by --run.")
+@click.option("--spec-digest", help="Pin the spec by its whole digest (64 hex digits) when joining by --run.")
+@click.option(
+    "--trusted-key",
+    "trusted_key_paths",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Or join by --run taking the spec that this public key signed (the keeper's keeper.pub); repeatable.",
+)
 @click.option(
     "--data",
     type=click.Path(exists=True),
@@ -167,6 +175,7 @@ def run(
     spec_path,
     run_id,
     spec_digest,
+    trusted_key_paths,
     data,
     data_suffixes,
     stage,
@@ -228,7 +237,7 @@ def run(
             announce_period=announce_period,
             request_timeout=request_timeout,
         ),
-        run=RunConfig(spec=spec, run_id=run_id, spec_digest=spec_digest),
+        run=RunConfig(spec=spec, run_id=run_id, spec_digest=spec_digest, trusted_keys=read_keys(trusted_key_paths)),
         data=DataConfig(path=data, suffixes=list(data_suffixes) or None),
         churn=ChurnConfig(
             stage=None if stage == "auto" else int(stage),
@@ -311,9 +320,11 @@ def bootstrap(
     """
     from peer.base.procs import start_reaper
 
-    check_keeper(keeper, signing_key, checkpoint_dir)
+    check_keeper(keeper, signing_key, checkpoint_dir, signing_key_alone=True)
     if keeper and spec_path is None:
         raise click.UsageError("--keeper needs --spec SPEC.toml")
+    if signing_key and spec_path is None:
+        raise click.UsageError("--signing-key needs --spec SPEC.toml: it signs the spec this bootstrap publishes")
     if dashboard_port is not None and spec_path is None:
         raise click.UsageError("--dashboard-port needs --spec SPEC.toml (the dashboard shows one run)")
     spec = load_spec_option(spec_path)
@@ -332,6 +343,7 @@ def bootstrap(
             log_json=log_json,
             max_seconds=max_seconds,
             keeper=keeper_config,
+            spec_signing_key=signing_key,
             announce_period=announce_period,
             dashboard=(dashboard_host, dashboard_port) if dashboard_port is not None else None,
         )
@@ -342,7 +354,7 @@ def bootstrap(
 @initial
 @click.option("--run", "run_id", help="The run id (its spec is read from the DHT).")
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="Or the run spec file.")
-@click.option("--spec-digest", help="Pin the spec digest (or a prefix).")
+@click.option("--spec-digest", help="Pin the spec by its whole digest (64 hex digits).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--watch", type=float, default=None, help="Refresh every this many seconds.")
 def status(initial_peers, run_id, spec_path, spec_digest, as_json, watch):
@@ -377,7 +389,7 @@ def status(initial_peers, run_id, spec_path, spec_digest, as_json, watch):
 @initial
 @click.option("--run", "run_id", help="The run id (its spec is read from the DHT).")
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="Or the run spec file.")
-@click.option("--spec-digest", help="Pin the spec digest (or a prefix).")
+@click.option("--spec-digest", help="Pin the spec by its whole digest (64 hex digits).")
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="HTTP port (0: any free port)."
 )

@@ -118,7 +118,8 @@ def keeper_options(fn):
             click.option(
                 "--signing-key",
                 type=click.Path(exists=True, dir_okay=False),
-                help="The keeper's private key (swarmtrain keygen); the spec must trust its public key.",
+                help="The keeper's private key (swarmtrain keygen); the spec must trust its public key. A "
+                "bootstrap also signs the spec it publishes with it, for peers that join with --trusted-key.",
             ),
             click.option(
                 "--every",
@@ -178,8 +179,23 @@ def build_keeper_config(keeper, signing_key, checkpoint_dir, every, keep, eval_d
     )
 
 
-def check_keeper(keeper, signing_key, checkpoint_dir):
+def check_keeper(keeper, signing_key, checkpoint_dir, *, signing_key_alone: bool = False):
+    """``signing_key_alone``: the command uses --signing-key without --keeper too (a bootstrap
+    signs the spec it publishes)."""
     if keeper and (signing_key is None or checkpoint_dir is None):
         raise click.UsageError("--keeper needs --signing-key KEY.pem and --checkpoint-dir DIR")
-    if not keeper and signing_key is not None:
+    if not keeper and signing_key is not None and not signing_key_alone:
         raise click.UsageError("--signing-key is only used with --keeper")
+
+
+def read_keys(paths) -> tuple[str, ...]:
+    """PEM public keys from files (``--trusted-key``), checked to be ECDSA P-256 keys."""
+    from protocol import signing
+
+    keys = []
+    for path in paths:
+        try:
+            keys.append(signing.public_key_pem(signing.load_public_key_file(path)))
+        except (OSError, signing.SigningError) as err:
+            raise click.BadParameter(f"{path}: {err}", param_hint="--trusted-key") from None
+    return tuple(keys)

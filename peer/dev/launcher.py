@@ -167,7 +167,10 @@ class Cluster:
         stage: Optional[int] = None,
         data: Optional[str] = None,
         extra: Sequence[str] = (),
+        command: Optional[Sequence[str]] = None,
     ) -> Proc:
+        """``command``: what runs ``swarmtrain`` (default: this Python), e.g. a wrapper that puts
+        the peer into a memory cgroup."""
         args = [
             "run",
             "--host-maddrs",
@@ -187,7 +190,7 @@ class Cluster:
             args += ["--stage", str(stage)]
         if data is not None:
             args += ["--data", data]
-        return self.start(name, [*args, *extra])
+        return self.start(name, [*args, *extra], command=command)
 
     def all_pids(self) -> set[int]:
         pids = set()

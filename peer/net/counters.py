@@ -13,6 +13,7 @@ class WireCounters:
     sent: dict = field(default_factory=dict)
     received: dict = field(default_factory=dict)
     rejected: dict = field(default_factory=dict)
+    busy: dict = field(default_factory=dict)
 
     def add(self, direction: str, kind: str, n: int) -> None:
         table = self.sent if direction == "sent" else self.received
@@ -20,3 +21,6 @@ class WireCounters:
 
     def reject(self, handler: str) -> None:
         self.rejected[handler] = self.rejected.get(handler, 0) + 1
+
+    def refuse_busy(self, handler: str) -> None:
+        self.busy[handler] = self.busy.get(handler, 0) + 1

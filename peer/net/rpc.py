@@ -70,7 +70,8 @@ async def call(
     head = frames[0]
     error = getattr(head, "error", "")
     if error and raise_errors:
-        raise RemoteError(getattr(head, "error_code", "") or ErrorCode.INTERNAL, error)
+        code = printable(getattr(head, "error_code", "") or ErrorCode.INTERNAL, 32)
+        raise RemoteError(code, printable(error))
     return frames
 
 
@@ -132,18 +133,27 @@ class Rejected(Exception):
 
 
 ErrorReply = Callable[[str, str], Message]  # (code, message) -> the handler's response type
-Handle = Callable[[list], Awaitable[Sequence[Message]]]
+Handle = Callable[[list, str], Awaitable[Sequence[Message]]]  # (request frames, remote peer id)
 
 
 class RpcServer:
     """Registers handlers on a P2P instance, each behind the same request reader and limits.
 
-    Refused requests are counted by handler in ``counters.rejected``, for ``/metrics``."""
+    Streams are admitted up to ``max_streams`` at once, ``max_streams_per_peer`` from one remote
+    peer: more get ``busy`` at once (a stranger cannot hold every slot with idle streams).
+    Refused requests are counted by handler in ``counters.rejected``, busy ones in
+    ``counters.busy`` (``/metrics``), and logged once a minute per remote peer, by peer id."""
 
-    def __init__(self, counters: Optional[WireCounters] = None):
+    def __init__(
+        self, counters: Optional[WireCounters] = None, *, max_streams: int = 64, max_streams_per_peer: int = 8
+    ):
         self.counters = counters or WireCounters()
         self.p2p: Optional[P2P] = None
+        self.max_streams, self.max_streams_per_peer = max_streams, max_streams_per_peer
         self._names: list[str] = []
+        self._active: dict[str, int] = {}
+        self._active_total = 0
+        self._logged: dict[str, float] = {}
 
     async def add(
         self,
@@ -157,7 +167,7 @@ class RpcServer:
         kind: str,
     ) -> None:
         """Serve ``name``: read a request of ``request_type`` frames within ``limits``, then
-        ``await handle(frames)`` and send what it returns. ``handle`` raises ``Rejected`` to
+        ``await handle(frames, remote_peer_id)`` and send what it returns. ``handle`` raises ``Rejected`` to
         refuse; any other exception is answered ``internal`` and logged."""
         self.p2p = p2p
         await p2p.add_binary_stream_handler(name, self._wrap(name, handle, request_type, error_reply, limits, kind))
@@ -174,14 +184,26 @@ class RpcServer:
         self._names.clear()
 
     def _wrap(self, name, handle, request_type, error_reply, limits, kind):
-        async def handler(_stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def handler(stream_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            remote = str(getattr(stream_info, "peer_id", "") or "?")
+            if not self._admit(remote):
+                self.counters.refuse_busy(name)
+                self._note(remote, name, "busy: too many streams at once")
+                await _reply_and_close(writer, [error_reply(ErrorCode.BUSY, "too many requests at once")])
+                return
             try:
                 try:
                     frames = await self._read_request(reader, request_type, limits, kind)
-                    response = await handle(frames)
+                    response = await handle(frames, remote)
                 except Rejected as err:
                     self.counters.reject(name)
+                    self._note(remote, name, f"{err.code}: {err}")
                     response = [error_reply(err.code, str(err))]
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    raise
+                except Exception:
+                    log.exception("%s handler failed on a request from %s", name, remote)
+                    response = [error_reply(ErrorCode.INTERNAL, "the server failed on this request")]
                 for frame in response:
                     self.counters.add("sent", kind, frame.ByteSize())
                     await write_frame(writer, frame)
@@ -189,11 +211,37 @@ class RpcServer:
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass  # the caller hung up; nothing was changed for it
             except Exception:
-                log.exception("%s handler failed", name)
+                log.exception("%s: answering %s failed", name, remote)
             finally:
+                self._release(remote)
                 writer.close()
 
         return handler
+
+    def _admit(self, remote: str) -> bool:
+        if self._active_total >= self.max_streams or self._active.get(remote, 0) >= self.max_streams_per_peer:
+            return False
+        self._active_total += 1
+        self._active[remote] = self._active.get(remote, 0) + 1
+        return True
+
+    def _release(self, remote: str) -> None:
+        self._active_total -= 1
+        left = self._active.get(remote, 1) - 1
+        if left > 0:
+            self._active[remote] = left
+        else:
+            self._active.pop(remote, None)
+
+    def _note(self, remote: str, name: str, why: str) -> None:
+        """One log line per remote peer a minute: an attack is visible without flooding the log."""
+        now = time.monotonic()
+        if now - self._logged.get(remote, -1e9) < 60.0:
+            return
+        if len(self._logged) >= 4096:
+            self._logged.clear()
+        self._logged[remote] = now
+        log.warning("%s: refused a request from peer %s (%s)", name, remote, printable(why))
 
     async def _read_request(self, reader, request_type, limits: RequestLimits, kind: str) -> list:
         """Every frame up to the caller's end marker (closing a stream with unread input resets
@@ -225,3 +273,20 @@ class RpcServer:
         if not frames:
             raise Rejected(ErrorCode.BAD_REQUEST, "empty request")
         return frames
+
+
+async def _reply_and_close(writer: asyncio.StreamWriter, frames: Sequence[Message]) -> None:
+    try:
+        for frame in frames:
+            await write_frame(writer, frame)
+        await write_frame(writer, None)
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """A remote peer's text made safe to print: no terminal escapes or fake log lines."""
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in str(text)[:limit])
+    return cleaned + ("..." if len(str(text)) > limit else "")

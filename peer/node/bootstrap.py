@@ -14,6 +14,7 @@ from peer.base import Output
 from peer.base.config import CheckpointConfig, KeeperConfig, NetworkConfig
 from peer.swarm.dht import publish_spec, start_dht, visible_maddrs
 from peer.swarm.identity import load_or_create_identity
+from protocol import signing
 from protocol.records import run_validators
 from protocol.spec import RunSpec
 
@@ -29,10 +30,13 @@ def run_bootstrap(
     refresh_period: float = 30.0,
     max_seconds: Optional[float] = None,
     keeper: Optional[KeeperConfig] = None,
+    spec_signing_key: Optional[str] = None,
     announce_period: float = 5.0,
     dashboard: Optional[tuple[str, int]] = None,
 ) -> int:
-    """``keeper``: a ``KeeperConfig`` to run the keeper here (needs ``spec``).
+    """``keeper``: a ``KeeperConfig`` to run the keeper here (needs ``spec``). ``spec_signing_key``:
+    a private key file that signs the published spec (peers that trust its public key join by
+    run id without a pinned digest).
     ``dashboard``: (host, port) to serve the run's web dashboard (``peer.observe.dashboard``) too."""
     out = Output(log_json)
     if dashboard is not None and spec is None:
@@ -46,6 +50,12 @@ def run_bootstrap(
             check_signing_key(spec, Path(keeper.signing_key))
         except Exception as err:  # refuse before opening the DHT: an unusable key is a setup error
             raise SystemExit(f"--keeper: {err}")
+    spec_key = None
+    if spec_signing_key is not None:
+        try:
+            spec_key = signing.load_private_key(spec_signing_key)
+        except Exception as err:
+            raise SystemExit(f"--signing-key: {err}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -78,12 +88,16 @@ def run_bootstrap(
             for m in maddrs:
                 print(f"  --initial-peers {m}", flush=True)
             if spec is not None:
-                print(f"[swarmtrain] publishing spec of run {spec.run_id!r}, digest {spec.digest()}", flush=True)
+                signed = f", signed by key {signing.fingerprint(spec_key)}" if spec_key is not None else ""
+                print(
+                    f"[swarmtrain] publishing spec of run {spec.run_id!r}, digest {spec.digest()}{signed}", flush=True
+                )
+                print(f"[swarmtrain] peers join with --run {spec.run_id} --spec-digest {spec.digest()}", flush=True)
             print("[swarmtrain] Ctrl-C to stop", flush=True)
         deadline = time.monotonic() + max_seconds if max_seconds else None
         while not stop.is_set():
             if spec is not None:
-                publish_spec(dht, ident, spec, ttl=3 * refresh_period)
+                publish_spec(dht, ident, spec, ttl=3 * refresh_period, signing_key=spec_key)
             stop.wait(refresh_period)
             if deadline is not None and time.monotonic() > deadline:
                 break

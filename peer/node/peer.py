@@ -116,7 +116,9 @@ class Peer:
             announce_maddrs=net.announce_maddrs,
             client_mode=net.client_mode,
         )
-        self.spec = spec = resolve_run_spec(self.dht, cfg.run.spec, cfg.run.run_id, cfg.run.spec_digest)
+        self.spec = spec = resolve_run_spec(
+            self.dht, cfg.run.spec, cfg.run.run_id, cfg.run.spec_digest, trusted_keys=cfg.run.trusted_keys
+        )
         self.swarm = SwarmDHT(self.dht, spec, self.identity)
         self.presence.peer_id = self.swarm.peer_id
         self.presence.swarm = self.swarm

@@ -3,10 +3,13 @@ event. Read-only: both read the peer's public view (``status``, ``worker``, ``tr
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
 from peer.node.presence import TrainingFigures
+
+MAX_RECORD_LOSS = 1e6  # protocol.records.PeerRecordModel.loss
 
 if TYPE_CHECKING:
     from peer.node.peer import Peer
@@ -79,6 +82,8 @@ def training_figures(peer: "Peer") -> TrainingFigures:
         loss = float(trainer.stats.loss_ema)
     elif worker is not None and worker.stats.loss_ema is not None:
         loss = float(worker.stats.loss_ema)
+    if loss is not None and not (math.isfinite(loss) and 0.0 <= loss <= MAX_RECORD_LOSS):
+        loss = None  # the record's schema would refuse it, and the peer would vanish from the swarm
     if trainer is None:
         return TrainingFigures(epoch=peer.epoch, loss=loss)
     stats = trainer.stats

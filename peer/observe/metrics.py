@@ -99,6 +99,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Requests refused before any work (malformed, oversized, stalled, wrong spec or stage), by RPC handler.",
         ("rpc",),
     ),
+    "requests_busy": (
+        "counter",
+        "Requests answered 'busy' at once: too many streams open, in all or from one remote peer.",
+        ("rpc",),
+    ),
 }
 
 RATE_WINDOW = 20.0
@@ -299,6 +304,8 @@ class PeerMetrics:
             put("received_bytes", n, kind)
         for rpc, n in list(counters.rejected.items()):
             put("requests_rejected", n, rpc)
+        for rpc, n in list(getattr(counters, "busy", {}).items()):
+            put("requests_busy", n, rpc)
         return v
 
     def _read_optimizer(self, opt, now: float, put) -> None:

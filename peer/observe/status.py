@@ -96,7 +96,8 @@ def open_observer(
     ident = load_or_create_identity(None)
     dht = start_dht(ident, initial_peers=initial_peers, host_maddrs=("/ip4/127.0.0.1/tcp/0",), client_mode=True)
     try:
-        spec = resolve_run_spec(dht, spec, run_id, spec_digest, timeout=15.0)
+        # An observer only reads: it shows the run's only published spec without a pin.
+        spec = resolve_run_spec(dht, spec, run_id, spec_digest, require_trust=False, timeout=15.0)
     except Exception:
         dht.shutdown()
         cleanup_identity(ident)

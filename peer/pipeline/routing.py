@@ -10,7 +10,7 @@ import math
 import random
 from typing import Optional, Sequence
 
-__all__ = ["BanList", "ThroughputEMA", "choose_peer"]
+__all__ = ["BanList", "ThroughputEMA", "capped_priors", "choose_peer"]
 
 # A peer that has not reported (or measured) a throughput yet still gets this fraction of the
 # mean known throughput as weight: new peers must be tried to be measured at all, but should
@@ -82,6 +82,31 @@ def choose_peer(candidates: Sequence[tuple[str, float, int]], *, banned: set[str
     return rng.choices([peer_id for peer_id, _, _ in allowed], weights=_weights(allowed))[0]
 
 
+# An announced throughput is a peer's claim: it counts for at most this many times what the
+# others of the stage are measured (or, before any is measured, announce) to do.
+PRIOR_CAP_FACTOR = 2.0
+
+
+def capped_priors(
+    candidates: Sequence[tuple[str, float, int]], measured: Optional[dict[str, float]] = None
+) -> list[tuple[str, float, int]]:
+    """(peer, announced throughput, load) with each announced figure capped at
+    ``PRIOR_CAP_FACTOR`` times a reference: the best measured figure among the candidates when
+    there is one, else the lower median of the announced ones. A peer announcing 1e9 samples/s
+    then gets at most a fair share until it is measured (and banned if it fails)."""
+    measured = measured or {}
+    known = [measured[p] for p, _, _ in candidates if p in measured and measured[p] > 0]
+    if known:
+        reference = max(known)
+    else:
+        announced = sorted(a for _, a, _ in candidates if a > 0 and math.isfinite(a))
+        if not announced:
+            return list(candidates)
+        reference = announced[(len(announced) - 1) // 2]
+    cap = PRIOR_CAP_FACTOR * reference
+    return [(p, min(a, cap) if math.isfinite(a) else cap, load) for p, a, load in candidates]
+
+
 class ThroughputEMA:
     """Measured samples/s per peer, to replace the throughput that a peer announces.
 
@@ -107,6 +132,9 @@ class ThroughputEMA:
 
     def get(self, peer_id: str, default: float = 0.0) -> float:
         return self._value.get(peer_id, default)
+
+    def known(self) -> dict[str, float]:
+        return dict(self._value)
 
     def forget(self, peer_id: str) -> None:
         """Drop a peer that left, so that the table does not grow with every peer ever seen."""

@@ -41,15 +41,24 @@ class ServedInfo:
 
 @dataclass
 class Limits:
-    """What a request to stage ``stage`` of ``spec`` may contain."""
+    """What a request to stage ``stage`` of ``spec`` may contain: at most what an honest trainer
+    sends, one micro-batch of the spec's shape (``training.micro_batch_size`` sequences of at
+    most ``training.seq_len`` tokens)."""
 
     spec: RunSpec
     stage: int
-    max_batch: int
 
     @classmethod
     def for_stage(cls, spec: RunSpec, stage: int) -> "Limits":
-        return cls(spec, stage, max_batch=max(64, 4 * spec.training.micro_batch_size))
+        return cls(spec, stage)
+
+    @property
+    def max_batch(self) -> int:
+        return self.spec.training.micro_batch_size
+
+    @property
+    def max_len(self) -> int:
+        return self.spec.training.seq_len
 
     @property
     def is_first(self) -> bool:
@@ -60,22 +69,21 @@ class Limits:
         return self.stage == self.spec.num_stages - 1
 
     @property
+    def hidden_bytes(self) -> int:
+        """One micro-batch of hidden states, float32 uncompressed (the largest any codec sends)."""
+        return self.max_batch * self.max_len * self.spec.model.hidden_size * 4
+
+    @property
     def max_bytes(self) -> int:
-        m = self.spec.model
-        # inputs and grad_outputs or labels, float32, uncompressed, plus framing slack
-        return 2 * self.max_batch * m.max_position_embeddings * m.hidden_size * 4 + (1 << 20)
+        # inputs and grad_outputs (or labels), plus the codecs' tables and framing slack
+        return 2 * self.hidden_bytes + (1 << 20)
 
     def check_ids(self, name: str, proto) -> torch.Tensor:
         m = self.spec.model
-        ids = decode(proto, name=name, dtype=torch.int64, max_elements=self.max_batch * m.max_position_embeddings)
-        if (
-            ids.dim() != 2
-            or not (1 <= ids.shape[0] <= self.max_batch)
-            or not (2 <= ids.shape[1] <= m.max_position_embeddings)
-        ):
+        ids = decode(proto, name=name, dtype=torch.int64, max_elements=self.max_batch * self.max_len)
+        if ids.dim() != 2 or not (1 <= ids.shape[0] <= self.max_batch) or not (2 <= ids.shape[1] <= self.max_len):
             raise TensorRejected(
-                f"{name}: shape {list(ids.shape)} where [batch<={self.max_batch}, "
-                f"2<=length<={m.max_position_embeddings}] was expected"
+                f"{name}: shape {list(ids.shape)} where [batch<={self.max_batch}, 2<=length<={self.max_len}] was expected"
             )
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= m.vocab_size):
             raise TensorRejected(f"{name}: token ids must be in [0, {m.vocab_size})")
@@ -89,11 +97,11 @@ class Limits:
             name=name,
             dtype=torch.float32,
             shape=shape,
-            max_elements=self.max_batch * m.max_position_embeddings * m.hidden_size,
+            max_elements=self.max_batch * self.max_len * m.hidden_size,
         )
-        if not (1 <= x.shape[0] <= self.max_batch) or not (2 <= x.shape[1] <= m.max_position_embeddings):
+        if not (1 <= x.shape[0] <= self.max_batch) or not (2 <= x.shape[1] <= self.max_len):
             raise TensorRejected(
-                f"{name}: shape {list(x.shape)} exceeds batch {self.max_batch} or length {m.max_position_embeddings}"
+                f"{name}: shape {list(x.shape)} exceeds batch {self.max_batch} or length {self.max_len}"
             )
         return x
 
@@ -160,10 +168,10 @@ class StageServer:
     # --- requests ----------------------------------------------------------------------------
 
     def _stage_handler(self, handle):
-        async def checked(frames: list[StageRequest]) -> list[StageResponse]:
+        async def checked(frames: list[StageRequest], remote: str) -> list[StageResponse]:
             self._check_header(frames[0])
             try:
-                return await handle(frames)
+                return await handle(frames, remote)
             except TensorRejected as err:
                 raise Rejected(ErrorCode.BAD_REQUEST, str(err)) from None
             except FrameError as err:
@@ -201,8 +209,9 @@ class StageServer:
 
     # --- handlers --------------------------------------------------------------------------
 
-    async def _forward(self, frames: list[StageRequest]) -> list[StageResponse]:
+    async def _forward(self, frames: list[StageRequest], remote: str) -> list[StageResponse]:
         header = frames[0]
+        mb_id = _key(remote, header.microbatch_id)
         # Server-side deadline a little shorter than the trainer's: late work is discarded.
         deadline = time.monotonic() + 0.8 * header.timeout
         if self.limits.is_last:
@@ -213,19 +222,18 @@ class StageServer:
                 raise TensorRejected(
                     f"labels shape {list(labels.shape)} does not match inputs {list(inputs.shape[:2])}"
                 )
-            loss, grad_in = await asyncio.wrap_future(
-                self.worker.forward(header.microbatch_id, inputs, labels, deadline=deadline)
-            )
+            loss, grad_in = await asyncio.wrap_future(self.worker.forward(mb_id, inputs, labels, deadline=deadline))
             if grad_in is None:
                 return [StageResponse(loss=loss)]
             return self._reply(["grad_inputs"], [grad_in], loss=loss)
         tensors = self._tensors(frames, {"inputs"})
         inputs = self.limits.check_inputs(tensors["inputs"])
-        outputs = await asyncio.wrap_future(self.worker.forward(header.microbatch_id, inputs))
+        outputs = await asyncio.wrap_future(self.worker.forward(mb_id, inputs))
         return self._reply(["outputs"], [outputs])
 
-    async def _backward(self, frames: list[StageRequest]) -> list[StageResponse]:
+    async def _backward(self, frames: list[StageRequest], remote: str) -> list[StageResponse]:
         header = frames[0]
+        mb_id = _key(remote, header.microbatch_id)
         deadline = time.monotonic() + 0.8 * header.timeout
         if self.limits.is_last:
             raise TensorRejected("the last stage runs its backward with the forward; send labels there")
@@ -237,15 +245,13 @@ class StageServer:
                 f"grad_outputs shape {list(grad_outputs.shape)} does not match inputs {list(inputs.shape)}"
             )
         grad_in = await asyncio.wrap_future(
-            self.worker.backward(
-                header.microbatch_id, grad_outputs, inputs, deadline=deadline, accumulate=header.accumulate
-            )
+            self.worker.backward(mb_id, grad_outputs, inputs, deadline=deadline, accumulate=header.accumulate)
         )
         if grad_in is None:
             return [StageResponse()]
         return self._reply(["grad_inputs"], [grad_in])
 
-    async def _serve_info(self, frames: list[InfoRequest]) -> list[InfoResponse]:
+    async def _serve_info(self, frames: list[InfoRequest], _remote: str) -> list[InfoResponse]:
         info = self.info()
         response = InfoResponse(
             spec_digest=self.digest,
@@ -270,7 +276,7 @@ class StageServer:
         epoch = int(self.info().epoch)
         return list(params), [p.detach().clone() for p in params.values()], epoch
 
-    async def _serve_state(self, frames: list[StateRequest]) -> list[StateResponse]:
+    async def _serve_state(self, frames: list[StateRequest], _remote: str) -> list[StateResponse]:
         request = frames[0]
         if request.spec_digest != self.digest:
             raise Rejected(
@@ -301,3 +307,9 @@ def _stage_error(code: str, message: str) -> StageResponse:
 
 def _state_error(code: str, message: str) -> StateResponse:
     return StateResponse(error=message, error_code=str(code))
+
+
+def _key(remote: str, microbatch_id: str) -> str:
+    """Micro-batches are the caller's: another peer cannot claim (or pre-claim) the ids of a
+    trainer's micro-batches, since the worker keys its cache and its duplicate check by both."""
+    return f"{remote}/{microbatch_id}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import random
 import time
 import uuid
@@ -26,8 +27,10 @@ import torch
 from hivemind.p2p import P2P
 
 from peer.net import WireCounters
+from peer.pipeline.checks import check_request, check_response
 from peer.pipeline.client import RemoteError, call_stage
-from peer.pipeline.routing import BanList, ThroughputEMA, choose_peer
+from peer.pipeline.routing import BanList, ThroughputEMA, capped_priors, choose_peer
+from peer.pipeline.server import Limits
 from peer.pipeline.worker import StageError, StageWorker
 from protocol.messages_pb2 import StageRequest
 from protocol.records import PeerInfo, PeerState
@@ -54,6 +57,8 @@ class TrainerStats:
         self.samples += samples
         self.tokens += tokens
         self.last_loss = loss
+        if not math.isfinite(loss):  # a diverged local stage: never into the EMA (records bound the loss)
+            return
         self.loss_ema = loss if self.loss_ema is None else 0.95 * self.loss_ema + 0.05 * loss
 
 
@@ -85,6 +90,7 @@ class Trainer:
         self.max_inflight = max_inflight or spec.num_stages + 1
         self.wait_for_peers = wait_for_peers
         self.counters = counters or WireCounters()
+        self.limits = [Limits.for_stage(spec, k) for k in range(spec.num_stages)]
         self.bans = BanList()
         self.ema = ThroughputEMA()
         self.inflight: dict[str, int] = {}
@@ -105,8 +111,8 @@ class Trainer:
                 continue
             if p.peer_id == self.my_peer_id:
                 continue  # our own stage is served by the local worker, never over the network
-            throughput = self.ema.get(p.peer_id, p.throughput)
-            out.append((p.peer_id, throughput, self.inflight.get(p.peer_id, 0)))
+            out.append((p.peer_id, p.throughput, self.inflight.get(p.peer_id, 0)))
+        out = [(p, self.ema.get(p, prior), load) for p, prior, load in capped_priors(out, self.ema.known())]
         if stage == self.local_stage and self.local_worker is not None:
             rate = self.local_worker.stats.throughput
             out.append((LOCAL, self.ema.get(LOCAL, rate), self.local_worker.queue_depth))
@@ -141,6 +147,7 @@ class Trainer:
             if peer == LOCAL:
                 result = await self._local(stage, mb_id, backward, dict(zip(names, tensors)))
             else:
+                check_request(self.spec, stage, dict(zip(names, tensors)))
                 head, out = await call_stage(
                     self.p2p,
                     peer,
@@ -151,8 +158,12 @@ class Trainer:
                     codec=self.codec,
                     timeout=self.request_timeout,
                     counters=self.counters,
+                    max_bytes=self.limits[stage].hidden_bytes + (1 << 20),
                 )
                 result = (head.loss, out)
+                check_response(
+                    self.spec, stage, backward=backward, sent=dict(zip(names, tensors)), loss=head.loss, received=out
+                )
             self.ema.update(peer, samples, time.monotonic() - start)
             self.bans.record_success(peer)
             return result
@@ -186,12 +197,12 @@ class Trainer:
             try:
                 return peer, await attempt_fn(peer)
             except RemoteError as err:
-                if err.code == "bad_request":
-                    raise  # our own request is wrong: retrying elsewhere would not help
+                # Any failure bans the peer, bad_request included: our own requests are checked
+                # before they leave (check_request), so a refusal is not provably our fault.
                 self.stats.retries += 1
                 if peer != LOCAL:
                     duration = self.bans.ban(peer, time.monotonic())
-                    log.info(
+                    log.warning(
                         "stage %d peer %s failed (%s); banned for %.0fs, retrying elsewhere",
                         stage,
                         peer[:12],

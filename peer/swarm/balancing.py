@@ -16,9 +16,13 @@ from typing import Optional, Sequence
 
 from protocol.records import ACTIVE_STATES, PeerInfo, PeerState
 
-__all__ = ["RebalancePolicy", "stage_throughputs", "choose_stage", "plan_move"]
+__all__ = ["RebalancePolicy", "capped_claims", "choose_stage", "plan_move", "stage_throughputs"]
 
 # ACTIVE_STATES: a leaving peer has announced that it is going away: plan as if it were gone.
+
+# Stages differ in cost (the last one runs the head) and machines differ: a peer may be this
+# many times the median peer before its claim is capped (capped_claims).
+CLAIM_CAP_FACTOR = 4.0
 
 # Float sums of the same peers in a different order differ in the last bits; stage totals that
 # close are the same total for the purpose of a tie.
@@ -47,10 +51,24 @@ class RebalancePolicy:
 
 def _active(peers: Sequence[PeerInfo], num_stages: int, exclude: Optional[str] = None) -> list[PeerInfo]:
     # Sorted so that totals are summed in the same order by every peer (see _TIE_REL_TOL).
-    return sorted(
+    active = sorted(
         (p for p in peers if p.state in ACTIVE_STATES and p.peer_id != exclude and 0 <= p.stage < num_stages),
         key=lambda p: p.peer_id,
     )
+    return capped_claims(active)
+
+
+def capped_claims(peers: Sequence[PeerInfo]) -> list[PeerInfo]:
+    """The peers with each announced throughput capped at ``CLAIM_CAP_FACTOR`` times the lower
+    median of all of them: a record claiming 1e9 samples/s counts as a fast peer, not as a
+    stage's whole capacity, so a few fake records cannot steer newcomers away from a stage or
+    move honest peers out of it. (Sybils that outnumber the honest peers move the median too:
+    docs/security.md.)"""
+    figures = sorted(p.throughput for p in peers if p.throughput > 0)
+    if not figures:
+        return list(peers)
+    cap = CLAIM_CAP_FACTOR * figures[(len(figures) - 1) // 2]
+    return [p if p.throughput <= cap else dataclasses.replace(p, throughput=cap) for p in peers]
 
 
 def _members(peers: Sequence[PeerInfo], num_stages: int, exclude: Optional[str] = None) -> list[list[PeerInfo]]:

@@ -18,10 +18,12 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from peer.swarm.identity import Identity, peer_id_of_ssh_public_key
-from protocol import PROTOCOL_VERSION, records
+from protocol import PROTOCOL_VERSION, records, signing
 from protocol.spec import RunSpec, SpecError, spec_from_json
 
 log = logging.getLogger("swarmtrain.dht")
+
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 _OWNER_RE = re.compile(rb"^([0-9]{0,5})\[owner:(.+?)\]$")
 
@@ -162,10 +164,42 @@ def parse_peer_records(value) -> list[records.PeerInfo]:
 # --- the spec, for peers that join by run id --------------------------------------------------
 
 
-def publish_spec(dht: hivemind.DHT, identity: Identity, spec: RunSpec, ttl: float) -> bool:
+def publish_spec(dht: hivemind.DHT, identity: Identity, spec: RunSpec, ttl: float, *, signing_key=None) -> bool:
+    """Publish ``spec`` for peers that join by run id; with ``signing_key`` (an ECDSA P-256
+    private key, e.g. the keeper's) also its signature, for peers that trust that key."""
     owner = RSASignatureValidator(identity.private_key).local_public_key
+    expiration = get_dht_time() + ttl
     value = records.SpecRecordModel(spec_json=spec.canonical_json(), digest=spec.digest()).dict()
-    return bool(dht.store(records.spec_key(spec.run_id), value, get_dht_time() + ttl, subkey=owner))
+    stored = bool(dht.store(records.spec_key(spec.run_id), value, expiration, subkey=owner))
+    if signing_key is not None:
+        message = records.spec_signed_message(spec.run_id, spec.digest())
+        signature = records.SpecSignatureModel(
+            digest=spec.digest(),
+            fingerprint=signing.fingerprint(signing_key),
+            signature=signing.sign_message(signing_key, message),
+        ).dict()
+        stored &= bool(dht.store(records.spec_signature_key(spec.run_id), signature, expiration, subkey=owner))
+    return stored
+
+
+def fetch_spec_signers(dht: hivemind.DHT, run_id: str, trusted_keys: Sequence[str]) -> dict[str, set[str]]:
+    """Spec digest -> fingerprints of the ``trusted_keys`` (PEM) whose signature of it verifies."""
+    trusted = {signing.fingerprint(k): k for k in trusted_keys}
+    found = dht.get(records.spec_signature_key(run_id), latest=True)
+    signers: dict[str, set[str]] = {}
+    if found is not None and isinstance(found.value, dict):
+        for subkey, item in found.value.items():
+            if owner_of(subkey) is None or item is None or item.value is None:
+                continue
+            try:
+                parsed = records.SpecSignatureModel.parse_obj(item.value)
+            except Exception:
+                continue
+            key = trusted.get(parsed.fingerprint)
+            message = records.spec_signed_message(run_id, parsed.digest)
+            if key is not None and signing.verify_message(key, message, parsed.signature):
+                signers.setdefault(parsed.digest, set()).add(parsed.fingerprint)
+    return signers
 
 
 def fetch_specs(dht: hivemind.DHT, run_id: str) -> list[tuple[str, RunSpec]]:
@@ -192,17 +226,39 @@ def fetch_specs(dht: hivemind.DHT, run_id: str) -> list[tuple[str, RunSpec]]:
 
 
 def resolve_spec(
-    dht: hivemind.DHT, run_id: str, *, pinned_digest: Optional[str] = None, timeout: float = 30.0
+    dht: hivemind.DHT,
+    run_id: str,
+    *,
+    pinned_digest: Optional[str] = None,
+    trusted_keys: Sequence[str] = (),
+    require_trust: bool = True,
+    timeout: float = 30.0,
 ) -> RunSpec:
-    """The spec of run_id from the DHT, checked against a pinned digest when given."""
+    """The spec of ``run_id`` from the DHT. Anyone can publish a spec under a run id, so a peer
+    takes one only when it is pinned by its full digest or signed by one of ``trusted_keys``
+    (PEM public keys); observers (``require_trust=False``) take the only one published."""
+    if pinned_digest is not None and not DIGEST_RE.fullmatch(pinned_digest.lower()):
+        raise SpecError(f"--spec-digest must be the spec's whole digest (64 hex digits), not {pinned_digest[:80]!r}")
+    if require_trust and pinned_digest is None and not trusted_keys:
+        raise SpecError(
+            f"joining run {run_id!r} by its id needs --spec-digest DIGEST (the 64 hex digits the bootstrap prints) "
+            "or --trusted-key KEY.pub (a key that signs the run's spec): anyone can publish a spec under a run id"
+        )
     deadline = time.monotonic() + timeout
     while True:
-        candidates = fetch_specs(dht, run_id)
-        specs = {spec.digest(): spec for _, spec in candidates}
-        if pinned_digest:
-            matching = [d for d in specs if d.startswith(pinned_digest.lower())]
-            if matching:
-                return specs[matching[0]]
+        specs = {spec.digest(): spec for _, spec in fetch_specs(dht, run_id)}
+        if pinned_digest is not None:
+            if pinned_digest.lower() in specs:
+                return specs[pinned_digest.lower()]
+        elif trusted_keys:
+            signed = {d: fps for d, fps in fetch_spec_signers(dht, run_id, trusted_keys).items() if d in specs}
+            if len(signed) == 1:
+                return specs[next(iter(signed))]
+            if len(signed) > 1:
+                raise SpecError(
+                    f"run {run_id!r} has {len(signed)} specs signed by trusted keys "
+                    f"({', '.join(d[:16] for d in signed)}); pass --spec-digest to choose one"
+                )
         elif len(specs) == 1:
             return next(iter(specs.values()))
         elif len(specs) > 1:
@@ -211,10 +267,16 @@ def resolve_spec(
                 "pass --spec-digest to choose one or --spec FILE"
             )
         if time.monotonic() > deadline:
-            what = f"with digest {pinned_digest}" if pinned_digest else "at all"
+            if pinned_digest is not None:
+                what = f"with digest {pinned_digest}"
+            elif trusted_keys:
+                what = "signed by a trusted key (--trusted-key)"
+            else:
+                what = "at all"
             raise SpecError(
-                f"no spec for run {run_id!r} {what} was found in the DHT within {timeout:.0f}s; "
-                "is the bootstrap started with --spec?"
+                f"no spec for run {run_id!r} {what} was found in the DHT within {timeout:.0f}s "
+                f"({len(specs)} published); is the bootstrap started with --spec"
+                + (" and --signing-key?" if trusted_keys and pinned_digest is None else "?")
             )
         time.sleep(1.0)
 
@@ -225,6 +287,8 @@ def resolve_run_spec(
     run_id: Optional[str],
     spec_digest: Optional[str],
     *,
+    trusted_keys: Sequence[str] = (),
+    require_trust: bool = True,
     timeout: float = 30.0,
 ) -> RunSpec:
     """The run's spec from ``--spec`` (a loaded file) or ``--run`` (the DHT), checked against
@@ -232,7 +296,14 @@ def resolve_run_spec(
     if spec is None:
         if not run_id:
             raise SpecError("pass --spec FILE or --run RUN_ID")
-        spec = resolve_spec(dht, run_id, pinned_digest=spec_digest, timeout=timeout)
-    if spec_digest and not spec.digest().startswith(spec_digest.lower()):
+        spec = resolve_spec(
+            dht,
+            run_id,
+            pinned_digest=spec_digest,
+            trusted_keys=trusted_keys,
+            require_trust=require_trust,
+            timeout=timeout,
+        )
+    if spec_digest and spec.digest() != spec_digest.lower():
         raise SystemExit(f"the spec's digest {spec.digest()} does not match --spec-digest {spec_digest}")
     return spec

@@ -1,0 +1,85 @@
+"""Limits on what a stage group's members can make this peer's optimizer believe.
+
+hivemind takes the group's epoch as the maximum of the members' signed but unbounded
+progress records, and catches up by stepping the LR scheduler once per epoch: one record
+claiming epoch 2^40 made every joiner loop for ever. Here a record more than
+``max_epoch_lead`` epochs ahead of this peer is dropped (with one warning naming its signer),
+and the scheduler moves to any epoch in O(1).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+
+log = logging.getLogger("swarmtrain.averaging")
+
+# Without trusted checkpoints a joiner has nothing to start nearer the group from: it may be
+# this far behind (about two billion updates: no real run gets there).
+MAX_EPOCH = 2**31
+
+
+class BoundedProgressTracker(ProgressTracker):
+    def __init__(self, *args, max_epoch_lead: int = MAX_EPOCH, **kwargs):
+        self.max_epoch_lead = max_epoch_lead  # before super().__init__: it starts the fetching thread
+        self._dropped: set[bytes] = set()
+        super().__init__(*args, **kwargs)
+
+    def _parse_swarm_progress_data(self, metadata):
+        if isinstance(metadata, dict):
+            bound = min(self.local_progress.epoch + self.max_epoch_lead, MAX_EPOCH)
+            kept = {}
+            for subkey, item in metadata.items():
+                epoch = _claimed_epoch(item)
+                if epoch is not None and epoch > bound:
+                    signer = _signer(item)
+                    if signer not in self._dropped and len(self._dropped) < 1024:
+                        self._dropped.add(signer)
+                        log.warning(
+                            "ignoring the progress record of %s: it claims epoch %d, more than %d ahead of this "
+                            "peer's %d",
+                            signer.hex()[:16] if signer else "?",
+                            epoch,
+                            self.max_epoch_lead,
+                            self.local_progress.epoch,
+                        )
+                    continue
+                kept[subkey] = item
+            metadata = kept
+        return super()._parse_swarm_progress_data(metadata)
+
+
+def _claimed_epoch(item):
+    try:
+        return int(LocalTrainingProgress.parse_obj(item.value).epoch)
+    except Exception:
+        return None  # hivemind's own parser drops it
+
+
+def _signer(item) -> bytes:
+    try:
+        return bytes(LocalTrainingProgress.parse_obj(item.value).peer_id)
+    except Exception:
+        return b""
+
+
+def update_scheduler_fast(state_averager) -> None:
+    """What hivemind's ``TrainingStateAverager._update_scheduler`` computes (one ``step()`` per
+    epoch up to ``local_epoch``), in O(1) for the LambdaLR every stage uses."""
+    scheduler = state_averager.scheduler
+    if scheduler is None:
+        return
+    target = int(state_averager.local_epoch)
+    if scheduler._step_count > target:
+        return
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:  # another scheduler: hivemind's loop
+        while scheduler._step_count <= target:
+            scheduler.step()
+        return
+    scheduler.last_epoch = target
+    scheduler._step_count = target + 1
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, lambdas):
+        group["lr"] = base * fn(target)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -1,0 +1,318 @@
+"""A hostile peer: joins the swarm's DHT and speaks the real wire, sending what an honest
+client never would. Run as its own process by tests/hostile/test_hostile.py:
+
+    python tests/hostile/attacker.py MODE --initial-peers MADDR --spec SPEC.toml [--target PEER_ID] [--seconds S]
+
+It frames its messages itself (struct + the protobuf classes): nothing it sends goes through
+swarmtrain's validating client. It prints JSON lines: ``ready`` (its peer id), ``sent`` (what
+it did), ``done``.
+
+Modes
+- ``huge-dtype``: forward requests whose tensor declares dtype "(250000000,)f8" in 16 bytes.
+- ``burst``: 64 concurrent streams of maximal forward requests, with malformed tensors mixed in.
+- ``short-8bit``: BLOCKWISE_8BIT tensors with empty absmax/code tables.
+- ``slow-streams``: streams that send one byte and then nothing (idle stream hoarding).
+- ``fake-stage-nan`` / ``fake-stage-bad`` / ``fake-stage-huge``: serve the last stage itself,
+  announced as online with 1e9 samples/s, answering every forward with a NaN loss, with
+  ``bad_request``, or with gradients 64x larger than asked.
+- ``huge-epoch``: a stage group progress record claiming epoch 2**40.
+- ``error-escape``: a fake last stage whose error strings carry terminal escapes and fake log lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import struct
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+from hivemind.dht.crypto import RSASignatureValidator  # noqa: E402
+from hivemind.dht.schema import SchemaValidator  # noqa: E402
+from hivemind.optim.progress_tracker import TrainingProgressSchema  # noqa: E402
+from hivemind.p2p import P2P, PeerID  # noqa: E402
+from hivemind.proto import runtime_pb2  # noqa: E402
+from hivemind.utils import get_dht_time  # noqa: E402
+from hivemind.utils.streaming import split_for_streaming  # noqa: E402
+
+from peer.swarm.dht import start_dht  # noqa: E402
+from peer.swarm.identity import load_or_create_identity  # noqa: E402
+from protocol import records  # noqa: E402
+from protocol.messages_pb2 import StageRequest, StageResponse  # noqa: E402
+from protocol.spec import load_spec  # noqa: E402
+
+END = struct.pack(">I", 0xFFFFFFFF)
+FORWARD, BACKWARD = "swarmtrain.forward", "swarmtrain.backward"
+C = runtime_pb2.CompressionType
+
+
+def emit(event: str, **fields) -> None:
+    print(json.dumps({"event": event, "time": time.time(), **fields}), flush=True)
+
+
+def frame(message) -> bytes:
+    payload = message.SerializeToString()
+    return struct.pack(">I", len(payload)) + payload
+
+
+def raw_tensor(shape, *, compression=C.NONE, dtype="float32", buffer=None) -> runtime_pb2.Tensor:
+    numel = 1
+    for d in shape:
+        numel *= d
+    if buffer is None:
+        buffer = torch.randn(numel).numpy().astype("float32").tobytes() if dtype == "float32" else bytes(8 * numel)
+    return runtime_pb2.Tensor(compression=compression, dtype=dtype, size=list(shape), buffer=buffer, chunks=1)
+
+
+def request(spec, stage: int, mb_id: str, tensors: dict) -> StageRequest:
+    header = StageRequest(spec_digest=spec.digest(), stage=stage, microbatch_id=mb_id, timeout=30.0)
+    for name, t in tensors.items():
+        header.tensor_names.append(name)
+        header.tensors.append(t)
+    return header
+
+
+async def send(p2p: P2P, target: str, handler: str, payload: bytes, *, read: bool = True, timeout: float = 30.0):
+    """One stream: write ``payload`` raw, then read whatever comes back (bounded)."""
+    try:
+        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(target), handler)
+    except Exception as err:
+        return f"unreachable: {type(err).__name__}"
+    try:
+        writer.write(payload)
+        await writer.drain()
+        if not read:
+            return "sent"
+        head = await asyncio.wait_for(reader.readexactly(4), timeout)
+        (length,) = struct.unpack(">I", head)
+        if length == 0xFFFFFFFF or length > 1 << 22:
+            return f"length {length}"
+        response = StageResponse()
+        response.ParseFromString(await asyncio.wait_for(reader.readexactly(length), timeout))
+        return response.error_code or "ok"
+    except Exception as err:
+        return f"{type(err).__name__}"
+    finally:
+        writer.close()
+
+
+# --- attacks on a stage server --------------------------------------------------------------
+
+
+async def repeat(p2p, spec, target, stage, seconds, tag: str, tensors: dict) -> list[str]:
+    """The same forward request, again and again, for ``seconds``."""
+    results = []
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        results.append(await send(p2p, target, FORWARD, frame(request(spec, stage, f"{tag}-{i}", tensors)) + END))
+        i += 1
+    return results
+
+
+async def huge_dtype(p2p, spec, target, stage, seconds):
+    bad = raw_tensor([1, 2, 16], compression=C.FLOAT16, dtype="(250000000,)f8", buffer=bytes(16))
+    return await repeat(
+        p2p, spec, target, stage, seconds, "evil", {"inputs": bad, "labels": raw_tensor([1, 2], dtype="int64")}
+    )
+
+
+async def short_8bit(p2p, spec, target, stage, seconds):
+    numel = 2 * 16 * spec.model.hidden_size
+    buffer = (0).to_bytes(8, "little") + (0).to_bytes(8, "little") + bytes(numel)  # no absmax, no code
+    bad = raw_tensor([2, 16, spec.model.hidden_size], compression=C.BLOCKWISE_8BIT, buffer=buffer)
+    return await repeat(
+        p2p, spec, target, stage, seconds, "evil8", {"inputs": bad, "labels": raw_tensor([2, 16], dtype="int64")}
+    )
+
+
+async def burst(p2p, spec, target, stage, seconds):
+    """Maximal requests as fast as 64 concurrent streams allow, a malformed one every 8th."""
+    mb, seq, hidden = spec.training.micro_batch_size, spec.training.seq_len, spec.model.hidden_size
+    ids = raw_tensor([mb, seq], dtype="int64", buffer=bytes(8 * mb * seq))
+    big = raw_tensor(
+        [64, spec.model.max_position_embeddings],
+        dtype="int64",
+        buffer=bytes(8 * 64 * spec.model.max_position_embeddings),
+    )
+    garbage = raw_tensor([mb, seq, hidden], compression=C.UNIFORM_8BIT, buffer=b"\x01" * 11)
+    deadline = time.monotonic() + seconds
+    results: list[str] = []
+    counter = iter(range(10**9))
+
+    async def worker():
+        while time.monotonic() < deadline:
+            i = next(counter)
+            tensor = garbage if i % 8 == 7 else big if i % 8 == 6 else ids
+            name = "inputs"
+            payload = frame(request(spec, stage, f"burst-{i}", {name: tensor})) + END
+            results.append(await send(p2p, target, FORWARD, payload))
+
+    await asyncio.gather(*(worker() for _ in range(64)))
+    return results
+
+
+async def slow_streams(p2p, spec, target, stage, seconds):
+    """Streams that send one byte of a length header and then nothing: hoarding slots."""
+    deadline = time.monotonic() + seconds
+    opened = 0
+    writers = []
+    while time.monotonic() < deadline:
+        for handler in (FORWARD, "swarmtrain.ckpt", "swarmtrain.state"):
+            try:
+                _, _, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(target), handler)
+                writer.write(b"\x00")
+                await writer.drain()
+                writers.append(writer)
+                opened += 1
+            except Exception:
+                pass
+        await asyncio.sleep(0.2)
+    for w in writers:
+        w.close()
+    return [f"opened {opened}"]
+
+
+# --- a fake stage server ----------------------------------------------------------------------
+
+
+def fake_stage_handler(spec, mode: str):
+    hidden = spec.model.hidden_size
+
+    async def handler(_info, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        try:
+            frames = []
+            while True:
+                (length,) = struct.unpack(">I", await reader.readexactly(4))
+                if length == 0xFFFFFFFF:
+                    break
+                msg = StageRequest()
+                msg.ParseFromString(await reader.readexactly(length))
+                frames.append(msg)
+            shape = list(frames[0].tensors[0].size) if frames and frames[0].tensors else [1, 2]
+            b, t = (shape + [1, 2])[:2]
+            if mode == "bad":
+                response = StageResponse(error="bad request (says the liar)", error_code="bad_request")
+            elif mode == "escape":
+                response = StageResponse(
+                    error="\x1b[2J\x1b[31mowned\n2026-01-01 00:00:00 WARNING swarmtrain: forged line",
+                    error_code="\x1b[0m",
+                )
+            elif mode == "nan":
+                grad = raw_tensor([b, t, hidden], buffer=torch.zeros(b * t * hidden).numpy().tobytes())
+                response = StageResponse(loss=float("nan"), tensor_names=["grad_inputs"], tensors=[grad])
+            else:  # huge: 64x the batch it was sent, in 2 MiB parts as split_message sends them
+                n = 64 * b * t * hidden
+                grad = raw_tensor([64 * b, t, hidden], compression=C.FLOAT16, buffer=bytes(2 * n))
+                parts = list(split_for_streaming(grad, 2 * 1024 * 1024))
+                response = StageResponse(loss=1.0, tensor_names=["grad_inputs"], tensors=[parts[0]])
+                data = response.SerializeToString()
+                writer.write(struct.pack(">I", len(data)) + data)
+                for part in parts[1:]:
+                    more = StageResponse(tensor_names=["grad_inputs"], tensors=[part]).SerializeToString()
+                    writer.write(struct.pack(">I", len(more)) + more)
+                    await writer.drain()
+                writer.write(END)
+                await writer.drain()
+                return
+            data = response.SerializeToString()
+            writer.write(struct.pack(">I", len(data)) + data + END)
+            await writer.drain()
+        except Exception:
+            pass
+        finally:
+            writer.close()
+
+    return handler
+
+
+async def fake_stage(p2p, dht, identity_key, spec, mode, seconds):
+    await p2p.add_binary_stream_handler(FORWARD, fake_stage_handler(spec, mode))
+    owner = RSASignatureValidator(identity_key).local_public_key
+    key = records.peers_key(spec.run_id, spec.digest())
+    record = records.PeerInfo(
+        peer_id="", stage=spec.num_stages - 1, state="online", throughput=1e9, epoch=0, version="0.1.0"
+    ).to_record()
+    deadline = time.monotonic() + seconds
+    stores = 0
+    while time.monotonic() < deadline:
+        stores += bool(dht.store(key, record, get_dht_time() + 10, subkey=owner))
+        await asyncio.sleep(2.0)
+    return [f"announced {stores} times"]
+
+
+# --- a lying progress record ------------------------------------------------------------------
+
+
+async def huge_epoch(dht, identity_key, spec, stage, seconds):
+    prefix = records.averaging_run_id(spec.run_id, spec.digest(), stage)
+    owner = RSASignatureValidator(identity_key).local_public_key
+    deadline = time.monotonic() + seconds
+    stores = 0
+    while time.monotonic() < deadline:
+        value = dict(
+            peer_id=owner,
+            epoch=2**40,
+            samples_accumulated=10**6,
+            samples_per_second=1e6,
+            time=get_dht_time(),
+            client_mode=False,
+        )
+        stores += bool(dht.store(f"{prefix}_progress", value, get_dht_time() + 30, subkey=owner))
+        await asyncio.sleep(2.0)
+    return [f"stored {stores} times"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode")
+    ap.add_argument("--initial-peers", action="append", required=True)
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--target")
+    ap.add_argument("--stage", type=int, default=1)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    spec = load_spec(args.spec)
+    # Joining the DHT with an identity of its own (the same RSA key signs its records and names
+    # its libp2p peer id, as for any peer); what it then sends is its own.
+    identity = load_or_create_identity(None)
+    key = identity.private_key
+    run_id = records.averaging_run_id(spec.run_id, spec.digest(), args.stage)
+    validators = [
+        *records.run_validators(spec.run_id, spec.digest()),
+        SchemaValidator(TrainingProgressSchema, prefix=run_id),
+    ]
+    dht = start_dht(identity, initial_peers=args.initial_peers, validators=validators)
+    loop = asyncio.new_event_loop()
+    p2p = loop.run_until_complete(dht.replicate_p2p())
+    emit("ready", peer_id=p2p.peer_id.to_base58())
+    mode = args.mode
+    if mode == "huge-dtype":
+        result = loop.run_until_complete(huge_dtype(p2p, spec, args.target, args.stage, args.seconds))
+    elif mode == "short-8bit":
+        result = loop.run_until_complete(short_8bit(p2p, spec, args.target, args.stage, args.seconds))
+    elif mode == "burst":
+        result = loop.run_until_complete(burst(p2p, spec, args.target, args.stage, args.seconds))
+    elif mode == "slow-streams":
+        result = loop.run_until_complete(slow_streams(p2p, spec, args.target, args.stage, args.seconds))
+    elif mode.startswith("fake-stage-") or mode == "error-escape":
+        which = "escape" if mode == "error-escape" else mode.rsplit("-", 1)[1]
+        result = loop.run_until_complete(fake_stage(p2p, dht, key, spec, which, args.seconds))
+    elif mode == "huge-epoch":
+        result = loop.run_until_complete(huge_epoch(dht, key, spec, args.stage, args.seconds))
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    counts: dict[str, int] = {}
+    for r in result:
+        counts[r] = counts.get(r, 0) + 1
+    emit("done", results=counts)
+    dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()
