@@ -18,6 +18,12 @@ from hivemind.dht.schema import SchemaValidator, conbytes
 
 from protocol import PROTOCOL_VERSION
 
+# Bounds of the numbers a peer reports about itself: claims, but never absurd ones (an epoch of
+# 2^62 once hung every joiner; started=inf broke sorting).
+MAX_EPOCH = 2**31  # epochs and checkpoint steps (peer.averaging.bounds uses the same)
+MAX_TOKENS = 2**53
+MAX_TIME = 4e9
+
 
 class PeerState(str, Enum):
     """What a peer announces about its stage. ``joining``: loading it, visible to balancing but
@@ -94,13 +100,13 @@ class PeerRecordModel(pydantic.BaseModel):
     state: pydantic.constr(regex=r"^(joining|online|leaving)$")
     throughput: pydantic.confloat(ge=0, le=1e9)  # samples/s this peer's stage can process
     version: pydantic.constr(max_length=32)
-    epoch: pydantic.conint(ge=0)
+    epoch: pydantic.conint(ge=0, le=MAX_EPOCH)
     loss: Optional[pydantic.confloat(ge=0, le=1e6)] = None
-    tokens: pydantic.conint(ge=0) = 0  # tokens this peer has driven through the pipeline
+    tokens: pydantic.conint(ge=0, le=MAX_TOKENS) = 0  # tokens this peer has driven through the pipeline
     samples_per_s: pydantic.confloat(ge=0, le=1e9) = 0.0  # as a trainer
     has_data: bool = False
-    started: pydantic.confloat(ge=0) = 0.0
-    checkpoints: pydantic.conint(ge=0) = 0  # newest verified checkpoint step this peer serves
+    started: pydantic.confloat(ge=0, le=MAX_TIME) = 0.0  # unix time: finite, before year 2096
+    checkpoints: pydantic.conint(ge=0, le=MAX_EPOCH) = 0  # newest verified checkpoint step this peer serves
 
     class Config:
         extra = pydantic.Extra.forbid
@@ -109,11 +115,11 @@ class PeerRecordModel(pydantic.BaseModel):
 class CheckpointRecordModel(pydantic.BaseModel):
     """A verified checkpoint of one stage, announced by a peer that can serve it."""
 
-    step: pydantic.conint(ge=0)
+    step: pydantic.conint(ge=0, le=MAX_EPOCH)
     manifest_digest: pydantic.constr(regex=r"^[0-9a-f]{64}$")
     signers: pydantic.conlist(pydantic.constr(regex=r"^[0-9a-f]{16,64}$"), max_items=16)
     files: pydantic.conint(ge=1, le=64)
-    total_bytes: pydantic.conint(ge=0)
+    total_bytes: pydantic.conint(ge=0, le=2**50)
 
     class Config:
         extra = pydantic.Extra.forbid

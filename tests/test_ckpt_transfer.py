@@ -372,3 +372,24 @@ def test_announced_checkpoints_grouped_by_digest():
         (0, 9, d1, ["keeper", "c"]),
         (1, 9, "3" * 64, ["keeper"]),
     ]
+
+
+def test_announcements_beyond_the_group_are_tried_last():
+    """Hostile-peer finding 11: 20 fake announcements at a huge step no longer hide the real one."""
+    real = "9" * 64
+    fakes = [(f"fake{i}", _rec(2**31, f"{i:064x}")) for i in range(20)]
+    got = restore_candidates([], _typed([*fakes, ("honest", _rec(9, real))]), step_bound=10)
+    assert got[0].manifest == real and len(got) == 16
+    # Without a bound (a stage with no peer online to say how far it got) the order is by step.
+    assert restore_candidates([], _typed([*fakes, ("honest", _rec(9, real))]))[0].step == 2**31
+
+
+def test_the_held_step_survives_a_restart(spec, tmp_path):
+    store = CheckpointStore(tmp_path, spec)
+    assert store.held_step(0) is None
+    store.hold(0, 12)
+    store.hold(0, 7)  # never lowered
+    assert CheckpointStore(tmp_path, spec).held_step(0) == 12  # a new process, the same directory
+    assert CheckpointStore(tmp_path, spec).held_step(1) is None
+    (tmp_path / "stage-0" / "held-step").write_text("not a number")
+    assert store.held_step(0) is None

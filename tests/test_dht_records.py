@@ -201,3 +201,12 @@ def test_a_peer_of_an_incompatible_protocol_is_left_out_with_a_warning(swarms, c
     assert len(warnings) == 1 and "protocol '9.0.0'" in warnings[0]
     assert b.announce(info(b.peer_id, stage=1), ttl=3700)  # back to this version: seen again
     assert b.peer_id in {p.peer_id for p in a.snapshot()}
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(epoch=2**40), dict(tokens=2**60), dict(started=float("inf")), dict(checkpoints=2**62)]
+)
+def test_numbers_a_peer_reports_about_itself_are_bounded(bad):
+    record = {**info("x").to_record(), **bad}
+    with pytest.raises(Exception):
+        records.PeerRecordModel.parse_obj(record)

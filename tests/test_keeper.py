@@ -481,3 +481,56 @@ def test_cli_refuses_unusable_keeper_setups(tmp_path, spec, keys):
     assert r.returncode == 2 and "--keeper needs --signing-key KEY.pem and --checkpoint-dir DIR" in r.stderr
     r = cli("checkpoint", "list", "--spec", str(spec_path))
     assert r.returncode == 2 and "--initial-peers is required" in r.stderr
+
+
+# --- a member that lies to the keeper (hostile-peer finding 12) ---------------------------------------
+
+
+def test_group_epoch_bound_and_agreement_rules():
+    from peer.checkpoints.keeper import group_epoch_bound, states_agree
+
+    assert group_epoch_bound([5, 5, 2**62]) == 6 and group_epoch_bound([7]) == 8 and group_epoch_bound([]) == 0
+    a = (5, {"w": torch.zeros(100)}, "a")
+    assert states_agree(a, (6, {"w": torch.full((100,), 1e-3)}, "b"), tolerance=4e-3)
+    assert not states_agree(a, (5, {"w": torch.full((100,), 1.0)}, "b"), tolerance=4e-3)
+    assert not states_agree(a, (7, {"w": torch.zeros(100)}, "b"), tolerance=4e-3)
+    assert not states_agree(a, (5, {"v": torch.zeros(100)}, "b"), tolerance=4e-3)
+
+
+def test_keeper_signs_only_what_two_members_agree_on(host, client, spec, keys, stages, tmp_path):
+    """Stage 1 gets two more members: an honest copy and a liar whose weights are shifted.
+    The liar claims the highest epoch, then an absurd one: the keeper never signs its state."""
+    honest, liar = StagePeer(host, client, spec, 1), StagePeer(host, client, spec, 1)
+    try:
+        with torch.no_grad():
+            for p in stages:
+                for param in p.module.parameters():
+                    param.add_(0.001 * torch.randn_like(param))
+            for dst in (honest, liar):
+                for mine, theirs in zip(dst.module.parameters(), stages[1].module.parameters()):
+                    mine.copy_(theirs)
+            for param in liar.module.parameters():
+                param.add_(0.5)  # a backdoor, far more than one update
+        stages[0].epoch, stages[1].epoch, honest.epoch = 5, 5, 5
+        for claim in (6, 2**40):
+            liar.epoch = claim
+            keeper, swarm, events, service = _keeper(
+                host, client, spec, keys, [*stages, honest, liar], tmp_path / str(claim)
+            )
+            result = keeper.run_round()
+            assert result is not None, events.items
+            assert result.sources[1] in {stages[1].peer_id, honest.peer_id}
+            assert result.step == 5
+            if claim == 2**40:
+                assert any("beyond its group's" in text for text, _ in events.named("state_rejected"))
+        # Two members that disagree: nothing is signed.
+        keeper, swarm, events, service = _keeper(
+            host, client, spec, keys, [stages[0], stages[1], liar], tmp_path / "two"
+        )
+        liar.epoch = 5
+        swarm.peers = [p.info() for p in (stages[0], stages[1], liar)]
+        assert keeper.run_round() is None
+        assert "no two of 2 members' states agree" in events.named("keeper_skip")[-1][0]
+    finally:
+        for p in (honest, liar):
+            p.worker.shutdown()

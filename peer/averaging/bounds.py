@@ -13,11 +13,9 @@ import logging
 
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
 
-log = logging.getLogger("swarmtrain.averaging")
+from protocol.records import MAX_EPOCH  # no epoch above it is believed
 
-# Without trusted checkpoints a joiner has nothing to start nearer the group from: it may be
-# this far behind (about two billion updates: no real run gets there).
-MAX_EPOCH = 2**31
+log = logging.getLogger("swarmtrain.averaging")
 
 
 class BoundedProgressTracker(ProgressTracker):

@@ -22,7 +22,7 @@ import hivemind
 import torch
 from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
-from peer.averaging import wire_stats
+from peer.averaging import guards, wire_stats
 from peer.averaging.bounds import MAX_EPOCH, BoundedProgressTracker, update_scheduler_fast
 from peer.averaging.staleness import left_out_of_round, missed_round
 from protocol.codecs import gradient_compression
@@ -294,6 +294,7 @@ def make_stage_optimizer(
     spec: RunSpec, stage: int, module: torch.nn.Module, dht: hivemind.DHT, *, verbose: bool = False
 ) -> BoundedOptimizer:
     wire_stats.install_from_env()  # opt-in byte counts for benchmarks; before the averagers fork
+    guards.install(max_weight=spec.training.target_batch_size)  # hostile parts; before the fork too
     training, compression = spec.training, spec.compression
     params = [p for p in module.parameters() if p.requires_grad]
     grad_averager_factory = None

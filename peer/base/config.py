@@ -64,6 +64,9 @@ class KeeperConfig:
     loss_factor: float = 1.5
     loss_margin: float = 0.5
     request_timeout: float = 60.0
+    # Two members' states agree when they differ by at most this many optimizer updates (RMS,
+    # in units of the spec's learning rate): averaging noise, not a different model.
+    agree_within_updates: float = 4.0
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ from protocol.spec import RunSpec
 log = logging.getLogger("swarmtrain.ckpt")
 
 PROGRESS_MIN_BYTES = 8 << 20  # show a progress bar for transfers at least this large
+MIN_TRANSFER_RATE = 256 << 10  # bytes/s below which a source is dropped for the next one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +229,7 @@ class _Transfer:
         self.used_sources: list[str] = []
         self.bytes_fetched = 0
         self.bar = None
+        self.deadline = float("inf")  # set per source by _from
 
     def download(self, sources: list[str]) -> None:
         failures: list[str] = []
@@ -255,6 +257,9 @@ class _Transfer:
         f = self.f
         files, stage, step = f._rpc(list_remote(f.p2p, source, f.digest, self.manifest))
         check_listing(files, self.limits, source=source)
+        # One overall deadline per source: a request timeout, plus the listed bytes at a slow
+        # link's rate; a source that answers every read just in time cannot stall the join.
+        self.deadline = time.monotonic() + f.request_timeout + sum(files.values()) / MIN_TRANSFER_RATE
         if stage != self.stage:
             raise SourceFailed(f"{source}: says checkpoint {self.manifest[:16]} is of stage {stage}, not {self.stage}")
         content = {n: s for n, s in files.items() if not n.startswith("signatures/")}
@@ -312,9 +317,13 @@ class _Transfer:
             have = 0
         while have < size:
             want = min(self.f.read_bytes, size - have)
+            if time.monotonic() > self.deadline:
+                raise SourceFailed(f"{source}: too slow: {name} not complete within the transfer's deadline")
             data = self.f._rpc(read_remote(self.f.p2p, source, self.f.digest, self.manifest, name, have, want))
-            if not data:
-                raise SourceFailed(f"{source}: returned no bytes of {name} at offset {have} (listed {size} bytes)")
+            if len(data) != want:
+                # A server answers exactly what is asked of a file it listed: a short reply is a
+                # source that stalls (it would otherwise drip one byte per request for ever).
+                raise SourceFailed(f"{source}: returned {len(data)} bytes of {name} at offset {have}, not {want}")
             _write_at(path, data, have)
             have += len(data)
             self.bytes_fetched += len(data)

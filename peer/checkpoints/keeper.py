@@ -33,6 +33,7 @@ import torch
 from hivemind.p2p import P2P
 
 from peer.base.config import KeeperConfig
+from peer.checkpoints.policy import group_epoch_bound
 from peer.checkpoints.store import CheckpointStore
 from peer.model.llama import LlamaStage, causal_lm_loss, stage_param_shapes
 from peer.net import FrameError, RemoteError, call, join_tensors
@@ -121,6 +122,22 @@ async def pull_stage_state(
 
 # ---------------------------------------------------------------------------------------------
 # the loss check (pure)
+
+
+def states_agree(a: tuple[int, dict, str], b: tuple[int, dict, str], tolerance: float) -> bool:
+    """Two members' (epoch, parameters, source) describe the same group state: epochs at most one
+    apart and parameters within ``tolerance`` of each other (root mean square over every
+    element; ``tolerance`` is stated in parameter units, a few optimizer updates)."""
+    if abs(a[0] - b[0]) > 1 or a[1].keys() != b[1].keys():
+        return False
+    total, count = 0.0, 0
+    for name, x in a[1].items():
+        y = b[1][name]
+        if x.shape != y.shape:
+            return False
+        total += float((x.double() - y.double()).pow(2).sum())
+        count += x.numel()
+    return count > 0 and math.sqrt(total / count) <= tolerance
 
 
 def loss_verdict(loss: float, reference: Optional[float], *, factor: float = 1.5, margin: float = 0.5) -> Optional[str]:
@@ -400,35 +417,70 @@ class Keeper:
         return RoundResult(step, loss, written, sources)
 
     def _pull(self, stage: int, peers) -> Optional[tuple[int, dict, str]]:
+        """(epoch, parameters, source) of ``stage``, as its group vouches for it.
+
+        An epoch claim beyond the group's own view (the median claim of the stage's online
+        peers, plus one) is ignored, and so is a state whose epoch goes beyond it. With two or
+        more peers online, two states must agree (``states_agree``) before one is signed: a
+        single member cannot get its own weights signed by claiming the highest epoch."""
         if not peers:
             self._skip(f"stage {stage} has no online peer", stage=stage)
             return None
-        errors = []
-        for p in peers[:3]:
-            if p.peer_id == self.swarm.peer_id:
-                got = self.local_state(stage) if self.local_state is not None else None
-                if got is not None:
-                    return got[0], got[1], p.peer_id
-                continue
-            try:
-                epoch, tensors = self.run(
-                    pull_stage_state(self.p2p, p.peer_id, self.spec, stage, timeout=self.config.request_timeout),
-                    self.config.request_timeout + 10,
-                )
-                return epoch, tensors, p.peer_id
-            except StateRejected as err:
-                if self._stop.is_set():
-                    return None  # shutting down: the P2P connection is going away, not the peer
-                errors.append(str(err))
+        bound = group_epoch_bound([p.epoch for p in peers])
+        for p in peers:
+            if p.epoch > bound:
                 self.event(
                     "state_rejected",
-                    f"keeper: stage {stage} state from {p.peer_id[:16]} rejected: {err}",
+                    f"keeper: stage {stage} peer {p.peer_id[:16]} claims epoch {p.epoch}, beyond its group's {bound}",
                     stage=stage,
                     peer_id=p.peer_id,
-                    reason=str(err),
+                    reason=f"epoch claim {p.epoch} > {bound}",
                 )
+        candidates = [p for p in peers if p.epoch <= bound]
+        need = 2 if len(candidates) >= 2 else 1
+        errors, pulled = [], []
+        for p in candidates[:4]:
+            got = self._pull_one(stage, p, errors)
+            if got is None:
+                continue
+            if got[0] > bound and got[2] != self.swarm.peer_id:  # its own stage's epoch is its own view
+                errors.append(f"{p.peer_id[:16]}: state of epoch {got[0]}, beyond its group's {bound}")
+                continue
+            if need == 1:
+                return got
+            for other in pulled:
+                if states_agree(got, other, self.spec.training.lr * self.config.agree_within_updates):
+                    return other if other[0] <= got[0] else got
+            pulled.append(got)
+        if need == 2 and len(pulled) >= 2:
+            errors.append(
+                f"no two of {len(pulled)} members' states agree within {self.config.agree_within_updates:g} updates"
+            )
         self._skip(f"stage {stage}: no usable state ({'; '.join(errors) or 'no peer to ask'})", stage=stage)
         return None
+
+    def _pull_one(self, stage: int, p, errors: list) -> Optional[tuple[int, dict, str]]:
+        if p.peer_id == self.swarm.peer_id:
+            got = self.local_state(stage) if self.local_state is not None else None
+            return None if got is None else (got[0], got[1], p.peer_id)
+        try:
+            epoch, tensors = self.run(
+                pull_stage_state(self.p2p, p.peer_id, self.spec, stage, timeout=self.config.request_timeout),
+                self.config.request_timeout + 10,
+            )
+            return epoch, tensors, p.peer_id
+        except StateRejected as err:
+            if self._stop.is_set():
+                return None  # shutting down: the P2P connection is going away, not the peer
+            errors.append(str(err))
+            self.event(
+                "state_rejected",
+                f"keeper: stage {stage} state from {p.peer_id[:16]} rejected: {err}",
+                stage=stage,
+                peer_id=p.peer_id,
+                reason=str(err),
+            )
+            return None
 
     def _forget_pruned(self) -> None:
         present = {c.path for k in range(self.spec.num_stages) for c in self.store.list(k)}

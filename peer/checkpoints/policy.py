@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 from peer.checkpoints.store import (
     LocalCheckpoint,
@@ -41,18 +41,23 @@ def restore_candidates(
     exclude_sources: Iterable[str] = (),
     trusted: Optional[Iterable[str]] = None,
     min_signatures: int = 1,
-    limit: int = 8,
+    step_bound: Optional[int] = None,
+    limit: int = 16,
 ) -> list[Candidate]:
     """What to try, newest step first; at equal steps a local copy before a download, and a
     digest announced by more peers first. Nothing older than ``held_step`` (no rollback).
     Announcements are unverified hints: a wrong one costs one failed try. An announcement that
-    does not even claim ``min_signatures`` of the ``trusted`` fingerprints is not tried."""
+    does not even claim ``min_signatures`` of the ``trusted`` fingerprints is not tried.
+
+    ``step_bound``: the newest step the stage group can have reached (``group_epoch_bound`` of
+    its peers' records). Announcements beyond it are tried only after all the others: a
+    stranger announcing many checkpoints at a huge step cannot hide the real ones."""
     excluded = set(exclude_sources)
     trusted = None if trusted is None else set(trusted)
     out: list[tuple[tuple, Candidate]] = []
     for c in local:
         if held_step is None or c.meta.step >= held_step:
-            out.append(((-c.meta.step, 0, 0), Candidate(c.meta.step, None, path=c.path)))
+            out.append(((False, -c.meta.step, 0, 0), Candidate(c.meta.step, None, path=c.path)))
     by_digest: dict[str, tuple[int, list[str]]] = {}
     for peer_id, record in announced:
         if peer_id in excluded:
@@ -70,9 +75,17 @@ def restore_candidates(
         else:
             by_digest[digest] = (step, [peer_id])
     for digest, (step, peers) in by_digest.items():
-        out.append(((-step, 1, -len(peers)), Candidate(step, digest, sources=tuple(peers))))
+        beyond = step_bound is not None and step > step_bound
+        out.append(((beyond, -step, 1, -len(peers)), Candidate(step, digest, sources=tuple(peers))))
     out.sort(key=lambda kc: kc[0])
     return [c for _, c in out][:limit]
+
+
+def group_epoch_bound(claims: Sequence[int]) -> int:
+    """The highest epoch believed of a stage group: its members' (lower) median claim, plus one
+    for a member that stepped a moment before the others. One liar cannot move it."""
+    ordered = sorted(claims)
+    return ordered[(len(ordered) - 1) // 2] + 1 if ordered else 0
 
 
 def live_state_verdict(

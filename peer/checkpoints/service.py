@@ -11,7 +11,7 @@ from hivemind.p2p import P2P
 from peer.checkpoints.announce import CheckpointAnnouncer
 from peer.checkpoints.fetch import CheckpointFetcher
 from peer.checkpoints.limits import FetchFailed
-from peer.checkpoints.policy import Candidate, restore_candidates
+from peer.checkpoints.policy import Candidate, group_epoch_bound, restore_candidates
 from peer.checkpoints.serve import CheckpointServer
 from peer.checkpoints.store import (
     CheckpointStore,
@@ -23,7 +23,7 @@ from protocol.checkpoint import (
     CheckpointRefused,
     VerifiedCheckpoint,
 )
-from protocol.records import CheckpointAnnouncement
+from protocol.records import CheckpointAnnouncement, PeerState
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.ckpt")
@@ -116,6 +116,7 @@ class CheckpointService:
             exclude_sources=[self.peer_id] if self.peer_id else [],
             trusted=trusted,
             min_signatures=self.spec.trust.min_signatures,
+            step_bound=self._group_step_bound(stage),
         )
         for c in candidates:
             try:
@@ -170,6 +171,15 @@ class CheckpointService:
             tried=len(candidates),
         )
         return None
+
+    def _group_step_bound(self, stage: int) -> Optional[int]:
+        """What the stage's peers' signed records say of its progress; None with no peer online
+        (a stage being recovered: every announcement is tried)."""
+        try:
+            peers = [p for p in self.swarm.snapshot() if p.stage == stage and p.state == PeerState.ONLINE]
+        except Exception:
+            return None
+        return group_epoch_bound([p.epoch for p in peers]) if peers else None
 
     def _try(self, stage: int, c: Candidate, held_step: Optional[int]) -> Restored:
         if c.path is not None:

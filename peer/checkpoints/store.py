@@ -37,6 +37,8 @@ from protocol.checkpoint import (
     parse_meta,
     verify_checkpoint,
 )
+from protocol.records import MAX_EPOCH
+from protocol.signing import fsync_file
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.checkpoint")
@@ -274,6 +276,9 @@ def load_into_module(verified: VerifiedCheckpoint, module: torch.nn.Module) -> N
 # the store
 
 
+HELD_STEP_FILE = "held-step"
+
+
 class CheckpointStore:
     """Checkpoints of one spec under ``root``; keeps the newest ``keep`` of each stage."""
 
@@ -298,6 +303,29 @@ class CheckpointStore:
 
     def dir_for(self, stage: int, step: int) -> Path:
         return self.root / stage_dir_name(stage) / step_dir_name(step)
+
+    # --- the newest step this peer ever loaded for a stage: no rollback, across restarts ------
+
+    def held_step(self, stage: int) -> Optional[int]:
+        path = self.root / stage_dir_name(stage) / HELD_STEP_FILE
+        try:
+            value = int(path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return value if 0 <= value <= MAX_EPOCH else None
+
+    def hold(self, stage: int, step: int) -> None:
+        """Remember that ``step`` of ``stage`` was loaded: an older signed checkpoint is refused
+        from now on, by this process and by the next one that uses this directory."""
+        held = self.held_step(stage)
+        if held is not None and held >= step:
+            return
+        directory = self.root / stage_dir_name(stage)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f"{TEMP_PREFIX}{HELD_STEP_FILE}"
+        tmp.write_text(f"{int(step)}\n")
+        fsync_file(tmp)
+        os.replace(tmp, directory / HELD_STEP_FILE)
 
     def list(self, stage: Optional[int] = None) -> list[LocalCheckpoint]:
         """This spec's complete-looking checkpoints, newest first (unverified)."""

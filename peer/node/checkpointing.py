@@ -73,11 +73,14 @@ class CheckpointSide:
         return self._service
 
     def held_step(self, stage: int) -> Optional[int]:
-        """The newest checkpoint step this peer loaded for ``stage``: never restore an older one."""
-        return self._held.get(stage)
+        """The newest checkpoint step this peer loaded for ``stage`` (in this process, or in an
+        earlier one that used the same --checkpoint-dir): never restore an older one."""
+        steps = [s for s in (self._held.get(stage), self.service().store.held_step(stage)) if s is not None]
+        return max(steps) if steps else None
 
     def hold(self, stage: int, step: int) -> None:
         self._held[stage] = max(step, self._held.get(stage, 0))
+        self.service().store.hold(stage, step)
 
     def announced(self, stage: int) -> bool:
         """Whether the swarm announces a checkpoint of ``stage`` (unverified: a hint to retry)."""

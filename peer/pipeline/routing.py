@@ -38,6 +38,7 @@ class BanList:
         """Record a failure of `peer_id`; returns how long (s) it stays banned from `now`."""
         if self.is_banned(peer_id, now):
             return self._until[peer_id] - now
+        self._forget_expired(now)
         failures = self._failures.get(peer_id, 0) + 1
         self._failures[peer_id] = failures
         # The exponent is capped so that a peer failing for days does not overflow the float.
@@ -57,6 +58,20 @@ class BanList:
 
     def banned(self, now: float) -> set[str]:
         return {peer_id for peer_id, until in self._until.items() if until > now}
+
+    # Peer ids are free to make: the table must not grow with every id ever banned.
+    MAX_ENTRIES = 4096
+
+    def _forget_expired(self, now: float) -> None:
+        if len(self._until) < self.MAX_ENTRIES:
+            return
+        for peer_id in [p for p, until in self._until.items() if until <= now]:
+            self._until.pop(peer_id, None)
+            self._failures.pop(peer_id, None)
+        while len(self._until) >= self.MAX_ENTRIES:  # all banned right now: drop the oldest bans
+            peer_id = next(iter(self._until))
+            self._until.pop(peer_id)
+            self._failures.pop(peer_id, None)
 
 
 def _weights(candidates: Sequence[tuple[str, float, int]]) -> list[float]:
@@ -114,6 +129,8 @@ class ThroughputEMA:
     measure on our own requests is what routing should trust once we have it.
     """
 
+    MAX_ENTRIES = 4096
+
     def __init__(self, alpha: float = 0.3) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
@@ -126,6 +143,8 @@ class ThroughputEMA:
             return self._value.get(peer_id, 0.0)  # nothing measurable (clock skew, empty batch)
         rate = samples / seconds
         old = self._value.get(peer_id)
+        if old is None and len(self._value) >= self.MAX_ENTRIES:
+            self._value.pop(next(iter(self._value)))  # the oldest measured peer: ids are free to make
         # The first measurement replaces the announced value outright, which was only a guess.
         self._value[peer_id] = rate if old is None else self.alpha * rate + (1 - self.alpha) * old
         return self._value[peer_id]
