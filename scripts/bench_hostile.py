@@ -100,6 +100,7 @@ def swarm_rate(code: Path, seconds: float, workdir: Path) -> dict:
         run_id="benchhostile",
         training=dict(target_batch_size=32, matchmaking_time=2.0, averaging_timeout=15.0),
     )
+    workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "spec.toml"
     spec.save(spec_path)
     env = {"PYTHONPATH": str(code)}
