@@ -11,15 +11,8 @@ import pytest
 import torch
 
 from peer.checkpoints import CheckpointService
-from peer.checkpoints.keeper import (
-    Keeper,
-    KeeperConfig,
-    StateRejected,
-    check_signing_key,
-    check_stage_state,
-    loss_verdict,
-    pull_stage_state,
-)
+from peer.checkpoints.keeper import Keeper, KeeperConfig, check_signing_key, loss_verdict
+from peer.checkpoints.state_pull import StateRejected, check_stage_state, pull_stage_state
 from peer.checkpoints.store import CheckpointStore
 from peer.model.llama import LlamaStage, stage_param_shapes
 from peer.net.framing import read_frame, split_message, write_frame

@@ -2,11 +2,13 @@
 
 One round:
 
-1. From the DHT snapshot, for each stage the online peers, most advanced epoch first.
-2. Pull the stage's parameters over ``swarmtrain.state`` (``peer.pipeline.server``) from one of them
-   (the next one if it fails). Everything received is checked: the spec digest and stage of
-   the reply, parameter names and shapes against ``peer.model.llama.stage_param_shapes``, finite
-   values, total size.
+1. From the DHT snapshot, for each stage the online peers, most advanced epoch first; an epoch
+   claim beyond the group's own view (its median claim, plus one) is ignored.
+2. Pull the stage's parameters over ``swarmtrain.state`` (``peer.checkpoints.state_pull``): from
+   one peer when it is alone on its stage, else from members until two of them agree
+   (``states_agree``). Everything received is checked: the spec digest and stage of the reply,
+   parameter names and shapes against ``peer.model.llama.stage_param_shapes``, finite values,
+   total size.
 3. Chain all stages in this process on a fixed held-out batch and compute the loss; refuse the
    round when it is not finite or has exploded: more than ``loss_factor`` x the previous signed
    checkpoint's loss + ``loss_margin`` (the first round compares with the spec's
@@ -21,7 +23,6 @@ swarm does not produce a stream of identical checkpoints.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import math
@@ -34,90 +35,16 @@ from hivemind.p2p import P2P
 
 from peer.base.config import KeeperConfig
 from peer.checkpoints.policy import group_epoch_bound
+from peer.checkpoints.state_pull import StateRejected, pull_stage_state
 from peer.checkpoints.store import CheckpointStore
-from peer.model.llama import LlamaStage, causal_lm_loss, stage_param_shapes
-from peer.net import FrameError, RemoteError, call, join_tensors
+from peer.model.llama import LlamaStage, causal_lm_loss
 from peer.swarm.view import SwarmView
 from protocol import signing
 from protocol.checkpoint import CheckpointRefused, VerifiedCheckpoint, verify_checkpoint
-from protocol.codecs import TensorRejected, decode
-from protocol.messages_pb2 import StateRequest, StateResponse
 from protocol.records import PeerState
-from protocol.rpc import CHUNK_BYTES, MAX_FRAMES, STATE
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.keeper")
-
-
-class StateRejected(ValueError):
-    """A stage state that must not be used; the message names the peer, tensor and check."""
-
-
-# ---------------------------------------------------------------------------------------------
-# pulling a stage's state (client of peer.pipeline.server's swarmtrain.state)
-
-
-def state_byte_limit(spec: RunSpec, stage: int) -> int:
-    numel = sum(math.prod(s) for s in stage_param_shapes(spec, stage).values())
-    # float32 payload plus per-tensor protobuf and framing overhead
-    return 4 * numel + 4096 * (len(stage_param_shapes(spec, stage)) + 16)
-
-
-def check_stage_state(spec: RunSpec, stage: int, raw: Mapping, *, source: str = "peer") -> dict[str, torch.Tensor]:
-    """Decode and check the tensors of a state reply: exactly the stage's parameter names,
-    their shapes, floating point and finite. ``raw``: name -> hivemind Tensor proto."""
-    expected = stage_param_shapes(spec, stage)
-    missing = sorted(set(expected) - set(raw))
-    unexpected = sorted(set(raw) - set(expected))
-    if missing or unexpected:
-        parts = (
-            [f"missing {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")]
-            if missing
-            else []
-        ) + ([f"unexpected {', '.join(unexpected[:5])}"] if unexpected else [])
-        raise StateRejected(f"{source}: stage {stage} state has the wrong tensors: {'; '.join(parts)}")
-    out = {}
-    for name, shape in expected.items():
-        try:
-            out[name] = decode(
-                raw[name], name=name, dtype=torch.float32, shape=list(shape), max_elements=max(1, math.prod(shape))
-            )
-        except TensorRejected as err:
-            raise StateRejected(f"{source}: stage {stage}: {err}") from None
-    return out
-
-
-async def pull_stage_state(
-    p2p: P2P, peer_id: str, spec: RunSpec, stage: int, *, timeout: float = 60.0
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """(epoch, parameters) of ``stage`` from ``peer_id``; raises StateRejected with the reason."""
-
-    limit = state_byte_limit(spec, stage)
-    try:
-        frames = await call(
-            p2p,
-            peer_id,
-            STATE,
-            [StateRequest(spec_digest=spec.digest(), stage=stage)],
-            StateResponse,
-            timeout=timeout,
-            max_bytes=limit,
-            max_frames=MAX_FRAMES + limit // CHUNK_BYTES,
-            kind="state",
-        )
-    except RemoteError as err:
-        raise StateRejected(f"{peer_id}: {err}") from None
-    head = frames[0]
-    if head.spec_digest != spec.digest():
-        raise StateRejected(f"{peer_id}: state of spec {head.spec_digest[:16]!r}, not {spec.digest()[:16]!r}")
-    if head.stage != stage:
-        raise StateRejected(f"{peer_id}: state of stage {head.stage}, not {stage}")
-    try:
-        raw = join_tensors(frames, limit)
-    except FrameError as err:
-        raise StateRejected(f"{peer_id}: malformed state ({err})") from None
-    tensors = await asyncio.to_thread(check_stage_state, spec, stage, raw, source=peer_id)
-    return int(head.epoch), tensors
 
 
 # ---------------------------------------------------------------------------------------------

@@ -78,10 +78,6 @@ class LocalCheckpoint:
 # writing
 
 
-def _fsync_file(path: Path) -> None:
-    signing.fsync_file(path)
-
-
 def _publish(tmp: Path, target: Path) -> None:
     # rename(2) of a directory is atomic and refuses a non-empty target: readers see either no
     # checkpoint or a complete, signed one, and an existing checkpoint is never replaced.
@@ -132,13 +128,13 @@ def write_checkpoint(
     try:
         inner.mkdir()
         save_file(unaliased(model_state), inner / MODEL_FILE, metadata=_MODEL_METADATA)
-        _fsync_file(inner / MODEL_FILE)
+        fsync_file(inner / MODEL_FILE)
         if optimizer_state is not None:
             tensors, metadata = optimizer_state_to_tensors(optimizer_state)
             save_file(unaliased(tensors), inner / OPTIMIZER_FILE, metadata=metadata)
-            _fsync_file(inner / OPTIMIZER_FILE)
+            fsync_file(inner / OPTIMIZER_FILE)
         (inner / META_FILE).write_bytes(meta.to_json_bytes())
-        _fsync_file(inner / META_FILE)
+        fsync_file(inner / META_FILE)
         signers = []
         for key_path in key_paths:
             sig = signing.sign_dir(inner, key_path)

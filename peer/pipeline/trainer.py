@@ -34,6 +34,7 @@ from peer.pipeline.server import Limits
 from peer.pipeline.worker import StageError, StageWorker
 from protocol.messages_pb2 import StageRequest
 from protocol.records import PeerInfo, PeerState
+from protocol.rpc import ErrorCode
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.trainer")
@@ -224,7 +225,7 @@ class Trainer:
             async def forward(peer, stage=stage, x=x):
                 _, out = await self._hop(peer, stage, mb_id, backward=False, names=["inputs"], tensors=[x])
                 if "outputs" not in out:
-                    raise RemoteError("bad_response", "forward returned no outputs")
+                    raise RemoteError(ErrorCode.BAD_RESPONSE, "forward returned no outputs")
                 return out["outputs"]
 
             peer, out = await self._with_retries(stage, None, forward)
@@ -236,7 +237,7 @@ class Trainer:
                 peer, last, mb_id, backward=False, names=["inputs", "labels"], tensors=[x, input_ids]
             )
             if last > 0 and "grad_inputs" not in out:
-                raise RemoteError("bad_response", "last stage returned no input gradient")
+                raise RemoteError(ErrorCode.BAD_RESPONSE, "last stage returned no input gradient")
             return loss, out.get("grad_inputs")
 
         _, (loss, grad) = await self._with_retries(last, None, forward_last)
@@ -252,7 +253,7 @@ class Trainer:
                         )
                         return out.get("grad_inputs")
                     except RemoteError as err:
-                        if err.code != "cache_miss":
+                        if err.code != ErrorCode.CACHE_MISS:
                             raise
                 # Another peer (or a cache miss): re-send the input so it can recompute forward.
                 _, out = await self._hop(
@@ -262,7 +263,7 @@ class Trainer:
 
             _, grad = await self._with_retries(stage, first_peer, backward)
             if stage > 0 and grad is None:
-                raise RemoteError("bad_response", f"stage {stage} returned no input gradient")
+                raise RemoteError(ErrorCode.BAD_RESPONSE, f"stage {stage} returned no input gradient")
 
         self.stats.record(loss, input_ids.shape[0], input_ids.numel())
         return loss

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from peer.model.llama import LlamaStage, causal_lm_loss
+from protocol.rpc import ErrorCode
 
 log = logging.getLogger("swarmtrain.stage")
 
@@ -97,7 +98,7 @@ class StageWorker:
         that activations are released early."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._stopped.is_set():
-            future.set_exception(StageError("busy", "stage is shutting down"))
+            future.set_exception(StageError(ErrorCode.BUSY, "stage is shutting down"))
             return future
         with self._lock:
             self._seq += 1
@@ -115,7 +116,7 @@ class StageWorker:
     ) -> concurrent.futures.Future:
         if self.is_last:
             if labels is None:
-                raise StageError("bad_request", "the last stage needs labels with its inputs")
+                raise StageError(ErrorCode.BAD_REQUEST, "the last stage needs labels with its inputs")
             return self.submit(self._forward_backward_last, mb_id, inputs, labels, deadline, accumulate, priority=1)
         return self.submit(self._forward, mb_id, inputs, priority=1)
 
@@ -159,12 +160,12 @@ class StageWorker:
                 future.set_exception(err)
             except Exception as err:  # a failed request must not kill the stage
                 log.exception("stage task failed")
-                future.set_exception(StageError("internal", f"{type(err).__name__}: {err}"))
+                future.set_exception(StageError(ErrorCode.INTERNAL, f"{type(err).__name__}: {err}"))
         # Fail whatever is still queued so that no caller waits forever.
         while not self._tasks.empty():
             _, _, fn, _, future = self._tasks.get_nowait()
             if future is not None and not future.done():
-                future.set_exception(StageError("busy", "stage is shutting down"))
+                future.set_exception(StageError(ErrorCode.BUSY, "stage is shutting down"))
 
     def _tick(self) -> None:
         tick = getattr(self.optimizer, "tick", None)
@@ -231,7 +232,7 @@ class StageWorker:
             self._cache_cost -= cached.cost
         if cached is None:
             if inputs is None:
-                raise StageError("cache_miss", f"no cached forward for micro-batch {mb_id}; re-send the inputs")
+                raise StageError(ErrorCode.CACHE_MISS, f"no cached forward for micro-batch {mb_id}; re-send the inputs")
             # Backward landed on another peer of the stage (the first died): recompute forward.
             inputs = self._prepare_inputs(inputs)
             with torch.enable_grad():
@@ -246,7 +247,7 @@ class StageWorker:
             inputs, outputs = cached.inputs, cached.outputs
         if grad_outputs.shape != outputs.shape:
             raise StageError(
-                "bad_request",
+                ErrorCode.BAD_REQUEST,
                 f"grad_outputs shape {list(grad_outputs.shape)} does not match outputs {list(outputs.shape)}",
             )
         return self._accumulate(mb_id, outputs, inputs, grad_outputs, inputs.shape[0], deadline, accumulate, start)
@@ -264,9 +265,9 @@ class StageWorker:
         rate = batch / max(elapsed, 1e-6)
         self.stats.throughput = rate if self.stats.throughput == 0 else 0.8 * self.stats.throughput + 0.2 * rate
         if not all(g is None or torch.isfinite(g).all() for g in param_grads):
-            raise StageError("bad_request", "gradients are not finite; micro-batch not accumulated")
+            raise StageError(ErrorCode.BAD_REQUEST, "gradients are not finite; micro-batch not accumulated")
         if grad_in is not None and not torch.isfinite(grad_in).all():
-            raise StageError("bad_request", "input gradients are not finite; micro-batch not accumulated")
+            raise StageError(ErrorCode.BAD_REQUEST, "input gradients are not finite; micro-batch not accumulated")
         if accumulate:
             if mb_id in self._accumulated or time.monotonic() > deadline:
                 # Duplicate or too late: the trainer has counted (or retried) it elsewhere.

@@ -1,0 +1,89 @@
+"""Pulling a stage's live parameters from a peer (the ``swarmtrain.state`` RPC) and checking
+them: the right names, shapes and dtypes, finite, within the stage's byte budget."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Mapping
+
+import torch
+from hivemind.p2p import P2P
+
+from peer.model.llama import stage_param_shapes
+from peer.net import FrameError, RemoteError, call, join_tensors
+from protocol.codecs import TensorRejected, decode
+from protocol.messages_pb2 import StateRequest, StateResponse
+from protocol.rpc import CHUNK_BYTES, MAX_FRAMES, STATE
+from protocol.spec import RunSpec
+
+
+class StateRejected(ValueError):
+    """A stage state that must not be used; the message names the peer, tensor and check."""
+
+
+# ---------------------------------------------------------------------------------------------
+# pulling a stage's state (client of peer.pipeline.server's swarmtrain.state)
+
+
+def state_byte_limit(spec: RunSpec, stage: int) -> int:
+    numel = sum(math.prod(s) for s in stage_param_shapes(spec, stage).values())
+    # float32 payload plus per-tensor protobuf and framing overhead
+    return 4 * numel + 4096 * (len(stage_param_shapes(spec, stage)) + 16)
+
+
+def check_stage_state(spec: RunSpec, stage: int, raw: Mapping, *, source: str = "peer") -> dict[str, torch.Tensor]:
+    """Decode and check the tensors of a state reply: exactly the stage's parameter names,
+    their shapes, floating point and finite. ``raw``: name -> hivemind Tensor proto."""
+    expected = stage_param_shapes(spec, stage)
+    missing = sorted(set(expected) - set(raw))
+    unexpected = sorted(set(raw) - set(expected))
+    if missing or unexpected:
+        parts = (
+            [f"missing {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")]
+            if missing
+            else []
+        ) + ([f"unexpected {', '.join(unexpected[:5])}"] if unexpected else [])
+        raise StateRejected(f"{source}: stage {stage} state has the wrong tensors: {'; '.join(parts)}")
+    out = {}
+    for name, shape in expected.items():
+        try:
+            out[name] = decode(
+                raw[name], name=name, dtype=torch.float32, shape=list(shape), max_elements=max(1, math.prod(shape))
+            )
+        except TensorRejected as err:
+            raise StateRejected(f"{source}: stage {stage}: {err}") from None
+    return out
+
+
+async def pull_stage_state(
+    p2p: P2P, peer_id: str, spec: RunSpec, stage: int, *, timeout: float = 60.0
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """(epoch, parameters) of ``stage`` from ``peer_id``; raises StateRejected with the reason."""
+
+    limit = state_byte_limit(spec, stage)
+    try:
+        frames = await call(
+            p2p,
+            peer_id,
+            STATE,
+            [StateRequest(spec_digest=spec.digest(), stage=stage)],
+            StateResponse,
+            timeout=timeout,
+            max_bytes=limit,
+            max_frames=MAX_FRAMES + limit // CHUNK_BYTES,
+            kind="state",
+        )
+    except RemoteError as err:
+        raise StateRejected(f"{peer_id}: {err}") from None
+    head = frames[0]
+    if head.spec_digest != spec.digest():
+        raise StateRejected(f"{peer_id}: state of spec {head.spec_digest[:16]!r}, not {spec.digest()[:16]!r}")
+    if head.stage != stage:
+        raise StateRejected(f"{peer_id}: state of stage {head.stage}, not {stage}")
+    try:
+        raw = join_tensors(frames, limit)
+    except FrameError as err:
+        raise StateRejected(f"{peer_id}: malformed state ({err})") from None
+    tensors = await asyncio.to_thread(check_stage_state, spec, stage, raw, source=peer_id)
+    return int(head.epoch), tensors
