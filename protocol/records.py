@@ -23,6 +23,7 @@ from protocol import PROTOCOL_VERSION
 MAX_EPOCH = 2**31  # epochs and checkpoint steps (peer.averaging.bounds uses the same)
 MAX_TOKENS = 2**53
 MAX_TIME = 4e9
+MAX_LOSS = 1e6
 
 
 class PeerState(str, Enum):
@@ -101,7 +102,7 @@ class PeerRecordModel(pydantic.BaseModel):
     throughput: pydantic.confloat(ge=0, le=1e9)  # samples/s this peer's stage can process
     version: pydantic.constr(max_length=32)
     epoch: pydantic.conint(ge=0, le=MAX_EPOCH)
-    loss: Optional[pydantic.confloat(ge=0, le=1e6)] = None
+    loss: Optional[pydantic.confloat(ge=0, le=MAX_LOSS)] = None
     tokens: pydantic.conint(ge=0, le=MAX_TOKENS) = 0  # tokens this peer has driven through the pipeline
     samples_per_s: pydantic.confloat(ge=0, le=1e9) = 0.0  # as a trainer
     has_data: bool = False

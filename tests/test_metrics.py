@@ -87,7 +87,7 @@ def fake_peer():
         trainer=trainer,
         worker=worker,
         optimizer=FakeOptimizer(),
-        counters=SimpleNamespace(sent={"activations": 10}, received={}, rejected={}),
+        counters=SimpleNamespace(sent={"activations": 10}, received={}, rejected={}, busy={}),
         peers=[
             PeerInfo("QmMe", 0, "online", 1.0),
             PeerInfo("QmB", 1, "online", 1.0),

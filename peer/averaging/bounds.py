@@ -29,16 +29,16 @@ class BoundedProgressTracker(ProgressTracker):
             bound = min(self.local_progress.epoch + self.max_epoch_lead, MAX_EPOCH)
             kept = {}
             for subkey, item in metadata.items():
-                epoch = _claimed_epoch(item)
-                if epoch is not None and epoch > bound:
-                    signer = _signer(item)
+                claim = _parsed(item)
+                if claim is not None and claim.epoch > bound:
+                    signer = bytes(claim.peer_id)
                     if signer not in self._dropped and len(self._dropped) < 1024:
                         self._dropped.add(signer)
                         log.warning(
                             "ignoring the progress record of %s: it claims epoch %d, more than %d ahead of this "
                             "peer's %d",
-                            signer.hex()[:16] if signer else "?",
-                            epoch,
+                            signer.hex()[:16],
+                            claim.epoch,
                             self.max_epoch_lead,
                             self.local_progress.epoch,
                         )
@@ -48,18 +48,11 @@ class BoundedProgressTracker(ProgressTracker):
         return super()._parse_swarm_progress_data(metadata)
 
 
-def _claimed_epoch(item):
+def _parsed(item):
     try:
-        return int(LocalTrainingProgress.parse_obj(item.value).epoch)
+        return LocalTrainingProgress.parse_obj(item.value)
     except Exception:
         return None  # hivemind's own parser drops it
-
-
-def _signer(item) -> bytes:
-    try:
-        return bytes(LocalTrainingProgress.parse_obj(item.value).peer_id)
-    except Exception:
-        return b""
 
 
 def update_scheduler_fast(state_averager) -> None:

@@ -1,6 +1,6 @@
 """A peer's checkpoint side, assembled once: the service (store, serving, announcing,
 restoring) created on first use, the keeper when asked for, and the steps held per stage
-(no rollback across moves). The bootstrap's keeper is assembled by the same function."""
+(no rollback across moves). The bootstrap's keeper is assembled by the same class."""
 
 from __future__ import annotations
 
@@ -13,22 +13,6 @@ from peer.base.config import CheckpointConfig, KeeperConfig, NetworkConfig
 from peer.checkpoints import CheckpointService, CheckpointStore
 from peer.checkpoints.keeper import Keeper
 from protocol.spec import RunSpec
-
-
-def start_keeper(
-    spec: RunSpec,
-    config: KeeperConfig,
-    *,
-    swarm,
-    p2p,
-    run: Callable,
-    service: CheckpointService,
-    event: Callable,
-    local_state: Optional[Callable] = None,
-) -> Keeper:
-    keeper = Keeper(spec, config, swarm=swarm, p2p=p2p, run=run, service=service, event=event, local_state=local_state)
-    keeper.start()
-    return keeper
 
 
 class CheckpointSide:
@@ -93,7 +77,7 @@ class CheckpointSide:
 
     def start_keeper(self, *, local_state: Callable) -> None:
         """``run --keeper``: sign checkpoints of the whole pipeline from this peer."""
-        self.keeper = start_keeper(
+        self.keeper = Keeper(
             self.spec,
             self.config.keeper,
             swarm=self.swarm,
@@ -103,6 +87,7 @@ class CheckpointSide:
             event=self.event,
             local_state=local_state,
         )
+        self.keeper.start()
 
     def stop(self) -> None:
         if self.keeper is not None:

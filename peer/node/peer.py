@@ -61,7 +61,6 @@ class Peer:
         self.trainer: Optional[Trainer] = None
         self.ckpt: Optional[CheckpointSide] = None
         self.metrics = None  # a peer.observe.metrics object when --metrics-port is given
-        self._capacity: Optional[float] = None  # announced samples/s, kept across a move
         self.second_signal = False
         self._first_contribution = FirstContribution()
 
@@ -86,11 +85,6 @@ class Peer:
     @property
     def epoch(self) -> int:
         return self.slot.epoch if self.slot is not None else 0
-
-    @property
-    def requests_rejected(self) -> dict[str, int]:
-        """Refused requests by RPC, over every stage this peer served and its checkpoints."""
-        return dict(self.counters.rejected)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -288,8 +282,12 @@ class Peer:
         if slot.restored_step is not None:
             self.ckpt.hold(stage, slot.restored_step)
         self.slot = slot
-        self._capacity = slot.capacity
-        self.presence.update(throughput=self._throughput())
+        # Before its first stage opens, a new peer's small positive figure (PeerStatus's 1.0)
+        # only lets routers try it. While a moving peer loads its target stage it announces the
+        # old stage's figure: a placeholder made the target still look starved, and the other
+        # peers of the source stage followed one by one until they emptied it (test_churn.py).
+        if slot.capacity:
+            self.presence.update(throughput=slot.capacity)
         if self.trainer is not None:
             self.trainer.local_stage, self.trainer.local_worker = stage, slot.worker
 
@@ -327,13 +325,6 @@ class Peer:
         return slot.parameters()
 
     # --- what this peer reports ------------------------------------------------------------
-
-    def _throughput(self) -> float:
-        # Before its first stage opens, a new peer's small positive figure only lets routers
-        # try it. While a moving peer loads its target stage it announces the old stage's
-        # figure: the placeholder made the target still look starved, and the other peers of
-        # the source stage followed one by one until they emptied it (tests/test_churn.py).
-        return self._capacity or 1.0
 
     def _served_info(self) -> ServedInfo:
         status = self.status

@@ -8,8 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from peer.node.presence import TrainingFigures
-
-MAX_RECORD_LOSS = 1e6  # protocol.records.PeerRecordModel.loss
+from protocol.records import MAX_LOSS as MAX_RECORD_LOSS
 
 if TYPE_CHECKING:
     from peer.node.peer import Peer

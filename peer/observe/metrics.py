@@ -304,7 +304,7 @@ class PeerMetrics:
             put("received_bytes", n, kind)
         for rpc, n in list(counters.rejected.items()):
             put("requests_rejected", n, rpc)
-        for rpc, n in list(getattr(counters, "busy", {}).items()):
+        for rpc, n in list(counters.busy.items()):
             put("requests_busy", n, rpc)
         return v
 

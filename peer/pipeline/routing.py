@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Optional, Sequence
+from types import MappingProxyType
+from typing import Mapping, Optional, Sequence
 
 __all__ = ["BanList", "ThroughputEMA", "capped_priors", "choose_peer"]
 
@@ -103,7 +104,7 @@ PRIOR_CAP_FACTOR = 2.0
 
 
 def capped_priors(
-    candidates: Sequence[tuple[str, float, int]], measured: Optional[dict[str, float]] = None
+    candidates: Sequence[tuple[str, float, int]], measured: Optional[Mapping[str, float]] = None
 ) -> list[tuple[str, float, int]]:
     """(peer, announced throughput, load) with each announced figure capped at
     ``PRIOR_CAP_FACTOR`` times a reference: the best measured figure among the candidates when
@@ -152,8 +153,9 @@ class ThroughputEMA:
     def get(self, peer_id: str, default: float = 0.0) -> float:
         return self._value.get(peer_id, default)
 
-    def known(self) -> dict[str, float]:
-        return dict(self._value)
+    def known(self) -> Mapping[str, float]:
+        """The measured figures, read-only (no copy: routing reads it on every pick)."""
+        return MappingProxyType(self._value)
 
     def forget(self, peer_id: str) -> None:
         """Drop a peer that left, so that the table does not grow with every peer ever seen."""

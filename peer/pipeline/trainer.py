@@ -91,7 +91,8 @@ class Trainer:
         self.max_inflight = max_inflight or spec.num_stages + 1
         self.wait_for_peers = wait_for_peers
         self.counters = counters or WireCounters()
-        self.limits = [Limits.for_stage(spec, k) for k in range(spec.num_stages)]
+        # What any stage may answer: one micro-batch of hidden states, plus the codecs' tables.
+        self.max_response_bytes = Limits.for_stage(spec, 0).hidden_bytes + (1 << 20)
         self.bans = BanList()
         self.ema = ThroughputEMA()
         self.inflight: dict[str, int] = {}
@@ -159,7 +160,7 @@ class Trainer:
                     codec=self.codec,
                     timeout=self.request_timeout,
                     counters=self.counters,
-                    max_bytes=self.limits[stage].hidden_bytes + (1 << 20),
+                    max_bytes=self.max_response_bytes,
                 )
                 result = (head.loss, out)
                 check_response(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -39,6 +39,22 @@ def owner_of(subkey) -> Optional[tuple[str, str]]:
         return match.group(1).decode(), peer_id_of_ssh_public_key(match.group(2))
     except Exception:
         return None
+
+
+def owned_values(value) -> Iterator[tuple[tuple[str, str], object, float]]:
+    """((subkey prefix, owner peer id), value, expiration) of each owner-signed entry of a DHT
+    dictionary value; entries whose subkey names no owner, or that are empty, are skipped."""
+    if not isinstance(value, dict):
+        return
+    for subkey, item in value.items():
+        owner = owner_of(subkey)
+        if owner is not None and item is not None and item.value is not None:
+            yield owner, item.value, item.expiration_time
+
+
+def _get_value(dht: hivemind.DHT, key: str):
+    found = dht.get(key, latest=True)
+    return found.value if found is not None else None
 
 
 def start_dht(
@@ -96,8 +112,7 @@ class SwarmDHT:
     def snapshot(self) -> list[records.PeerInfo]:
         """Live peers of this run; records that fail validation or whose signer is not the
         peer they describe are dropped."""
-        found = self.dht.get(self.peers_key, latest=True)
-        return self._compatible(parse_peer_records(found.value if found is not None else None))
+        return self._compatible(parse_peer_records(_get_value(self.dht, self.peers_key)))
 
     def _compatible(self, peers: list[records.PeerInfo]) -> list[records.PeerInfo]:
         """Peers of another protocol version cannot talk to this one: left out of routing and
@@ -126,34 +141,26 @@ class SwarmDHT:
 
     def checkpoint_announcements(self, stage: Optional[int] = None) -> list[tuple[str, records.CheckpointAnnouncement]]:
         """(peer id, announcement) for every valid checkpoint announcement, newest step first."""
-        found = self.dht.get(self.checkpoints_key, latest=True)
         out = []
-        if found is not None and isinstance(found.value, dict):
-            for subkey, item in found.value.items():
-                owner = owner_of(subkey)
-                if owner is None or item is None or item.value is None:
-                    continue
-                try:
-                    parsed = records.CheckpointAnnouncement.from_record(item.value)
-                except Exception:
-                    continue
-                if owner[0] != str(parsed.stage) or (stage is not None and parsed.stage != stage):
-                    continue
-                out.append((owner[1], parsed))
+        for owner, value, _ in owned_values(_get_value(self.dht, self.checkpoints_key)):
+            try:
+                parsed = records.CheckpointAnnouncement.from_record(value)
+            except Exception:
+                continue
+            if owner[0] != str(parsed.stage) or (stage is not None and parsed.stage != stage):
+                continue
+            out.append((owner[1], parsed))
         out.sort(key=lambda pr: -pr[1].step)
         return out
 
 
 def parse_peer_records(value) -> list[records.PeerInfo]:
     peers: dict[str, records.PeerInfo] = {}
-    if not isinstance(value, dict):
-        return []
-    for subkey, item in value.items():
-        owner = owner_of(subkey)
-        if owner is None or owner[0] or item is None or item.value is None:
+    for owner, record, expiration in owned_values(value):
+        if owner[0]:
             continue
         try:
-            info = records.PeerInfo.from_record(owner[1], item.value, expiration=item.expiration_time)
+            info = records.PeerInfo.from_record(owner[1], record, expiration=expiration)
         except Exception as err:
             log.debug("dropping malformed peer record from %s: %s", owner[1], err)
             continue
@@ -185,43 +192,34 @@ def publish_spec(dht: hivemind.DHT, identity: Identity, spec: RunSpec, ttl: floa
 def fetch_spec_signers(dht: hivemind.DHT, run_id: str, trusted_keys: Sequence[str]) -> dict[str, set[str]]:
     """Spec digest -> fingerprints of the ``trusted_keys`` (PEM) whose signature of it verifies."""
     trusted = {signing.fingerprint(k): k for k in trusted_keys}
-    found = dht.get(records.spec_signature_key(run_id), latest=True)
     signers: dict[str, set[str]] = {}
-    if found is not None and isinstance(found.value, dict):
-        for subkey, item in found.value.items():
-            if owner_of(subkey) is None or item is None or item.value is None:
-                continue
-            try:
-                parsed = records.SpecSignatureModel.parse_obj(item.value)
-            except Exception:
-                continue
-            key = trusted.get(parsed.fingerprint)
-            message = records.spec_signed_message(run_id, parsed.digest)
-            if key is not None and signing.verify_message(key, message, parsed.signature):
-                signers.setdefault(parsed.digest, set()).add(parsed.fingerprint)
+    for _, value, _ in owned_values(_get_value(dht, records.spec_signature_key(run_id))):
+        try:
+            parsed = records.SpecSignatureModel.parse_obj(value)
+        except Exception:
+            continue
+        key = trusted.get(parsed.fingerprint)
+        message = records.spec_signed_message(run_id, parsed.digest)
+        if key is not None and signing.verify_message(key, message, parsed.signature):
+            signers.setdefault(parsed.digest, set()).add(parsed.fingerprint)
     return signers
 
 
 def fetch_specs(dht: hivemind.DHT, run_id: str) -> list[tuple[str, RunSpec]]:
     """(publisher peer id, spec) for every valid published spec of run_id."""
     dht.add_validators([records.SchemaValidator(records.SpecSchema, prefix=run_id)])
-    found = dht.get(records.spec_key(run_id), latest=True)
     out = []
-    if found is not None and isinstance(found.value, dict):
-        for subkey, item in found.value.items():
-            owner = owner_of(subkey)
-            if owner is None or item is None or item.value is None:
-                continue
-            try:
-                parsed = records.SpecRecordModel.parse_obj(item.value)
-                spec = spec_from_json(parsed.spec_json)
-            except (SpecError, Exception) as err:
-                log.warning("ignoring an invalid spec published by %s: %s", owner[1], err)
-                continue
-            if spec.digest() != parsed.digest or spec.run_id != run_id:
-                log.warning("ignoring a spec from %s whose digest or run id does not match", owner[1])
-                continue
-            out.append((owner[1], spec))
+    for owner, value, _ in owned_values(_get_value(dht, records.spec_key(run_id))):
+        try:
+            parsed = records.SpecRecordModel.parse_obj(value)
+            spec = spec_from_json(parsed.spec_json)
+        except Exception as err:
+            log.warning("ignoring an invalid spec published by %s: %s", owner[1], err)
+            continue
+        if spec.digest() != parsed.digest or spec.run_id != run_id:
+            log.warning("ignoring a spec from %s whose digest or run id does not match", owner[1])
+            continue
+        out.append((owner[1], spec))
     return out
 
 
