@@ -8,6 +8,8 @@ a 2x2 swarm's tokens/s on this code against the code before the defences, side b
   shape arriving at a stage: the time to check and decode it (``Limits.check_inputs``: the
   buffer checks, hivemind's deserializer, shape and finiteness) against hivemind's bare
   deserializer alone and against the stage's forward+backward on it (median of repeats).
+- ``cache_entry``: the memory one cached forward holds on stage 0 (RSS growth over kept
+  forwards) next to the estimate the worker's forward-cache byte budget counts.
 - ``swarm``: a bootstrap and 2 stages x 2 peers (both stage-0 peers train) on the tiny preset,
   once with this checkout and once with ``--base`` (a git worktree), alternating, ``--repeats``
   times each; tokens/s is the sum of the trainers' steady rates. Every process is started
@@ -85,6 +87,41 @@ def validation(preset: str, codec: str, repeats: int) -> dict:
     )
 
 
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cache_entry(preset: str, entries: int) -> dict:
+    """Memory one cached forward holds on stage 0 (what the worker's forward-cache budget counts),
+    measured as RSS growth over ``entries`` kept forwards, next to the worker's estimate."""
+    from peer.pipeline.worker import StageWorker
+
+    spec = preset_spec(preset, stages=2)
+    module = LlamaStage.from_spec(spec, 0)
+    ids = torch.randint(0, spec.model.vocab_size, (spec.training.micro_batch_size, spec.training.seq_len))
+    with torch.enable_grad():
+        module(ids)  # allocator warm-up
+    kept, before = [], _rss()
+    for _ in range(entries):
+        with torch.enable_grad():
+            kept.append(module(ids))
+    measured = (_rss() - before) / entries
+    out = kept[-1]
+    worker = StageWorker(module, is_last=False)
+    estimate = out.numel() * out.element_size() * worker._cost_factor
+    worker.shutdown()
+    return dict(
+        preset=preset,
+        entries=entries,
+        measured_bytes=measured,
+        estimated_bytes=estimate,
+        estimate_over_measured=estimate / measured if measured > 0 else None,
+    )
+
+
 def base_worktree(base: str, where: Path) -> Path:
     subprocess.run(
         ["git", "-C", str(ROOT), "worktree", "add", "-f", "--detach", str(where), base], check=True, capture_output=True
@@ -144,6 +181,14 @@ def main() -> int:
         args.repeats, args.seconds = 1, 30.0
     emit("hostile", "machine", **machine())
     presets = ["tiny"] if args.quick else ["tiny", "small"]
+    # First, in a fresh process: RSS growth is only a measure while freed memory cannot be reused.
+    for preset in presets:
+        fig = cache_entry(preset, entries=10 if args.quick else 30)
+        say(
+            f"cache entry {preset}: measured {fig['measured_bytes'] / 2**20:.1f} MiB, estimated "
+            f"{fig['estimated_bytes'] / 2**20:.1f} MiB"
+        )
+        emit("hostile", "cache_entry", **fig)
     for preset in presets:
         for codec in ("fp16", "blockwise8bit", "none"):
             fig = validation(preset, codec, repeats=5 if args.quick else 50)

@@ -29,6 +29,12 @@ from protocol.rpc import ErrorCode
 log = logging.getLogger("swarmtrain.stage")
 
 
+# The forward cache always has room for this many micro-batches of the spec's shape, whatever
+# its byte budget: a stage of a larger preset (one small-preset forward holds about 380 MiB)
+# would otherwise recompute every forward on backward.
+MIN_CACHED_FORWARDS = 8
+
+
 class StageError(RuntimeError):
     """A request the stage cannot serve; ``code`` is the wire error code."""
 
@@ -178,12 +184,12 @@ class StageWorker:
 
     def _expire_cache(self, incoming: int = 0) -> None:
         """Drop the oldest cached forwards while the cache is over its count or byte budget (with
-        ``incoming`` bytes about to be added) or they are older than ``cache_ttl``. A dropped
+        ``incoming`` bytes about to be added; the budget holds ``MIN_CACHED_FORWARDS`` at least) or they are older than ``cache_ttl``. A dropped
         forward costs its backward a recomputation (``cache_miss``: the trainer re-sends it)."""
         now = time.monotonic()
         while self._cache and (
             len(self._cache) >= self.cache_max
-            or self._cache_cost + incoming > self.cache_bytes
+            or self._cache_cost + incoming > max(self.cache_bytes, MIN_CACHED_FORWARDS * incoming)
             or now - next(iter(self._cache.values())).created > self.cache_ttl
         ):
             _, dropped = self._cache.popitem(last=False)
