@@ -98,3 +98,11 @@ def test_bootstrap_keeper_needs_a_spec(tmp_path):
     key.write_text("x")
     r = invoke("bootstrap", "--keeper", "--signing-key", key, "--checkpoint-dir", tmp_path / "ck")
     assert r.exit_code == 2 and "--keeper needs --spec" in r.output, r.output
+
+
+def test_run_refuses_a_trusted_key_that_is_not_one(tmp_path):
+    peer = "/ip4/127.0.0.1/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    bad = tmp_path / "keeper.pub"
+    bad.write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    r = invoke("run", "--initial-peers", peer, "--run", "swarm", "--trusted-key", bad)
+    assert r.exit_code == 2 and "--trusted-key" in r.output and str(bad) in r.output, r.output

@@ -210,6 +210,7 @@ def run(
     if not initial_peers:
         raise click.UsageError("--initial-peers is required (the bootstrap's multiaddr)")
     spec = spec_or_run(spec_path, run_id)
+    trusted_keys = read_keys(trusted_key_paths)  # before anything starts: a bad key file is a usage error
     if stage != "auto" and not stage.isdigit():
         raise click.UsageError("--stage must be 'auto' or a stage index")
     check_keeper(keeper, signing_key, checkpoint_dir)
@@ -237,7 +238,7 @@ def run(
             announce_period=announce_period,
             request_timeout=request_timeout,
         ),
-        run=RunConfig(spec=spec, run_id=run_id, spec_digest=spec_digest, trusted_keys=read_keys(trusted_key_paths)),
+        run=RunConfig(spec=spec, run_id=run_id, spec_digest=spec_digest, trusted_keys=trusted_keys),
         data=DataConfig(path=data, suffixes=list(data_suffixes) or None),
         churn=ChurnConfig(
             stage=None if stage == "auto" else int(stage),
