@@ -428,3 +428,30 @@ def test_a_claim_of_huge_throughput_counts_as_a_fast_peer_not_a_stage():
     # One fake record on stage 0 does not send a newcomer away from it for ever:
     totals = stage_throughputs([*honest, fake], 2)
     assert totals == [200.0 + CLAIM_CAP_FACTOR * 100.0, 200.0]
+
+
+def test_overclaims_name_the_capped_peers_only():
+    from peer.swarm.balancing import CLAIM_CAP_FACTOR, overclaims
+
+    honest = [PeerInfo(f"h{i}", i % 2, "online", 100.0) for i in range(4)]
+    fake = PeerInfo("fake", 1, "online", 1e9)
+    gone = PeerInfo("gone", 1, "leaving", 1e9)
+    assert overclaims([*honest, fake, gone], 2) == [("fake", 1e9, CLAIM_CAP_FACTOR * 100.0)]
+    assert overclaims(honest, 2) == []
+
+
+def test_a_fake_record_in_my_stage_moves_me_only_while_it_is_believed():
+    """One fake stage-1 record with a capped claim still names the honest stage-1 peer for a
+    move (5 x its throughput on stage 1 against 1 x on stage 0): only proof that a server stands
+    behind the record keeps the honest peer where it is, serving the stage."""
+    from peer.swarm.balancing import without_unproven
+
+    honest = [peer("a", 0, 100.0), peer("b", 1, 100.0)]
+    fake = peer("zz-fake", 1, 1e9)  # sorts after "b": the policy names b
+    assert plan_move([*honest, fake], 2, my_peer_id="b", now=0.0, last_move_at=LONG_AGO) == 0
+    seen = without_unproven([*honest, fake], 1, proven=set(), my_peer_id="b")
+    assert [p.peer_id for p in seen] == ["a", "b"]
+    assert plan_move(seen, 2, my_peer_id="b", now=0.0, last_move_at=LONG_AGO) is None
+    # Proven stage-mates and the other stages' records are kept as they are.
+    assert without_unproven([*honest, fake], 1, proven={"zz-fake"}, my_peer_id="b") == [*honest, fake]
+    assert without_unproven([*honest, fake], 0, proven=set(), my_peer_id="b") == [honest[1], fake]

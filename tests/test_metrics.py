@@ -74,7 +74,7 @@ def fake_peer():
     )
     worker = SimpleNamespace(
         stats=SimpleNamespace(
-            forward=0, backward=0, samples=0, rejected=0, discarded=0, compute_s=0.0, throughput=0.0, loss_ema=None
+            forward=0, backward=0, samples=0, rejected=0, discarded=0, clipped=0, compute_s=0.0, throughput=0.0, loss_ema=None
         ),
         queue_depth=3,
     )
@@ -88,6 +88,7 @@ def fake_peer():
         worker=worker,
         optimizer=FakeOptimizer(),
         counters=SimpleNamespace(sent={"activations": 10}, received={}, rejected={}, busy={}),
+        distrust=SimpleNamespace(counts={"no_server": 2}),
         peers=[
             PeerInfo("QmMe", 0, "online", 1.0),
             PeerInfo("QmB", 1, "online", 1.0),
@@ -106,6 +107,7 @@ def test_collector_reads_the_peer():
     assert value(first, "swarmtrain_state", state="online") == 1
     assert value(first, "swarmtrain_trainer_inflight") == 2 and value(first, "swarmtrain_stage_queue_depth") == 3
     assert value(first, "swarmtrain_sent_bytes_total", kind="activations") == 10
+    assert value(first, "swarmtrain_records_distrusted_total", reason="no_server") == 2
     assert ("swarmtrain_loss", ()) not in first  # no loss yet: absent, not a made-up 0
 
     opt = peer.optimizer
@@ -226,3 +228,24 @@ def value_label(metrics: dict, name: str, label: str) -> str:
         if n == name:
             return dict(labels)[label]
     raise AssertionError(f"{name} not exposed")
+
+
+def test_event_counts_serve_what_a_bootstrap_reported():
+    import urllib.request
+
+    from peer.observe.metrics import EventCounts
+
+    seen = []
+    counts = EventCounts(lambda name, text, **fields: seen.append((name, text, fields)))
+    counts("state_rejected", "keeper: ...", peer_id="QmX")
+    counts("state_rejected", "keeper: ...", peer_id="QmY")
+    counts("checkpoint_signed", "keeper: signed", step=3)
+    assert [s[0] for s in seen] == ["state_rejected", "state_rejected", "checkpoint_signed"]
+    port = counts.serve(0)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        counts.close()
+    scraped = parse(text)
+    assert value(scraped, "swarmtrain_events_total", event="state_rejected") == 2
+    assert value(scraped, "swarmtrain_events_total", event="checkpoint_signed") == 1

@@ -64,8 +64,18 @@ def test_a_prefix_is_not_a_pin(world):
 def test_the_signed_spec_wins_over_a_competing_one(world):
     # The attacker publishes its spec under the same run id, signed by its own key.
     assert publish_spec(world["evil"], world["evil_id"], world["fake"], ttl=300, signing_key=world["attacker_key"])
-    got = resolve_spec(world["reader"], RUN, trusted_keys=[pem(world["keeper"])], timeout=10)
+    ignored = []
+    got = resolve_spec(
+        world["reader"],
+        RUN,
+        trusted_keys=[pem(world["keeper"])],
+        timeout=10,
+        report_ignored=lambda publisher, text: ignored.append((publisher, text)),
+    )
     assert got.digest() == world["real"].digest()
+    # The competing spec is reported with its publisher's peer id.
+    evil_id = str(world["evil_id"].peer_id)
+    assert [p for p, _ in ignored] == [evil_id] and "not signed by a trusted key" in ignored[0][1]
     # A full pin picks exactly that spec, whoever else publishes.
     assert resolve_spec(world["reader"], RUN, pinned_digest=world["real"].digest(), timeout=10) == world["real"]
     # Observers take the only published spec; with two they ask for a pin.

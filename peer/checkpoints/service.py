@@ -55,9 +55,11 @@ class CheckpointService:
         announce_period: float = 5.0,
         request_timeout: float = 30.0,
         counters=None,
+        distrust=None,
     ):
         self.spec, self.store, self.swarm, self.p2p, self.run = spec, store, swarm, p2p, run
         self.event = event
+        self.distrust = distrust  # peer.base.distrust.DistrustTally, or None: not reported
         self.server = CheckpointServer(spec, counters=counters)
         self.announcer = CheckpointAnnouncer(swarm, announce_period) if swarm is not None else None
         self.request_timeout = request_timeout
@@ -109,14 +111,17 @@ class CheckpointService:
             )
             return None
         trusted = {signing.fingerprint(k) for k in self.spec.trust.trusted_keys}
+        announced = self.announcements(stage)
+        bound = self._group_step_bound(stage)
+        self._report_beyond(stage, announced, bound)
         candidates = restore_candidates(
             self.store.list(stage),
-            self.announcements(stage),
+            announced,
             held_step=held_step,
             exclude_sources=[self.peer_id] if self.peer_id else [],
             trusted=trusted,
             min_signatures=self.spec.trust.min_signatures,
-            step_bound=self._group_step_bound(stage),
+            step_bound=bound,
         )
         for c in candidates:
             try:
@@ -171,6 +176,20 @@ class CheckpointService:
             tried=len(candidates),
         )
         return None
+
+    def _report_beyond(self, stage: int, announced, bound: Optional[int]) -> None:
+        if self.distrust is None or bound is None:
+            return
+        for peer_id, record in announced:
+            if record.step > bound:
+                self.distrust.report(
+                    peer_id,
+                    "checkpoint_step",
+                    f"peer {peer_id} announces a stage {stage} checkpoint at step {record.step}, beyond its "
+                    f"group's {bound}: tried after all others",
+                    stage=stage,
+                    step=record.step,
+                )
 
     def _group_step_bound(self, stage: int) -> Optional[int]:
         """What the stage's peers' signed records say of its progress; None with no peer online

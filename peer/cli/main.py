@@ -62,6 +62,28 @@ main.add_command(keygen)
 main.add_command(checkpoint)
 
 
+metrics_options = [
+    click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        default=None,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).",
+    ),
+    click.option(
+        "--metrics-host",
+        default=OutputConfig.metrics_host,
+        show_default=True,
+        help="Address for --metrics-port (0.0.0.0 to let another machine scrape it).",
+    ),
+]
+
+
+def with_metrics(fn):
+    for opt in reversed(metrics_options):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
 @click.option("--seconds", type=float, default=None, help="Stop after this long (default: 150).")
 @click.option("--stages", type=int, default=2, show_default=True)
@@ -156,18 +178,7 @@ def demo(seconds, stages, peers_per_stage, preset, workdir, json_summary):
     "here (default: a temporary dir).",
 )
 @keeper_options
-@click.option(
-    "--metrics-port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).",
-)
-@click.option(
-    "--metrics-host",
-    default=OutputConfig.metrics_host,
-    show_default=True,
-    help="Address for --metrics-port (0.0.0.0 to let another machine scrape it).",
-)
+@with_metrics
 @click.option("--log-json", is_flag=True, help="JSON lines instead of the status line.")
 @click.option("-v", "--verbose", is_flag=True)
 def run(
@@ -293,6 +304,7 @@ def run(
     show_default=True,
     help="Address for --dashboard-port (0.0.0.0 to show it to other machines).",
 )
+@with_metrics
 @click.option("--log-json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
 def bootstrap(
@@ -311,6 +323,8 @@ def bootstrap(
     announce_period,
     dashboard_port,
     dashboard_host,
+    metrics_port,
+    metrics_host,
     log_json,
     verbose,
 ):
@@ -347,6 +361,7 @@ def bootstrap(
             spec_signing_key=signing_key,
             announce_period=announce_period,
             dashboard=(dashboard_host, dashboard_port) if dashboard_port is not None else None,
+            metrics=(metrics_host, metrics_port) if metrics_port is not None else None,
         )
     )
 

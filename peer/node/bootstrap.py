@@ -33,12 +33,29 @@ def run_bootstrap(
     spec_signing_key: Optional[str] = None,
     announce_period: float = 5.0,
     dashboard: Optional[tuple[str, int]] = None,
+    metrics: Optional[tuple[str, int]] = None,
 ) -> int:
     """``keeper``: a ``KeeperConfig`` to run the keeper here (needs ``spec``). ``spec_signing_key``:
     a private key file that signs the published spec (peers that trust its public key join by
     run id without a pinned digest).
-    ``dashboard``: (host, port) to serve the run's web dashboard (``peer.observe.dashboard``) too."""
+    ``dashboard``: (host, port) to serve the run's web dashboard (``peer.observe.dashboard``) too.
+    ``metrics``: (host, port) to serve Prometheus metrics: the count of each event it reported
+    (the keeper's signatures, refusals and rejected states)."""
     out = Output(log_json)
+    event = out.event
+    counts = None
+    if metrics is not None:
+        from peer.observe.metrics import EventCounts
+
+        host, port = metrics
+        counts = EventCounts(out.event)
+        try:
+            port = counts.serve(port, host=host)
+        except OSError as err:
+            raise SystemExit(f"--metrics-port {port}: cannot listen on {host}: {err}")
+        url = f"http://{host}:{port}/metrics"
+        out.event("metrics", f"Prometheus metrics at {url}", port=port, url=url)
+        event = counts
     if dashboard is not None and spec is None:
         raise SystemExit("--dashboard-port needs --spec: the dashboard shows one run")
     if keeper is not None:
@@ -71,7 +88,7 @@ def run_bootstrap(
     keeper_parts = board = None
     try:
         if keeper is not None:
-            keeper_parts = _start_keeper(dht, ident, spec, keeper, out, announce_period)
+            keeper_parts = _start_keeper(dht, ident, spec, keeper, event, announce_period)
         if dashboard is not None:
             board = _start_dashboard(dht, ident, spec, dashboard, out)
         maddrs = visible_maddrs(dht)
@@ -104,6 +121,8 @@ def run_bootstrap(
     finally:
         if board is not None:
             board.close()
+        if counts is not None:
+            counts.close()
         if keeper_parts is not None:
             _stop_keeper(*keeper_parts)
         dht.shutdown()
@@ -125,7 +144,7 @@ def _start_dashboard(dht, ident, spec: RunSpec, where: tuple[str, int], out: Out
     return board
 
 
-def _start_keeper(dht, ident, spec: RunSpec, config: KeeperConfig, out: Output, announce_period: float):
+def _start_keeper(dht, ident, spec: RunSpec, config: KeeperConfig, event, announce_period: float):
     """The keeper of ``bootstrap --keeper``: the same checkpoint side a ``run --keeper`` peer has."""
     from peer.base import LoopThread
     from peer.node.checkpointing import CheckpointSide
@@ -140,7 +159,7 @@ def _start_keeper(dht, ident, spec: RunSpec, config: KeeperConfig, out: Output, 
         swarm=SwarmDHT(dht, spec, ident),
         p2p=p2p,
         loop=loop,
-        event=out.event,
+        event=event,
     )
     side.start_keeper(local_state=None)
     return side, loop

@@ -27,9 +27,10 @@ class CheckpointSide:
         loop,
         event: Callable,
         counters=None,
+        distrust=None,
     ):
         self.spec, self.config, self.network, self.swarm, self.p2p, self.loop = spec, config, network, swarm, p2p, loop
-        self.event, self.counters = event, counters
+        self.event, self.counters, self.distrust = event, counters, distrust
         self.keeper: Optional[Keeper] = None
         self._service: Optional[CheckpointService] = None
         self._tmp: Optional[str] = None
@@ -52,6 +53,7 @@ class CheckpointSide:
                 announce_period=self.network.announce_period,
                 request_timeout=self.network.request_timeout,
                 counters=self.counters,
+                distrust=self.distrust,
             )
             self._service.start()
         return self._service

@@ -4,14 +4,17 @@ does the I/O around them and owns the churn state (cool-down, next check, epochs
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from peer.swarm.balancing import RebalancePolicy
+from peer.net.rpc import printable
+from peer.pipeline.client import call_info
+from peer.swarm.balancing import RebalancePolicy, overclaims, without_unproven
 from peer.swarm.churn import EmptyStages, StageEpochs, check_move, epochs_lost, next_check_delay
-from protocol.records import PeerState
+from protocol.records import ACTIVE_STATES, PeerInfo, PeerState
 
 if TYPE_CHECKING:
     from peer.node.peer import Peer
@@ -29,6 +32,7 @@ class Mover:
         self._stage_epochs = StageEpochs()
         self._empty_stages = EmptyStages()
         self._rng = random.Random()
+        self._last_snapshot: object = None
 
     def joined(self) -> None:
         """A join starts the cool-down, as a move does."""
@@ -46,6 +50,9 @@ class Mover:
         if peer.swarm is None:
             return
         snapshot = presence.peers
+        if snapshot is not self._last_snapshot:
+            self._last_snapshot = snapshot
+            self._report_overclaims(snapshot)
         self._stage_epochs.observe(snapshot)
         if any(p.peer_id == presence.peer_id for p in snapshot):  # a read that found the swarm
             self._empty_stages.observe(snapshot, peer.spec.num_stages, time.monotonic())
@@ -77,6 +84,7 @@ class Mover:
             log.warning("not moving: the fresh snapshot failed: %s", err)
             return
         self._stage_epochs.observe(fresh)
+        fresh = self._proven(fresh, presence.status.stage)
         confirmed = check_move(
             fresh,
             peer.spec.num_stages,
@@ -96,6 +104,53 @@ class Mover:
             )
             return
         self.move_to(confirmed.target, recovery=confirmed.recovery)
+
+    def _report_overclaims(self, snapshot: Sequence[PeerInfo]) -> None:
+        for peer_id, claimed, counted in overclaims(snapshot, self.peer.spec.num_stages):
+            self.peer.distrust.report(
+                peer_id,
+                "claim_capped",
+                f"peer {peer_id} announces {claimed:.3g} samples/s; balancing counts {counted:.3g} "
+                "(4x the median peer)",
+                claimed=claimed,
+                counted=counted,
+            )
+
+    def _proven(self, snapshot: list[PeerInfo], stage: int) -> list[PeerInfo]:
+        """The snapshot without the records of this stage's other peers that do not answer an
+        info request as servers of this spec and stage (within 5 s): a move out of the stage
+        is only made to peers that exist."""
+        peer, me = self.peer, self.peer.presence.peer_id
+        mates = [p for p in snapshot if p.stage == stage and p.peer_id != me and p.state in ACTIVE_STATES]
+        if not mates:
+            return snapshot
+        digest = peer.spec.digest()
+
+        async def ask_all():
+            return await asyncio.gather(
+                *(call_info(peer.p2p, p.peer_id, digest, timeout=5.0) for p in mates), return_exceptions=True
+            )
+
+        try:
+            answers = peer.loop.run(ask_all(), timeout=15)
+        except Exception as err:  # our own loop failed: nobody is proven, nobody moves
+            answers = [err] * len(mates)
+        proven = set()
+        for p, answer in zip(mates, answers):
+            if isinstance(answer, BaseException):
+                why = printable(f"{type(answer).__name__}: {answer}")
+            elif answer.error or answer.spec_digest != digest or answer.stage != stage:
+                why = printable(answer.error or f"it serves stage {answer.stage} of spec {answer.spec_digest[:16]!r}")
+            else:
+                proven.add(p.peer_id)
+                continue
+            self.peer.distrust.report(
+                p.peer_id,
+                "no_server",
+                f"peer {p.peer_id} announces stage {stage} but does not answer as its server ({why}): not counted",
+                stage=stage,
+            )
+        return without_unproven(snapshot, stage, proven, me)
 
     def move_to(self, target: int, *, recovery: bool) -> bool:
         """Serve ``target`` instead of the current stage: load its state (the newest trusted

@@ -20,6 +20,7 @@ import torch
 
 from peer.base import LoopThread, Output
 from peer.base.config import OutputConfig, PeerConfig
+from peer.base.distrust import DistrustTally
 from peer.model.tensor_files import save_tensors
 from peer.net import WireCounters
 from peer.node.checkpointing import CheckpointSide
@@ -44,6 +45,7 @@ class Peer:
         self.out = Output(config.output.log_json)
         self.stop_event = threading.Event()
         self.counters = WireCounters()
+        self.distrust = DistrustTally(self.out.event)
         self.started = time.time()
         self.presence = Presence(
             "",
@@ -111,7 +113,12 @@ class Peer:
             client_mode=net.client_mode,
         )
         self.spec = spec = resolve_run_spec(
-            self.dht, cfg.run.spec, cfg.run.run_id, cfg.run.spec_digest, trusted_keys=cfg.run.trusted_keys
+            self.dht,
+            cfg.run.spec,
+            cfg.run.run_id,
+            cfg.run.spec_digest,
+            trusted_keys=cfg.run.trusted_keys,
+            report_ignored=lambda publisher, text: self.distrust.report(publisher, "spec", text),
         )
         self.swarm = SwarmDHT(self.dht, spec, self.identity)
         self.presence.peer_id = self.swarm.peer_id
@@ -141,6 +148,7 @@ class Peer:
             loop=self.loop,
             event=self.out.event,
             counters=self.counters,
+            distrust=self.distrust,
         )
         self.open_slot(stage)
         resumed = self.resume_if_group_gone()

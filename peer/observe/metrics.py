@@ -64,6 +64,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "stage_samples": ("counter", "Samples whose gradients this peer's stage accumulated.", ()),
     "stage_rejected": ("counter", "Stage requests rejected by validation.", ()),
     "stage_discarded": ("counter", "Stage results discarded (past their deadline, or duplicates).", ()),
+    "stage_clipped": (
+        "counter",
+        "Micro-batches whose gradient this stage scaled down to 3x the running median norm before accumulating.",
+        (),
+    ),
     "stage_compute_seconds": ("counter", "Seconds spent computing forward/backward in this stage.", ()),
     "stage_throughput": (
         "gauge",
@@ -99,6 +104,13 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Requests refused before any work (malformed, oversized, stalled, wrong spec or stage), by RPC handler.",
         ("rpc",),
     ),
+    "records_distrusted": (
+        "counter",
+        "Peers whose DHT record was not taken at its word: a capped throughput claim (claim_capped), "
+        "a stage-mate with no server behind its record (no_server), a checkpoint announced beyond its "
+        "group's progress (checkpoint_step), a spec under the run id neither pinned nor trusted (spec).",
+        ("reason",),
+    ),
     "requests_busy": (
         "counter",
         "Requests answered 'busy' at once: too many streams open, in all or from one remote peer.",
@@ -129,6 +141,50 @@ class _Collector:
             for label_values, value in series.items():
                 family.add_metric(list(label_values), float(value))
             yield family
+
+
+class EventCounts:
+    """For a node with no training to measure (the bootstrap and its keeper): wraps an
+    ``Output.event`` and counts the events it reports, served as ``swarmtrain_events_total{event}``
+    (``checkpoint_signed``, ``keeper_refused``, ``state_rejected``, ``keeper_skip``...)."""
+
+    def __init__(self, event):
+        self._event = event
+        self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.server = None
+
+    def __call__(self, name: str, text: str, **fields) -> None:
+        with self._lock:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self._event(name, text, **fields)
+
+    def collect(self):
+        with self._lock:
+            counts = dict(self.counts)
+        family = CounterMetricFamily(f"{PREFIX}_events", "Events this node reported, by name.", labels=["event"])
+        for name, n in sorted(counts.items()):
+            family.add_metric([name], float(n))
+        yield family
+
+    def describe(self):
+        return []
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        self.server, _ = start_http_server(port, addr=host, registry=registry)
+        return self.server.server_address[1]
+
+    def close(self) -> None:
+        self.server = _close(self.server)
+
+
+def _close(server) -> None:
+    """Stop a ``start_http_server`` server (None: nothing to stop); returns None."""
+    if server is not None:
+        server.shutdown()
+        server.server_close()
 
 
 class AveragingObserver:
@@ -214,10 +270,7 @@ class PeerMetrics:
         return self.server.server_address[1]
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
+        self.server = _close(self.server)
 
     # --- reading the peer (main loop thread) --------------------------------------------------
 
@@ -288,6 +341,7 @@ class PeerMetrics:
             put("stage_samples", s.samples)
             put("stage_rejected", s.rejected)
             put("stage_discarded", s.discarded)
+            put("stage_clipped", s.clipped)
             put("stage_compute_seconds", s.compute_s)
             put("stage_throughput", s.throughput)
             put("stage_queue_depth", worker.queue_depth)
@@ -306,6 +360,8 @@ class PeerMetrics:
             put("requests_rejected", n, rpc)
         for rpc, n in list(counters.busy.items()):
             put("requests_busy", n, rpc)
+        for reason, n in list(peer.distrust.counts.items()):
+            put("records_distrusted", n, reason)
         return v
 
     def _read_optimizer(self, opt, now: float, put) -> None:

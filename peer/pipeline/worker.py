@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import math
 import queue
 import threading
 import time
@@ -24,6 +25,7 @@ from typing import Callable, Optional
 import torch
 
 from peer.model.llama import LlamaStage, causal_lm_loss
+from peer.pipeline.clipping import MicroBatchClip
 from protocol.rpc import ErrorCode
 
 log = logging.getLogger("swarmtrain.stage")
@@ -63,6 +65,7 @@ class StageStats:
     throughput: float = 0.0  # samples/s through forward+backward, an EMA
     loss_ema: Optional[float] = None
     optimizer_steps: int = 0
+    clipped: int = 0  # micro-batches whose gradient was scaled down to the running bound
 
 
 class StageWorker:
@@ -87,6 +90,7 @@ class StageWorker:
         blocks = getattr(module, "layer_end", 1) - getattr(module, "layer_start", 0)
         self._cost_factor = 4 + 24 * max(1, blocks)
         self.stats = StageStats()
+        self.clip = MicroBatchClip()
         self._cache: "collections.OrderedDict[str, _Cached]" = collections.OrderedDict()
         self._accumulated: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self._tasks: "queue.PriorityQueue" = queue.PriorityQueue()
@@ -275,6 +279,7 @@ class StageWorker:
         if grad_in is not None and not torch.isfinite(grad_in).all():
             raise StageError(ErrorCode.BAD_REQUEST, "input gradients are not finite; micro-batch not accumulated")
         if accumulate:
+            param_grads = self._clipped(param_grads)
             if mb_id in self._accumulated or time.monotonic() > deadline:
                 # Duplicate or too late: the trainer has counted (or retried) it elsewhere.
                 self.stats.discarded += 1
@@ -284,6 +289,16 @@ class StageWorker:
                     self._accumulated.popitem(last=False)
                 self._apply(params, param_grads, batch)
         return None if grad_in is None else grad_in.detach()
+
+    def _clipped(self, param_grads):
+        """The micro-batch's gradients, scaled down to the running bound (``MicroBatchClip``)."""
+        present = [g for g in param_grads if g is not None]
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in present))
+        scale = self.clip.admit(norm)
+        if scale >= 1.0:
+            return param_grads
+        self.stats.clipped += 1
+        return [None if g is None else g * scale for g in param_grads]
 
     def _apply(self, params, param_grads, batch: int) -> None:
         for p, g in zip(params, param_grads):

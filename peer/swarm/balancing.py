@@ -16,7 +16,15 @@ from typing import Optional, Sequence
 
 from protocol.records import ACTIVE_STATES, PeerInfo, PeerState
 
-__all__ = ["RebalancePolicy", "capped_claims", "choose_stage", "plan_move", "stage_throughputs"]
+__all__ = [
+    "RebalancePolicy",
+    "capped_claims",
+    "choose_stage",
+    "overclaims",
+    "plan_move",
+    "stage_throughputs",
+    "without_unproven",
+]
 
 # ACTIVE_STATES: a leaving peer has announced that it is going away: plan as if it were gone.
 
@@ -69,6 +77,23 @@ def capped_claims(peers: Sequence[PeerInfo]) -> list[PeerInfo]:
         return list(peers)
     cap = CLAIM_CAP_FACTOR * figures[(len(figures) - 1) // 2]
     return [p if p.throughput <= cap else dataclasses.replace(p, throughput=cap) for p in peers]
+
+
+def overclaims(peers: Sequence[PeerInfo], num_stages: int) -> list[tuple[str, float, float]]:
+    """(peer id, announced, counted) of each active peer whose claim ``capped_claims`` caps, as
+    the balancing policy sees them (reported: an overclaim is a sign of a lying peer)."""
+    active = sorted(
+        (p for p in peers if p.state in ACTIVE_STATES and 0 <= p.stage < num_stages), key=lambda p: p.peer_id
+    )
+    return [(p.peer_id, p.throughput, c.throughput) for p, c in zip(active, capped_claims(active)) if c != p]
+
+
+def without_unproven(peers: Sequence[PeerInfo], stage: int, proven: set[str], my_peer_id: str) -> list[PeerInfo]:
+    """The snapshot without the records of ``stage``'s other peers that did not prove they serve
+    it (``proven``: the ids that answered as its server). A move out of a stage is planned on
+    this: a record costs nothing to publish, so records alone must never make a peer leave its
+    stage to them (only fakes would serve it then)."""
+    return [p for p in peers if p.stage != stage or p.peer_id == my_peer_id or p.peer_id in proven]
 
 
 def _members(peers: Sequence[PeerInfo], num_stages: int, exclude: Optional[str] = None) -> list[list[PeerInfo]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
@@ -231,10 +231,14 @@ def resolve_spec(
     trusted_keys: Sequence[str] = (),
     require_trust: bool = True,
     timeout: float = 30.0,
+    report_ignored: Optional[Callable[[str, str], None]] = None,
 ) -> RunSpec:
     """The spec of ``run_id`` from the DHT. Anyone can publish a spec under a run id, so a peer
     takes one only when it is pinned by its full digest or signed by one of ``trusted_keys``
-    (PEM public keys); observers (``require_trust=False``) take the only one published."""
+    (PEM public keys); observers (``require_trust=False``) take the only one published.
+
+    ``report_ignored(publisher peer id, text)`` is told of every other spec published under the
+    run id once one is chosen (default: a warning in the log)."""
     if pinned_digest is not None and not DIGEST_RE.fullmatch(pinned_digest.lower()):
         raise SpecError(f"--spec-digest must be the spec's whole digest (64 hex digits), not {pinned_digest[:80]!r}")
     if require_trust and pinned_digest is None and not trusted_keys:
@@ -243,15 +247,26 @@ def resolve_spec(
             "or --trusted-key KEY.pub (a key that signs the run's spec): anyone can publish a spec under a run id"
         )
     deadline = time.monotonic() + timeout
+
+    def chosen(digest: str) -> RunSpec:
+        for publisher, other in published:
+            if other.digest() != digest:
+                text = f"ignoring spec {other.digest()[:16]} of run {run_id!r} published by peer {publisher}: " + (
+                    "not the pinned digest" if pinned_digest is not None else "not signed by a trusted key"
+                )
+                (report_ignored or (lambda _, t: log.warning("%s", t)))(publisher, text)
+        return specs[digest]
+
     while True:
-        specs = {spec.digest(): spec for _, spec in fetch_specs(dht, run_id)}
+        published = fetch_specs(dht, run_id)
+        specs = {spec.digest(): spec for _, spec in published}
         if pinned_digest is not None:
             if pinned_digest.lower() in specs:
-                return specs[pinned_digest.lower()]
+                return chosen(pinned_digest.lower())
         elif trusted_keys:
             signed = {d: fps for d, fps in fetch_spec_signers(dht, run_id, trusted_keys).items() if d in specs}
             if len(signed) == 1:
-                return specs[next(iter(signed))]
+                return chosen(next(iter(signed)))
             if len(signed) > 1:
                 raise SpecError(
                     f"run {run_id!r} has {len(signed)} specs signed by trusted keys "
@@ -288,6 +303,7 @@ def resolve_run_spec(
     trusted_keys: Sequence[str] = (),
     require_trust: bool = True,
     timeout: float = 30.0,
+    report_ignored: Optional[Callable[[str, str], None]] = None,
 ) -> RunSpec:
     """The run's spec from ``--spec`` (a loaded file) or ``--run`` (the DHT), checked against
     ``--spec-digest`` when given: the one place the three options meet."""
@@ -301,6 +317,7 @@ def resolve_run_spec(
             trusted_keys=trusted_keys,
             require_trust=require_trust,
             timeout=timeout,
+            report_ignored=report_ignored,
         )
     if spec_digest and spec.digest() != spec_digest.lower():
         raise SystemExit(f"the spec's digest {spec.digest()} does not match --spec-digest {spec_digest}")
