@@ -524,6 +524,12 @@ def test_keeper_signs_only_what_two_members_agree_on(host, client, spec, keys, s
         swarm.peers = [p.info() for p in (stages[0], stages[1], liar)]
         assert keeper.run_round() is None
         assert "no two of 2 members' states agree" in events.named("keeper_skip")[-1][0]
+        # A lower claim puts the honest member's beyond a two-member group's median: the liar is
+        # then the only member asked, and one member of two is not enough.
+        liar.epoch = 3
+        swarm.peers = [p.info() for p in (stages[0], stages[1], liar)]
+        assert keeper.run_round() is None
+        assert "1 of 2 online members' states to compare" in events.named("keeper_skip")[-1][0]
     finally:
         for p in (honest, liar):
             p.worker.shutdown()

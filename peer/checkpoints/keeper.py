@@ -346,10 +346,12 @@ class Keeper:
     def _pull(self, stage: int, peers) -> Optional[tuple[int, dict, str]]:
         """(epoch, parameters, source) of ``stage``, as its group vouches for it.
 
-        An epoch claim beyond the group's own view (the median claim of the stage's online
-        peers, plus one) is ignored, and so is a state whose epoch goes beyond it. With two or
-        more peers online, two states must agree (``states_agree``) before one is signed: a
-        single member cannot get its own weights signed by claiming the highest epoch."""
+        A peer whose epoch claim is beyond the group's own view (the median claim of the stage's
+        online peers, plus one) is not asked, and a state's epoch counts for that bound at most.
+        With two or more peers online, two states must agree (``states_agree``) before one is
+        signed, however many could be asked: a member cannot get its own weights signed by
+        claiming the highest epoch, nor by claiming a lower one that puts the others' claims
+        beyond the bound (with two members the median is the lower claim)."""
         if not peers:
             self._skip(f"stage {stage} has no online peer", stage=stage)
             return None
@@ -364,15 +366,17 @@ class Keeper:
                     reason=f"epoch claim {p.epoch} > {bound}",
                 )
         candidates = [p for p in peers if p.epoch <= bound]
-        need = 2 if len(candidates) >= 2 else 1
+        need = 2 if len(peers) >= 2 else 1
         errors, pulled = [], []
         for p in candidates[:4]:
             got = self._pull_one(stage, p, errors)
             if got is None:
                 continue
             if got[0] > bound and got[2] != self.swarm.peer_id:  # its own stage's epoch is its own view
-                errors.append(f"{p.peer_id[:16]}: state of epoch {got[0]}, beyond its group's {bound}")
-                continue
+                # The group steps while the keeper reads: a state may be some epochs past the
+                # records read a moment ago (seen refused every round when epochs took a second).
+                # Its epoch counts for the bound at most, so no state raises the signed step.
+                got = (bound, got[1], got[2])
             if need == 1:
                 return got
             for other in pulled:
@@ -381,7 +385,14 @@ class Keeper:
             pulled.append(got)
         if need == 2 and len(pulled) >= 2:
             errors.append(
-                f"no two of {len(pulled)} members' states agree within {self.config.agree_within_updates:g} updates"
+                f"no two of {len(pulled)} members' states agree within {self.config.agree_within_updates:g} updates "
+                f"({', '.join(src for _, _, src in pulled)})"
+            )
+        elif need == 2:
+            beyond = [p.peer_id for p in peers if p.epoch > bound]
+            errors.append(
+                f"{len(pulled)} of {len(peers)} online members' states to compare, two must agree"
+                + (f" (claims beyond the group's view: {', '.join(beyond)})" if beyond else "")
             )
         self._skip(f"stage {stage}: no usable state ({'; '.join(errors) or 'no peer to ask'})", stage=stage)
         return None
