@@ -17,12 +17,25 @@ Modes
   ``bad_request``, or with gradients 64x larger than asked.
 - ``huge-epoch``: a stage group progress record claiming epoch 2**40.
 - ``error-escape``: a fake last stage whose error strings carry terminal escapes and fake log lines.
+- ``fake-online``: an ``online`` record at ``--stage`` claiming 1e9 samples/s with no server
+  behind it, from an identity ground so that its peer id sorts after ``--target``'s (the
+  balancing policy then names the target, not the fake, to leave the stage).
+- ``preclaim``: a fake last stage that learns the trainer's micro-batch ids from the requests it
+  gets, then sends ``--target`` (an honest last stage) cheap accumulating requests under the
+  trainer's next ids, and some claiming 64 samples.
+- ``fake-spec``: a competing spec under the run id, signed by the attacker's own key.
+- ``fake-checkpoints``: 20 checkpoint announcements at step 2**30 for ``--stage`` (the
+  attacker's and 19 other RSA identities), claiming the spec's trusted signer, with a checkpoint
+  server that answers nothing.
+- ``fake-state``: an ``online`` record at ``--stage`` claiming epoch 2**30 (``--epoch same``: the
+  group's own epoch) and a state server that answers with a backdoored stage state.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import struct
 import sys
@@ -38,12 +51,16 @@ from hivemind.optim.progress_tracker import TrainingProgressSchema  # noqa: E402
 from hivemind.p2p import P2P, PeerID  # noqa: E402
 from hivemind.proto import runtime_pb2  # noqa: E402
 from hivemind.utils import get_dht_time  # noqa: E402
+from hivemind.utils.crypto import RSAPrivateKey  # noqa: E402
 from hivemind.utils.streaming import split_for_streaming  # noqa: E402
 
-from peer.swarm.dht import start_dht  # noqa: E402
+from peer.model.llama import LlamaStage  # noqa: E402
+from peer.net.framing import split_message  # noqa: E402
+from peer.swarm.dht import publish_spec, start_dht  # noqa: E402
 from peer.swarm.identity import load_or_create_identity  # noqa: E402
-from protocol import records  # noqa: E402
-from protocol.messages_pb2 import StageRequest, StageResponse  # noqa: E402
+from protocol import records, signing  # noqa: E402
+from protocol.codecs import encode  # noqa: E402
+from protocol.messages_pb2 import StageRequest, StageResponse, StateRequest, StateResponse  # noqa: E402
 from protocol.spec import load_spec  # noqa: E402
 
 END = struct.pack(">I", 0xFFFFFFFF)
@@ -99,6 +116,13 @@ async def send(p2p: P2P, target: str, handler: str, payload: bytes, *, read: boo
         return f"{type(err).__name__}"
     finally:
         writer.close()
+
+
+async def reply_once(writer, message) -> None:
+    """One frame and the end marker."""
+    data = message.SerializeToString()
+    writer.write(struct.pack(">I", len(data)) + data + END)
+    await writer.drain()
 
 
 # --- attacks on a stage server --------------------------------------------------------------
@@ -220,9 +244,7 @@ def fake_stage_handler(spec, mode: str):
                 writer.write(END)
                 await writer.drain()
                 return
-            data = response.SerializeToString()
-            writer.write(struct.pack(">I", len(data)) + data + END)
-            await writer.drain()
+            await reply_once(writer, response)
         except Exception:
             pass
         finally:
@@ -268,6 +290,203 @@ async def huge_epoch(dht, identity_key, spec, stage, seconds):
     return [f"stored {stores} times"]
 
 
+# --- lying records (8, 10, 11, 12) ------------------------------------------------------------
+
+
+def ground_identity(after: str):
+    """An identity whose peer id sorts after ``after``: ids are free, so grinding one is cheap."""
+    while True:
+        identity = load_or_create_identity(None)
+        if str(identity.peer_id) > after:
+            return identity
+
+
+def store_online(dht, identity_key, spec, stage: int, *, epoch: int = 0, throughput: float = 1e9) -> bool:
+    owner = RSASignatureValidator(identity_key).local_public_key
+    record = records.PeerInfo(
+        peer_id="", stage=stage, state="online", throughput=throughput, epoch=epoch, version="0.1.0"
+    ).to_record()
+    key = records.peers_key(spec.run_id, spec.digest())
+    return bool(dht.store(key, record, get_dht_time() + 10, subkey=owner))
+
+
+async def fake_online(dht, identity_key, spec, stage, seconds):
+    deadline = time.monotonic() + seconds
+    stores = 0
+    while time.monotonic() < deadline:
+        stores += store_online(dht, identity_key, spec, stage)
+        await asyncio.sleep(2.0)
+    return [f"announced {stores} times"]
+
+
+async def fake_spec(dht, identity, spec, seconds):
+    key = signing.generate_private_key()
+    fake = spec.model_copy(
+        update={
+            "training": spec.training.model_copy(update={"lr": spec.training.lr * 100}),
+            "trust": spec.trust.model_copy(update={"trusted_keys": (signing.public_key_pem(key),)}),
+        }
+    )
+    deadline = time.monotonic() + seconds
+    stores = 0
+    while time.monotonic() < deadline:
+        stores += publish_spec(dht, identity, fake, ttl=30, signing_key=key)
+        if stores == 1:
+            emit("attacking", digest=fake.digest())
+        await asyncio.sleep(3.0)
+    return [f"published {stores} times"]
+
+
+async def _store_signed_by(_dht, node, key, subkey_prefix: bytes, value, expiration, private_key) -> bool:
+    """Runs inside the DHT process: store a record owned by ``private_key`` (another identity)
+    by signing it with that key, as a node of its own would."""
+    rsa = next(v for v in node.protocol.record_validator._validators if isinstance(v, RSASignatureValidator))
+    saved = rsa._private_key, rsa._local_public_key
+    rsa._private_key = private_key
+    rsa._local_public_key = RSASignatureValidator.PUBLIC_KEY_FORMAT.replace(
+        b"_key_", private_key.get_public_key().to_bytes()
+    )
+    try:
+        return await node.store(key, value, expiration, subkey=subkey_prefix + rsa._local_public_key)
+    finally:
+        rsa._private_key, rsa._local_public_key = saved
+
+
+async def fake_checkpoints(p2p, dht, identity_key, spec, stage, seconds):
+    async def mute(_info, reader, writer):  # reads the request, answers nothing, holds the stream
+        try:
+            await asyncio.wait_for(reader.read(1 << 16), 60)
+            await asyncio.sleep(60)
+        except Exception:
+            pass
+        finally:
+            writer.close()
+
+    await p2p.add_binary_stream_handler("swarmtrain.ckpt", mute)
+    keys = [identity_key] + [RSAPrivateKey() for _ in range(19)]
+    signer = signing.fingerprint(spec.trust.trusted_keys[0])
+    key = records.checkpoints_key(spec.run_id, spec.digest())
+    deadline = time.monotonic() + seconds
+    stores, announced = 0, False
+    while time.monotonic() < deadline:
+        for i, k in enumerate(keys):
+            value = records.CheckpointAnnouncement(
+                stage=stage,
+                step=2**30 + i,
+                manifest_digest=f"{i:064x}",
+                signers=(signer,),
+                files=2,
+                total_bytes=1 << 20,
+            ).to_record()
+            fn = functools.partial(
+                _store_signed_by,
+                key=key,
+                subkey_prefix=str(stage).encode(),
+                value=value,
+                expiration=get_dht_time() + 20,
+                private_key=k,
+            )
+            stores += bool(dht.run_coroutine(fn))
+        if stores and not announced:
+            announced = True
+            emit("attacking", stores=stores)
+        await asyncio.sleep(5.0)
+    return [f"announced {stores} times"]
+
+
+def group_epoch(dht, spec, stage: int) -> int:
+    found = dht.get(records.peers_key(spec.run_id, spec.digest()), latest=True)
+    epochs = []
+    for item in (found.value if found is not None and isinstance(found.value, dict) else {}).values():
+        value = item.value
+        if isinstance(value, dict) and value.get("stage") == stage and value.get("state") == "online":
+            epochs.append(int(value.get("epoch", 0)))
+    return max(epochs, default=0)
+
+
+async def fake_state(p2p, dht, identity_key, spec, stage, seconds, same_epoch: bool):
+    module = LlamaStage.from_spec(spec, stage)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.02)  # a "backdoor": finite, loss barely moved, not what the group trained
+    names = [n for n, _ in module.named_parameters()]
+    protos = [encode(p.detach(), "none") for _, p in module.named_parameters()]
+    claimed = {"epoch": 2**30}
+
+    async def serve_state(_info, reader, writer):
+        try:
+            (length,) = struct.unpack(">I", await reader.readexactly(4))
+            StateRequest().ParseFromString(await reader.readexactly(length))
+            await reader.readexactly(4)  # the end marker
+            header = StateResponse(spec_digest=spec.digest(), stage=stage, epoch=claimed["epoch"])
+            for message in split_message(header, names, protos):
+                data = message.SerializeToString()
+                writer.write(struct.pack(">I", len(data)) + data)
+                await writer.drain()
+            writer.write(END)
+            await writer.drain()
+        except Exception:
+            pass
+        finally:
+            writer.close()
+
+    await p2p.add_binary_stream_handler("swarmtrain.state", serve_state)
+    deadline = time.monotonic() + seconds
+    stores = 0
+    while time.monotonic() < deadline:
+        if same_epoch:
+            claimed["epoch"] = group_epoch(dht, spec, stage)
+        stores += store_online(dht, identity_key, spec, stage, epoch=claimed["epoch"], throughput=1.0)
+        if stores == 1:
+            emit("attacking", epoch=claimed["epoch"])
+        await asyncio.sleep(2.0)
+    return [f"announced {stores} times, last at epoch {claimed['epoch']}"]
+
+
+# --- pre-claimed micro-batch ids (9) ------------------------------------------------------------
+
+
+async def preclaim(p2p, dht, identity_key, spec, target, stage, seconds):
+    mb, seq, hidden = spec.training.micro_batch_size, spec.training.seq_len, spec.model.hidden_size
+    seen: list[str] = []
+
+    async def learn(_info, reader, writer):
+        try:
+            (length,) = struct.unpack(">I", await reader.readexactly(4))
+            msg = StageRequest()
+            msg.ParseFromString(await reader.readexactly(length))
+            seen.append(msg.microbatch_id)
+            await reply_once(writer, StageResponse(error="no", error_code="internal"))
+        except Exception:
+            pass
+        finally:
+            writer.close()
+
+    await p2p.add_binary_stream_handler(FORWARD, learn)
+    deadline = time.monotonic() + seconds
+    results: list[str] = []
+    claimed: set[str] = set()
+    while time.monotonic() < deadline:
+        if not seen:
+            store_online(dht, identity_key, spec, stage)
+            await asyncio.sleep(1.0)
+            continue
+        tag, _, counter = seen[-1].rpartition("-")
+        for i in range(int(counter) + 1, int(counter) + 40):
+            mb_id = f"{tag}-{i}"
+            if mb_id in claimed or time.monotonic() > deadline:
+                continue
+            claimed.add(mb_id)
+            batch = 64 if i % 8 == 0 else mb  # every 8th claims 64 samples
+            inputs = raw_tensor([batch, seq, hidden])
+            labels = raw_tensor([batch, seq], dtype="int64", buffer=bytes(8 * batch * seq))
+            payload = frame(request(spec, stage, mb_id, {"inputs": inputs, "labels": labels})) + END
+            results.append(await send(p2p, target, FORWARD, payload))
+        await asyncio.sleep(0.5)
+    results.append(f"learned {len(seen)} ids, pre-claimed {len(claimed)}")
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode")
@@ -280,7 +499,7 @@ def main() -> None:
     spec = load_spec(args.spec)
     # Joining the DHT with an identity of its own (the same RSA key signs its records and names
     # its libp2p peer id, as for any peer); what it then sends is its own.
-    identity = load_or_create_identity(None)
+    identity = ground_identity(args.target) if args.mode == "fake-online" else load_or_create_identity(None)
     key = identity.private_key
     run_id = records.averaging_run_id(spec.run_id, spec.digest(), args.stage)
     validators = [
@@ -305,6 +524,17 @@ def main() -> None:
         result = loop.run_until_complete(fake_stage(p2p, dht, key, spec, which, args.seconds))
     elif mode == "huge-epoch":
         result = loop.run_until_complete(huge_epoch(dht, key, spec, args.stage, args.seconds))
+    elif mode == "fake-online":
+        result = loop.run_until_complete(fake_online(dht, key, spec, args.stage, args.seconds))
+    elif mode == "preclaim":
+        result = loop.run_until_complete(preclaim(p2p, dht, key, spec, args.target, args.stage, args.seconds))
+    elif mode == "fake-spec":
+        result = loop.run_until_complete(fake_spec(dht, identity, spec, args.seconds))
+    elif mode == "fake-checkpoints":
+        result = loop.run_until_complete(fake_checkpoints(p2p, dht, key, spec, args.stage, args.seconds))
+    elif mode in ("fake-state", "fake-state-same"):
+        same = mode == "fake-state-same"
+        result = loop.run_until_complete(fake_state(p2p, dht, key, spec, args.stage, args.seconds, same))
     else:
         raise SystemExit(f"unknown mode {mode}")
     counts: dict[str, int] = {}
