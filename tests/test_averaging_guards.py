@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hivemind.averaging import allreduce, partition
+from hivemind.averaging import allreduce, averager, partition
 from hivemind.proto import runtime_pb2
 
 from peer.averaging import guards
@@ -50,5 +50,7 @@ def test_parts_are_checked_before_hivemind_deserializes_them():
     bad = runtime_pb2.Tensor(compression=runtime_pb2.FLOAT16, dtype="(250000000,)f8", size=[1, 2, 16], buffer=bytes(16))
     with pytest.raises(TensorRejected):
         allreduce.deserialize_torch_tensor(bad)
+    with pytest.raises(TensorRejected):  # the live state download decodes with the same check
+        averager.deserialize_torch_tensor(bad)
     good = encode(torch.randn(8, 4096), "blockwise8bit")
     assert allreduce.deserialize_torch_tensor(good).shape == (8, 4096)

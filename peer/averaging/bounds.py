@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from hivemind.optim.progress_tracker import LocalTrainingProgress, ProgressTracker
+from hivemind.p2p import PeerID
 
 from protocol.records import MAX_EPOCH  # no epoch above it is believed
 
@@ -24,6 +25,11 @@ class BoundedProgressTracker(ProgressTracker):
         self._dropped: set[bytes] = set()
         super().__init__(*args, **kwargs)
 
+    @property
+    def ignored_signers(self) -> int:
+        """Distinct peers whose progress record was ignored for claiming too high an epoch."""
+        return len(self._dropped)
+
     def _parse_swarm_progress_data(self, metadata):
         if isinstance(metadata, dict):
             bound = min(self.local_progress.epoch + self.max_epoch_lead, MAX_EPOCH)
@@ -35,9 +41,9 @@ class BoundedProgressTracker(ProgressTracker):
                     if signer not in self._dropped and len(self._dropped) < 1024:
                         self._dropped.add(signer)
                         log.warning(
-                            "ignoring the progress record of %s: it claims epoch %d, more than %d ahead of this "
-                            "peer's %d",
-                            signer.hex()[:16],
+                            "ignoring the progress record of peer %s: it claims epoch %d, more than %d ahead of "
+                            "this peer's %d",
+                            _peer_name(signer),
                             claim.epoch,
                             self.max_epoch_lead,
                             self.local_progress.epoch,
@@ -74,3 +80,10 @@ def update_scheduler_fast(state_averager) -> None:
     for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, lambdas):
         group["lr"] = base * fn(target)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
+def _peer_name(peer_id: bytes) -> str:
+    try:
+        return PeerID(peer_id).to_base58()
+    except Exception:  # not a peer id: the record's signer is named by its bytes
+        return peer_id.hex()[:32]

@@ -7,7 +7,9 @@ member skip every step. ``install`` (called before the averagers fork, so that t
 processes inherit it) puts three checks in front of that:
 
 - a received part goes through ``protocol.codecs.check_buffer`` before it is deserialized (a
-  refused part fails that sender's stream, and hivemind excludes the sender from the round);
+  refused part fails that sender's stream, and hivemind excludes the sender from the round),
+  and so does every tensor of a live state downloaded from a member (a refused one makes the
+  download try the next member);
 - a part that is not finite counts with weight 0 (the others' average is unchanged);
 - a claimed weight counts for at most ``max_weight`` (the spec's target batch size: no member
   accumulates more samples than the whole group needs for a step), and a negative or
@@ -20,7 +22,7 @@ import logging
 import math
 
 import torch
-from hivemind.averaging import allreduce, partition
+from hivemind.averaging import allreduce, averager, partition
 
 from protocol.codecs import TensorRejected, check_buffer
 
@@ -46,6 +48,7 @@ def install(*, max_weight: float) -> None:
         return original_deserialize(proto)
 
     allreduce.deserialize_torch_tensor = checked_deserialize
+    averager.deserialize_torch_tensor = checked_deserialize  # live state downloaded from a member
 
     original_accumulate = partition.TensorPartReducer.accumulate_part
 

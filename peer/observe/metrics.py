@@ -108,7 +108,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "counter",
         "Peers whose DHT record was not taken at its word: a capped throughput claim (claim_capped), "
         "a stage-mate with no server behind its record (no_server), a checkpoint announced beyond its "
-        "group's progress (checkpoint_step), a spec under the run id neither pinned nor trusted (spec).",
+        "group's progress (checkpoint_step), a spec under the run id neither pinned nor trusted (spec), "
+        "a progress record claiming an epoch far ahead (epoch; counted per stage opened).",
         ("reason",),
     ),
     "requests_busy": (
@@ -396,6 +397,9 @@ class PeerMetrics:
         tracker = getattr(opt, "tracker", None)
         if tracker is not None:
             put("global_epoch", tracker.global_epoch)
+            ignored = getattr(tracker, "ignored_signers", None)
+            if ignored is not None:
+                put("records_distrusted", ignored, "epoch")
         averager = getattr(opt, "grad_averager", None)
         if averager is not None:
             put("samples_accumulated", averager.local_samples_accumulated)

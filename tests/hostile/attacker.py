@@ -271,14 +271,14 @@ async def fake_stage(p2p, dht, identity_key, spec, mode, seconds):
 # --- a lying progress record ------------------------------------------------------------------
 
 
-async def huge_epoch(dht, identity_key, spec, stage, seconds):
+async def huge_epoch(dht, identity_key, peer_id: bytes, spec, stage, seconds):
     prefix = records.averaging_run_id(spec.run_id, spec.digest(), stage)
     owner = RSASignatureValidator(identity_key).local_public_key
     deadline = time.monotonic() + seconds
     stores = 0
     while time.monotonic() < deadline:
         value = dict(
-            peer_id=owner,
+            peer_id=peer_id,
             epoch=2**40,
             samples_accumulated=10**6,
             samples_per_second=1e6,
@@ -523,7 +523,7 @@ def main() -> None:
         which = "escape" if mode == "error-escape" else mode.rsplit("-", 1)[1]
         result = loop.run_until_complete(fake_stage(p2p, dht, key, spec, which, args.seconds))
     elif mode == "huge-epoch":
-        result = loop.run_until_complete(huge_epoch(dht, key, spec, args.stage, args.seconds))
+        result = loop.run_until_complete(huge_epoch(dht, key, p2p.peer_id.to_bytes(), spec, args.stage, args.seconds))
     elif mode == "fake-online":
         result = loop.run_until_complete(fake_online(dht, key, spec, args.stage, args.seconds))
     elif mode == "preclaim":

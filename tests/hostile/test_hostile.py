@@ -307,7 +307,8 @@ def test_07_a_progress_record_claiming_epoch_2_pow_40_is_ignored(victims):
     attacker, results = v.attack("huge-epoch", stage=1, seconds=15)
     watch.check()
     assert v.counter("s1", "epoch") < 10_000
-    assert logged(v, "s1", "claims epoch 1099511627776")
+    assert logged(v, "s1", f"ignoring the progress record of peer {attacker}: it claims epoch 1099511627776")
+    assert v.counter("s1", "records_distrusted_total", reason="epoch") >= 1
 
 
 # --- 8: records with nobody behind them ----------------------------------------------------------
