@@ -1,0 +1,131 @@
+"""Outer rounds' trust: signed contributions and holdings, the agreement rule, the outer step
+(peer.averaging.contribution, peer.averaging.outer_step)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hivemind.utils.crypto import RSAPrivateKey
+
+from peer.averaging.contribution import (
+    Contribution,
+    ContributionRejected,
+    Holding,
+    NoQuorum,
+    agreed_set,
+    blob_digest,
+)
+from peer.averaging.outer_step import OuterNesterov
+from peer.swarm.identity import peer_id_of_ssh_public_key
+
+RUN = "r.0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def members():
+    keys = [RSAPrivateKey() for _ in range(4)]
+    return [(k, peer_id_of_ssh_public_key(k.get_public_key().to_bytes())) for k in keys]
+
+
+def contribution(member, blob=b"update", round_=3, weight=64.0):
+    key, author = member
+    return Contribution.sign(key, run=RUN, stage=1, round_=round_, author=author, weight=weight, blob=blob)
+
+
+def test_a_signed_contribution_verifies_from_any_source(members):
+    c = contribution(members[0])
+    c.verify(run=RUN, stage=1, round_=3, blob=b"update")
+    c.verify(run=RUN, stage=1, round_=3)  # the announcement alone, before the bytes are fetched
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(weight=1e9), "does not verify"),  # a claim changed after signing
+        (dict(round=4), "not this round"),
+        (dict(run="other.0123456789abcdef"), "not this round"),
+        (dict(digest="0" * 64), "does not verify"),
+        (dict(digest="zz"), "64 hex digits"),
+        (dict(weight=float("nan")), "not a number"),
+        (dict(signature=b"\x00" * 256), "does not verify"),
+        (dict(public_key=b"garbage"), "unreadable public key"),
+    ],
+)
+def test_a_tampered_contribution_is_refused(members, change, message):
+    c = dataclasses.replace(contribution(members[0]), **change)
+    with pytest.raises(ContributionRejected, match=message):
+        c.verify(run=RUN, stage=1, round_=3)
+
+
+def test_a_contribution_in_another_members_name_or_with_other_bytes_is_refused(members):
+    mine = contribution(members[0])
+    # Re-signed by member 1 but naming member 0 as its author.
+    forged = Contribution.sign(members[1][0], run=RUN, stage=1, round_=3, author=members[0][1], weight=64.0, blob=b"x")
+    with pytest.raises(ContributionRejected, match="not by its author"):
+        forged.verify(run=RUN, stage=1, round_=3)
+    with pytest.raises(ContributionRejected, match="do not match the signed digest"):
+        mine.verify(run=RUN, stage=1, round_=3, blob=b"other bytes")
+
+
+def holding(member, digests, round_=3):
+    key, peer_id = member
+    return Holding.sign(key, run=RUN, stage=1, round_=round_, member=peer_id, digests=digests)
+
+
+def test_holdings_verify_and_refuse_tampering(members):
+    d = [blob_digest(bytes([i])) for i in range(3)]
+    h = holding(members[0], d)
+    h.verify(run=RUN, stage=1, round_=3)
+    with pytest.raises(ContributionRejected, match="does not verify"):
+        dataclasses.replace(h, digests=tuple(sorted(d[:2]))).verify(run=RUN, stage=1, round_=3)
+    with pytest.raises(ContributionRejected, match="sorted"):
+        dataclasses.replace(h, digests=tuple(reversed(h.digests))).verify(run=RUN, stage=1, round_=3)
+
+
+def test_the_agreed_set_is_what_most_contributors_hold(members):
+    ids = [m[1] for m in members]
+    a, b, c, late = (blob_digest(bytes([i])) for i in range(4))
+    holdings = [
+        holding(members[0], [a, b, c, late]),  # saw the late one in time
+        holding(members[1], [a, b, c]),
+        holding(members[2], [a, b, c]),
+        holding(members[3], [a, b, c, late]),
+    ]
+    assert agreed_set(holdings, ids) == {a, b, c}  # 'late' is held by 2 of 4: not a majority
+    # The same answer whatever order the holdings were read in.
+    assert agreed_set(list(reversed(holdings)), ids) == {a, b, c}
+    # A stranger's holdings (and a second holding of a member) do not count.
+    stranger = (RSAPrivateKey(), None)
+    stranger = (stranger[0], peer_id_of_ssh_public_key(stranger[0].get_public_key().to_bytes()))
+    extra = [holding(stranger, [late]) for _ in range(5)] + [holding(members[1], [late])]
+    assert agreed_set(holdings + extra, ids) == {a, b, c}
+    # Two of four contributors said what they hold: no decision.
+    with pytest.raises(NoQuorum):
+        agreed_set(holdings[:2], ids)
+
+
+def test_the_outer_step_is_nesterov_and_the_same_bits_with_any_thread_count():
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal(10_000).astype(np.float32)
+    updates = [rng.standard_normal(10_000).astype(np.float32) * 1e-2 for _ in range(3)]
+    results = set()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        opt, w = OuterNesterov(lr=0.7, momentum=0.9), start
+        for u in updates:
+            w = opt.step(w, u)
+        results.add(w.tobytes())
+    torch.set_num_threads(1)
+    assert len(results) == 1
+    # Against a float64 reading of the same rule.
+    m = np.zeros(10_000)
+    ref = start.astype(np.float64)
+    for u in updates:
+        m = 0.9 * m + u
+        ref = ref - 0.7 * (u + 0.9 * m)
+    assert np.allclose(np.frombuffer(results.pop(), dtype=np.float32), ref, atol=1e-5)
+    with pytest.raises(ValueError):
+        OuterNesterov(lr=0.7).step(start, updates[0][:10])
