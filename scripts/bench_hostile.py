@@ -8,6 +8,8 @@ a 2x2 swarm's tokens/s on this code against the code before the defences, side b
   shape arriving at a stage: the time to check and decode it (``Limits.check_inputs``: the
   buffer checks, hivemind's deserializer, shape and finiteness) against hivemind's bare
   deserializer alone and against the stage's forward+backward on it (median of repeats).
+  Also the per micro-batch gradient clip (``pipeline.clipping.grad_norm`` over the stage's
+  parameter gradients) next to the same compute.
 - ``cache_entry``: the memory one cached forward holds on stage 0 (RSS growth over kept
   forwards) next to the estimate the worker's forward-cache byte budget counts.
 - ``swarm``: a bootstrap and 2 stages x 2 peers (both stage-0 peers train) on the tiny preset,
@@ -37,6 +39,7 @@ from hivemind.compression import deserialize_torch_tensor  # noqa: E402
 from peer.data import stdlib_text_path  # noqa: E402
 from peer.dev.launcher import SWARMTRAIN, Cluster  # noqa: E402
 from peer.model.llama import LlamaStage, causal_lm_loss  # noqa: E402
+from peer.pipeline.clipping import grad_norm  # noqa: E402
 from peer.pipeline.server import Limits  # noqa: E402
 from protocol.codecs import encode  # noqa: E402
 from protocol.spec import preset_spec  # noqa: E402
@@ -75,6 +78,8 @@ def validation(preset: str, codec: str, repeats: int) -> dict:
     checked = _median_ms(lambda: limits.check_inputs(proto), repeats)
     bare = _median_ms(lambda: deserialize_torch_tensor(proto), repeats)
     compute_ms = _median_ms(compute, max(3, repeats // 4))
+    grads = [p.grad for p in module.parameters()]
+    clip_ms = _median_ms(lambda: grad_norm(grads), repeats)  # the per micro-batch clip's cost
     return dict(
         preset=preset,
         codec=codec,
@@ -84,6 +89,8 @@ def validation(preset: str, codec: str, repeats: int) -> dict:
         compute_ms=compute_ms,
         validate_over_compute=checked / compute_ms,
         checks_over_bare=(checked - bare) / compute_ms,
+        clip_ms=clip_ms,
+        clip_over_compute=clip_ms / compute_ms,
     )
 
 
@@ -194,7 +201,8 @@ def main() -> int:
             fig = validation(preset, codec, repeats=5 if args.quick else 50)
             say(
                 f"validation {preset} {codec}: {fig['validate_ms']:.2f} ms checked, {fig['bare_deserialize_ms']:.2f} ms "
-                f"bare, {fig['compute_ms']:.1f} ms compute ({100 * fig['validate_over_compute']:.1f}%)"
+                f"bare, {fig['compute_ms']:.1f} ms compute ({100 * fig['validate_over_compute']:.1f}%); gradient "
+                f"clip {fig['clip_ms']:.2f} ms ({100 * fig['clip_over_compute']:.1f}%)"
             )
             emit("hostile", "validation", **fig)
     if args.no_swarm:

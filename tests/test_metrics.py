@@ -74,7 +74,15 @@ def fake_peer():
     )
     worker = SimpleNamespace(
         stats=SimpleNamespace(
-            forward=0, backward=0, samples=0, rejected=0, discarded=0, clipped=0, compute_s=0.0, throughput=0.0, loss_ema=None
+            forward=0,
+            backward=0,
+            samples=0,
+            rejected=0,
+            discarded=0,
+            clipped=0,
+            compute_s=0.0,
+            throughput=0.0,
+            loss_ema=None,
         ),
         queue_depth=3,
     )

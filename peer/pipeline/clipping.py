@@ -14,7 +14,12 @@ import collections
 import math
 from typing import Optional
 
-__all__ = ["MicroBatchClip"]
+__all__ = ["MicroBatchClip", "grad_norm"]
+
+
+def grad_norm(grads) -> float:
+    """The L2 norm over a micro-batch's parameter gradients (None entries skipped), in float64."""
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
 
 
 class MicroBatchClip:

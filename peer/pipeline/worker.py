@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import math
 import queue
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from peer.model.llama import LlamaStage, causal_lm_loss
-from peer.pipeline.clipping import MicroBatchClip
+from peer.pipeline.clipping import MicroBatchClip, grad_norm
 from protocol.rpc import ErrorCode
 
 log = logging.getLogger("swarmtrain.stage")
@@ -292,9 +291,7 @@ class StageWorker:
 
     def _clipped(self, param_grads):
         """The micro-batch's gradients, scaled down to the running bound (``MicroBatchClip``)."""
-        present = [g for g in param_grads if g is not None]
-        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in present))
-        scale = self.clip.admit(norm)
+        scale = self.clip.admit(grad_norm(param_grads))
         if scale >= 1.0:
             return param_grads
         self.stats.clipped += 1
