@@ -69,6 +69,12 @@ def peers_key(run_id: str, digest: str) -> str:
     return f"{run_prefix(run_id, digest)}_peers"
 
 
+def outer_key(run_id: str, digest: str, *, holdings: bool = False) -> str:
+    """Outer rounds' contributions (or holdings) of every stage; subkey ``b"<stage>:<round>"``
+    plus the owner marker of the member."""
+    return f"{run_prefix(run_id, digest)}_{'outerheld' if holdings else 'outer'}"
+
+
 def checkpoints_key(run_id: str, digest: str) -> str:
     """One key for all stages; the subkey is ``b"<stage>" + owner marker`` of the announcer."""
     return f"{run_prefix(run_id, digest)}_checkpoints"
@@ -139,6 +145,34 @@ class SpecRecordModel(pydantic.BaseModel):
 
 
 _OwnedSubkey = conbytes(regex=rb"^[0-9]{0,5}" + RSASignatureValidator.PUBLIC_KEY_REGEX + rb"$")
+# "<stage>:<round>" + owner: one entry per member and round of a stage group's outer rounds.
+_RoundSubkey = conbytes(regex=rb"^[0-9]{1,5}:[0-9]{1,10}" + RSASignatureValidator.PUBLIC_KEY_REGEX + rb"$")
+
+
+class OuterContributionModel(pydantic.BaseModel):
+    """A member's signed contribution to an outer round (``peer.averaging.contribution``)."""
+
+    author: pydantic.constr(min_length=1, max_length=64)
+    weight: pydantic.confloat(ge=0, le=1e12)
+    digest: pydantic.constr(regex=r"^[0-9a-f]{64}$")
+    nbytes: pydantic.conint(ge=1, le=2**31)
+    public_key: pydantic.conbytes(min_length=16, max_length=2048)
+    signature: pydantic.conbytes(min_length=16, max_length=1024)
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
+class OuterHoldingModel(pydantic.BaseModel):
+    """The contribution digests a member held at a round's deadline, signed by it."""
+
+    member: pydantic.constr(min_length=1, max_length=64)
+    digests: pydantic.conlist(pydantic.constr(regex=r"^[0-9a-f]{64}$"), max_items=1024)
+    public_key: pydantic.conbytes(min_length=16, max_length=2048)
+    signature: pydantic.conbytes(min_length=16, max_length=1024)
+
+    class Config:
+        extra = pydantic.Extra.forbid
 
 
 class RunSchema(pydantic.BaseModel):
@@ -146,6 +180,8 @@ class RunSchema(pydantic.BaseModel):
 
     peers: Dict[_OwnedSubkey, Optional[PeerRecordModel]]
     checkpoints: Dict[_OwnedSubkey, Optional[CheckpointAnnouncementModel]]
+    outer: Dict[_RoundSubkey, Optional[OuterContributionModel]]
+    outerheld: Dict[_RoundSubkey, Optional[OuterHoldingModel]]
 
 
 class SpecSignatureModel(pydantic.BaseModel):

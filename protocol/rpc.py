@@ -16,6 +16,7 @@ BACKWARD = "swarmtrain.backward"  # StageRequest -> StageResponse (grad_inputs)
 INFO = "swarmtrain.info"  # InfoRequest -> InfoResponse
 STATE = "swarmtrain.state"  # StateRequest -> StateResponse: the stage's parameters, for the keeper
 CKPT = "swarmtrain.ckpt"  # CkptRequest -> CkptResponse: list or read a checkpoint's files
+OUTER = "swarmtrain.outer"  # OuterRequest -> OuterResponse: one contribution of an outer round
 
 # Framing.
 FRAME_HEADER_BYTES = 4

@@ -25,7 +25,7 @@ log = logging.getLogger("swarmtrain.dht")
 
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
-_OWNER_RE = re.compile(rb"^([0-9]{0,5})\[owner:(.+?)\]$")
+_OWNER_RE = re.compile(rb"^([0-9]{0,5}(?::[0-9]{1,10})?)\[owner:(.+?)\]$")
 
 
 def owner_of(subkey) -> Optional[tuple[str, str]]:
