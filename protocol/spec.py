@@ -40,6 +40,27 @@ class _Strict(BaseModel):
         return _canonical(self, self.model_dump(mode="json"))
 
 
+class RopeScaling(_Strict):
+    """RoPE frequency scaling, in Hugging Face's ``rope_scaling`` names: ``linear`` divides every
+    frequency by ``factor``; ``llama3`` (Llama 3.1 and later) divides the low frequencies by it,
+    keeps the high ones, and ramps smoothly between."""
+
+    rope_type: Literal["linear", "llama3"]
+    factor: float = Field(gt=0)
+    low_freq_factor: float = Field(default=1.0, gt=0)
+    high_freq_factor: float = Field(default=4.0, gt=0)
+    original_max_position_embeddings: int = Field(default=8192, gt=0)
+
+    @model_validator(mode="after")
+    def _ramp(self) -> "RopeScaling":
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must exceed low_freq_factor "
+                f"({self.low_freq_factor})"
+            )
+        return self
+
+
 class ModelSpec(_Strict):
     """Llama-family architecture, in Hugging Face ``LlamaConfig`` field names."""
 
@@ -70,10 +91,13 @@ class ModelSpec(_Strict):
     max_position_embeddings: int = Field(default=2048, gt=0)
     tie_word_embeddings: bool = False
     initializer_range: float = Field(default=0.02, gt=0)
+    # Per-head width when it is not hidden_size / num_attention_heads (some Llama checkpoints).
+    head_dim: Optional[int] = Field(default=None, gt=0)
+    rope_scaling: Optional[RopeScaling] = None
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelSpec":
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.num_attention_heads ({self.num_attention_heads}) must divide "
                 f"model.hidden_size ({self.hidden_size})"
@@ -83,13 +107,14 @@ class ModelSpec(_Strict):
                 f"model.num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"model.num_attention_heads ({self.num_attention_heads})"
             )
-        if (self.hidden_size // self.num_attention_heads) % 2:
-            raise ValueError("model.hidden_size / model.num_attention_heads must be even for RoPE")
+        if self.attn_head_dim % 2:
+            raise ValueError(f"the attention head width ({self.attn_head_dim}) must be even for RoPE")
         return self
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def attn_head_dim(self) -> int:
+        """The width of one attention head: ``head_dim``, or hidden_size / num_attention_heads."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def hf_config_dict(self) -> dict:
         """The ``config.json`` of a Hugging Face ``LlamaForCausalLM`` with this architecture."""
@@ -102,8 +127,8 @@ class ModelSpec(_Strict):
             "torch_dtype": "float32",
             "bos_token_id": None,
             "eos_token_id": None,
-            "head_dim": self.head_dim,
-            **self.model_dump(),
+            **_drop_none(self.model_dump(mode="json")),
+            "head_dim": self.attn_head_dim,
         }
 
 

@@ -209,9 +209,19 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(
+        json.dumps({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}})
+    )
+    with pytest.raises(CheckpointError, match="rope_scaling.rope_type is 'yarn'"):
+        load_stage_from_hf(tmp_path, spec, 0)
+    (tmp_path / "config.json").write_text(
         json.dumps({**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}})
     )
-    with pytest.raises(CheckpointError, match="RoPE type is 'llama3'"):
+    with pytest.raises(CheckpointError, match="RoPE scaling 'llama3' without factor"):
+        load_stage_from_hf(tmp_path, spec, 0)
+    # A scaling the spec does not have is a mismatch, named by its field.
+    scaled = {"rope_type": "llama3", "rope_theta": config.get("rope_theta", 1e4), "factor": 8.0}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": scaled}))
+    with pytest.raises(CheckpointError, match="rope_scaling is .* in config.json but None in the run spec"):
         load_stage_from_hf(tmp_path, spec, 0)
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
     with pytest.raises(CheckpointError, match="model_type is 'qwen2'"):
@@ -279,3 +289,35 @@ def test_stage_file_round_trip_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match="contains NaN"):
         save_stage_safetensors(stage, tmp_path / "nan.safetensors")
     assert not (tmp_path / "nan.safetensors").exists()
+
+
+def test_head_dim_and_llama3_rope_scaling_are_read_from_a_transformers_config(tmp_path):
+    """What a Llama 3 config.json says (as transformers itself saves it) becomes the spec's."""
+    import transformers
+
+    from peer.model.hf_io import config_from_hf
+    from protocol.spec import ModelSpec
+
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    cfg = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        rope_theta=5e5,
+        rope_scaling=dict(rope),  # transformers adds rope_theta to the dict it is given
+    )
+    cfg.save_pretrained(tmp_path)
+    model = ModelSpec(**config_from_hf(tmp_path))
+    assert model.attn_head_dim == 24 and model.head_dim == 24
+    assert model.rope_scaling is not None and model.rope_scaling.model_dump() == rope
+    assert model.rope_theta == 5e5

@@ -71,6 +71,23 @@ PARITY_CASES = {
     "gqa-4to1": ([(0, 3), (3, 4)], {"num_key_value_heads": 1}),
     "tied-one-stage": ([(0, 4)], {"tie_word_embeddings": True}),
     "tied-two-stages": ([(0, 1), (1, 4)], {"tie_word_embeddings": True}),
+    # What Llama checkpoints use beyond the defaults: a head width other than hidden / heads,
+    # and RoPE scaling (Llama 3.1's, with an original context short enough to bend the test's).
+    "head-dim-24": ([(0, 2), (2, 4)], {"head_dim": 24}),
+    "rope-linear": ([(0, 2), (2, 4)], {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    "rope-llama3": (
+        [(0, 1), (1, 4)],
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "head_dim": 16,
+        },
+    ),
 }
 
 
@@ -101,6 +118,28 @@ def test_matches_hf_logits_loss_and_grads(case):
     assert ours.keys() == hf_grads.keys()
     for name, grad in ours.items():
         assert_rel_close(grad, hf_grads[name], f"grad of {name}")
+
+
+def test_scaled_rope_really_changes_the_frequencies():
+    from peer.model.llama import rope_inv_freq
+
+    plain = make_spec([(0, 2)], rope_theta=5000.0).model
+    scaled = make_spec(
+        [(0, 2)],
+        rope_theta=5000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64},
+    ).model
+    a, b = rope_inv_freq(plain), rope_inv_freq(scaled)
+    assert torch.equal(a[:2], b[:2]) and torch.allclose(a[-1] / 8, b[-1])  # high kept, low scaled
+
+
+def test_a_spec_refuses_rope_scaling_it_cannot_compute():
+    from protocol.spec import SpecError
+
+    with pytest.raises((SpecError, ValueError), match="rope_type"):
+        make_spec([(0, 2)], rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises((SpecError, ValueError), match="high_freq_factor"):
+        make_spec([(0, 2)], rope_scaling={"rope_type": "llama3", "factor": 2.0, "high_freq_factor": 0.5})
 
 
 def test_tied_single_stage_shares_one_parameter():

@@ -40,7 +40,13 @@ ARCH_FIELDS = (
     "rope_theta",
     "max_position_embeddings",
     "tie_word_embeddings",
+    "head_dim",
+    "rope_scaling",
 )
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 class CheckpointError(ValueError):
@@ -74,14 +80,21 @@ def config_from_hf(hf_dir: str | Path) -> dict:
     # transformers 5 nests RoPE settings in rope_parameters; 4.x has rope_theta and rope_scaling.
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise unsupported(f"RoPE type is {rope_type!r} (only 'default' is implemented)")
+    scaling = None
+    if rope_type in ROPE_SCALING_KEYS:
+        missing = [k for k in ROPE_SCALING_KEYS[rope_type][:1] if k not in rope]
+        if missing:
+            raise CheckpointError(f"{path}: RoPE scaling {rope_type!r} without {', '.join(missing)}")
+        scaling = {"rope_type": rope_type, **{k: rope[k] for k in ROPE_SCALING_KEYS[rope_type] if k in rope}}
+    elif rope_type != "default":
+        raise unsupported(f"rope_scaling.rope_type is {rope_type!r} (implemented: default, linear, llama3)")
     missing = [f for f in ARCH_FIELDS[:5] if f not in cfg]
     if missing:
         raise CheckpointError(f"{path}: missing field(s) {', '.join(missing)}")
     heads = cfg["num_attention_heads"]
-    if cfg.get("head_dim") not in (None, cfg["hidden_size"] // heads):
-        raise unsupported(f"head_dim is {cfg['head_dim']}, not hidden_size / num_attention_heads")
+    head_dim = cfg.get("head_dim")
+    if head_dim == cfg["hidden_size"] // heads:
+        head_dim = None  # the default width, spelled out
     # Defaults are LlamaConfig's, for configs that leave fields out.
     return dict(
         vocab_size=cfg["vocab_size"],
@@ -95,13 +108,18 @@ def config_from_hf(hf_dir: str | Path) -> dict:
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         initializer_range=cfg.get("initializer_range", 0.02),
+        head_dim=head_dim,
+        rope_scaling=scaling,
     )
 
 
 def _check_config(hf: dict, spec: RunSpec, hf_dir: Path) -> None:
     problems = []
     for field in ARCH_FIELDS:
-        theirs, ours = hf[field], getattr(spec.model, field)
+        theirs, ours = hf.get(field), getattr(spec.model, field)
+        if hasattr(ours, "model_dump"):  # rope_scaling: compared as the spec writes it
+            ours = ours.model_dump()
+            theirs = None if theirs is None else type(spec.model.rope_scaling)(**theirs).model_dump()
         if field == "tie_word_embeddings" and ours and not theirs and spec.num_stages > 1:
             # Multi-stage runs train the two ends as untied copies anyway, and our own export of
             # such a run says false once they have drifted apart: loading it back must work.

@@ -12,6 +12,7 @@ gets the same weights, and every partition of a spec gives the same full model.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Mapping
 
 import torch
@@ -38,10 +39,30 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def rope_inv_freq(cfg: ModelSpec, device=None) -> torch.Tensor:
+    """RoPE's inverse frequencies, as Hugging Face computes them for the spec's scaling."""
+    dim = cfg.attn_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device, torch.float) / dim))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: wavelengths longer than the original context / low_freq_factor are scaled by
+    # 1/factor, shorter than original / high_freq_factor kept, and a linear ramp in between.
+    old = scaling.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 def rope_cos_sin(cfg: ModelSpec, seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF "default" RoPE tables for positions 0..seq_len-1, each [seq_len, head_dim]."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+    """HF RoPE tables for positions 0..seq_len-1, each [seq_len, head_dim]."""
+    inv_freq = rope_inv_freq(cfg, device)
     freqs = torch.arange(seq_len, dtype=torch.float, device=device)[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -56,7 +77,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: ModelSpec):
         super().__init__()
-        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
         h = cfg.hidden_size
         self.q_proj = nn.Linear(h, self.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
