@@ -237,6 +237,15 @@ class TokenizerSpec(_Strict):
         return self
 
 
+class InitSpec(_Strict):
+    """Where the run's weights start. Default: the spec's seeded random initialisation. With
+    ``weights_sha256`` (``protocol.weights.weights_digest`` of a Hugging Face model directory),
+    step 0 is those weights, imported as signed checkpoints (``swarmtrain checkpoint import``):
+    a peer without a verified checkpoint of its stage refuses to start from random weights."""
+
+    weights_sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+
 class RunSpec(_Strict):
     _DIGEST_V1 = frozenset(
         {"compression", "format_version", "model", "run_id", "seed", "stages", "tokenizer", "training", "trust"}
@@ -250,6 +259,7 @@ class RunSpec(_Strict):
     compression: CompressionSpec = CompressionSpec()
     trust: TrustSpec = TrustSpec()
     tokenizer: TokenizerSpec = TokenizerSpec()
+    init: InitSpec = InitSpec()
 
     @model_validator(mode="after")
     def _partition(self) -> "RunSpec":

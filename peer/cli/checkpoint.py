@@ -234,6 +234,45 @@ def checkpoint_export(directories, out_dir: Path, spec_path, trusted_keys, min_s
     click.echo(f"exported run {spec.run_id} step {step} ({spec.num_stages} stages) to {out_dir}")
 
 
+@checkpoint.command("import")
+@click.argument("hf_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--spec",
+    "spec_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The run spec (from `spec init --from-hf`), which names the digest of these weights.",
+)
+@click.option(
+    "--signing-key",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The private key that signs the checkpoints (the keeper's; the spec must trust it).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where the signed checkpoints go (the keeper's --checkpoint-dir).",
+)
+def checkpoint_import(hf_dir: Path, spec_path: Path, signing_key: Path, out_dir: Path):
+    """Write a Hugging Face model's weights as the run's signed step 0, one checkpoint per stage."""
+    spec = load_spec_option(spec_path, CheckFailed)
+    from peer.checkpoints.hf_import import import_hf
+    from peer.model.hf_io import CheckpointError
+    from protocol.weights import WeightsError
+
+    try:
+        written = import_hf(hf_dir, spec, signing_key, out_dir, progress=click.echo)
+    except (CheckpointError, CheckpointRefused, WeightsError, signing.SigningError, OSError) as err:
+        raise CheckFailed(str(err)) from None
+    click.echo(
+        f"imported {hf_dir} as step 0 of run {spec.run_id}: {len(written)} signed checkpoint(s) in {out_dir}; "
+        f"serve them with `swarmtrain bootstrap --keeper --checkpoint-dir {out_dir} ...`"
+    )
+
+
 @checkpoint.command("list")
 @click.option("--initial-peers", multiple=True, help="Multiaddr of a bootstrap or any peer; repeatable.")
 @click.option("--run", "run_id", help="The run id (its spec is read from the DHT).")

@@ -35,8 +35,22 @@ def spec() -> None:
     help="A public key (PEM) whose signature makes a checkpoint trusted; repeatable.",
 )
 @click.option("--min-signatures", type=int, default=1, show_default=True)
+@click.option(
+    "--from-hf",
+    "hf_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="A Hugging Face Llama model directory: its config.json is the architecture, its weights are "
+    "step 0 (import them with `swarmtrain checkpoint import`), its tokenizer.json the tokenizer.",
+)
+@click.option(
+    "--layers",
+    default=None,
+    help="With --from-hf: the first layer of each stage after the first, e.g. 4,8 (default: an even split "
+    "into --stages, 2 unless given).",
+)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatures, force):
+def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatures, hf_dir, layers, force):
     """Write a valid run spec to OUT."""
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to overwrite")
@@ -46,6 +60,20 @@ def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatu
         if "BEGIN PUBLIC KEY" not in text:
             raise click.ClickException(f"--trusted-key {path}: not a PEM public key")
         keys.append(text)
+    if layers is not None and hf_dir is None:
+        raise click.UsageError("--layers needs --from-hf")
+    if hf_dir is not None:
+        run_spec = _from_hf(hf_dir, run_id=run_id, stages=stages, layers=layers, seed=seed, keys=keys)
+        run_spec = run_spec.model_copy(
+            update={"trust": run_spec.trust.model_copy(update={"min_signatures": min_signatures})}
+        )
+        run_spec.save(out)
+        click.echo(
+            f"wrote {out}: run {run_spec.run_id} from {hf_dir}, {run_spec.num_stages} stages "
+            f"({', '.join(f'[{s.start}, {s.end})' for s in run_spec.stages)}), weights {run_spec.init.weights_sha256[:16]}, "
+            f"digest {run_spec.digest()}"
+        )
+        return
     try:
         run_spec = preset_spec(
             preset,
@@ -59,6 +87,28 @@ def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatu
         raise click.ClickException(str(err)) from None
     run_spec.save(out)
     click.echo(f"wrote {out}: run {run_spec.run_id}, {run_spec.num_stages} stages, digest {run_spec.digest()}")
+
+
+def _from_hf(hf_dir: Path, *, run_id, stages, layers, seed, keys):
+    from peer.data.tokenizer import file_sha256
+    from peer.model.hf_io import CheckpointError, spec_from_hf
+    from protocol.weights import WeightsError
+
+    try:
+        cuts = [int(x) for x in layers.split(",")] if layers else None
+    except ValueError:
+        raise click.UsageError(f"--layers {layers!r}: a comma-separated list of layer numbers") from None
+    tokenizer = None
+    tok = hf_dir / "tokenizer.json"
+    if tok.is_file():
+        # Peers read the tokenizer at this path (checked against the SHA-256 wherever it is).
+        tokenizer = {"kind": "file", "path": str(tok.resolve()), "sha256": file_sha256(tok)}
+    try:
+        return spec_from_hf(
+            hf_dir, run_id=run_id, stages=stages, cuts=cuts, seed=seed, trusted_keys=keys, tokenizer=tokenizer
+        )
+    except (CheckpointError, WeightsError, SpecError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
 
 
 @spec.command("show")

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -22,7 +23,8 @@ from safetensors.torch import save_file
 
 from peer.model.llama import EMBED, HEAD, LlamaStage, stage_param_shapes
 from peer.model.tensor_files import save_tensors
-from protocol.spec import BYTE_VOCAB_SIZE, RunSpec
+from protocol.spec import BYTE_VOCAB_SIZE, RunSpec, spec_from_dict
+from protocol.weights import weights_digest
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -111,6 +113,52 @@ def config_from_hf(hf_dir: str | Path) -> dict:
         head_dim=head_dim,
         rope_scaling=scaling,
     )
+
+
+def even_cuts(layers: int, stages: int) -> list[int]:
+    """The first layer of stages 1..n-1 when ``layers`` are split as evenly as they go."""
+    if not 1 <= stages <= layers:
+        raise ValueError(f"{stages} stages for {layers} layers: need 1 <= stages <= layers")
+    return [round(k * layers / stages) for k in range(1, stages)]
+
+
+def spec_from_hf(
+    hf_dir: str | Path,
+    *,
+    run_id: str,
+    stages: Optional[int] = None,
+    cuts: Optional[Sequence[int]] = None,
+    seed: int = 0,
+    trusted_keys: Sequence[str] = (),
+    tokenizer: Optional[dict] = None,
+) -> RunSpec:
+    """A run spec whose architecture is the model's ``config.json``, whose layers are split
+    evenly into ``stages`` (default 2) or at ``cuts`` (the first layer of each later stage), and
+    whose step 0 is the model's weights (``init.weights_sha256``). ``tokenizer``: the spec's
+    tokenizer section (default: the byte tokenizer)."""
+    hf_dir = Path(hf_dir)
+    model = config_from_hf(hf_dir)
+    layers = model["num_hidden_layers"]
+    if cuts is None:
+        cuts = even_cuts(layers, min(stages or 2, layers))
+    bounds = [0, *cuts, layers]
+    if any(b >= a for a, b in zip(bounds[1:], bounds)) or bounds[-2] >= layers:
+        raise ValueError(f"layer cuts {list(cuts)} must rise strictly within 1..{layers - 1}")
+    training = {}
+    if model["max_position_embeddings"] < 64:  # the default sequence must fit the model
+        training["seq_len"] = model["max_position_embeddings"]
+    data = {
+        "run_id": run_id,
+        "seed": seed,
+        "model": {k: v for k, v in model.items() if v is not None},
+        "stages": [{"start": a, "end": b} for a, b in zip(bounds, bounds[1:])],
+        "training": training,
+        "trust": {"trusted_keys": list(trusted_keys)},
+        "init": {"weights_sha256": weights_digest(hf_dir)},
+    }
+    if tokenizer is not None:
+        data["tokenizer"] = tokenizer
+    return spec_from_dict(data)
 
 
 def _check_config(hf: dict, spec: RunSpec, hf_dir: Path) -> None:

@@ -27,7 +27,7 @@ from peer.node.checkpointing import CheckpointSide
 from peer.node.mover import Mover
 from peer.node.presence import PeerStatus, Presence
 from peer.node.report import FirstContribution, print_status, training_figures
-from peer.node.slot import SlotContext, StageSlot
+from peer.node.slot import NoStartingWeights, SlotContext, StageSlot
 from peer.pipeline import ServedInfo, Trainer
 from peer.swarm import Identity, SwarmDHT, cleanup_identity, load_or_create_identity, start_dht, visible_maddrs
 from peer.swarm.balancing import choose_stage
@@ -150,15 +150,17 @@ class Peer:
             counters=self.counters,
             distrust=self.distrust,
         )
-        self.open_slot(stage)
+        try:
+            self.open_slot(stage)
+        except NoStartingWeights as err:  # the run's setup, not a crash: said in one line
+            raise SystemExit(str(err)) from None
         resumed = self.resume_if_group_gone()
         if resumed is not None:
             restored = self.slot.restored_step
-            weights = "restored" if restored is not None else "initial"
             self.out.event(
                 "resumed_alone",
                 f"no other peer serves stage {stage}: continuing its epoch count at "
-                f"{resumed} with the {weights} weights",
+                f"{resumed} with the {'restored' if restored is not None else 'initial'} weights",
                 stage=stage,
                 epoch=resumed,
                 restored_step=restored,

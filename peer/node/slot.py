@@ -46,6 +46,10 @@ class SlotContext:
     throughput: Optional[float] = None  # --throughput: announced instead of a measured figure
 
 
+class NoStartingWeights(RuntimeError):
+    """The run starts from existing weights and this peer has no verified checkpoint of them."""
+
+
 class StageSlot:
     def __init__(self, ctx: SlotContext, stage: int, module: LlamaStage):
         self.ctx, self.stage, self.module = ctx, stage, module
@@ -78,10 +82,18 @@ class StageSlot:
     def _restore(self, held_step: Optional[int]) -> None:
         """Load the newest trusted checkpoint of the stage into the module before it serves
         (``CheckpointService.restore``: local or announced, verified, no rollback below
-        ``held_step``); leaves the spec's init when there is none."""
+        ``held_step``); leaves the spec's init when there is none, unless the spec starts from
+        existing weights (``init.weights_sha256``): then ``NoStartingWeights``."""
         restored = self.ctx.checkpoints().restore(self.stage, self.module, held_step=held_step)
         if restored is not None:
             self.restored_step = restored.verified.meta.step
+        elif self.ctx.spec.init.weights_sha256 is not None:
+            raise NoStartingWeights(
+                f"stage {self.stage}: this run starts from the weights {self.ctx.spec.init.weights_sha256[:16]} "
+                f"(init.weights_sha256) and no verified checkpoint of stage {self.stage} was found, locally or in "
+                "the swarm; refusing to start from random weights. Step 0 is written by `swarmtrain checkpoint "
+                "import` and served by the keeper (`swarmtrain bootstrap --keeper --checkpoint-dir DIR`)."
+            )
 
     def _measure_capacity(self) -> None:
         """The figure this peer announces for the stage until it serves another one: measured
