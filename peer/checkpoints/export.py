@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -40,4 +41,20 @@ def export_checkpoints(
         )
     except FileExistsError as err:
         raise ExportError(str(err)) from None
+    _copy_tokenizer(spec, out_dir)
     return steps.pop()
+
+
+def _copy_tokenizer(spec: RunSpec, out_dir: Path) -> None:
+    """A run with a tokenizer.json exports it beside the weights (checked against the spec's
+    SHA-256), so that the directory is a model one can generate text with; a byte-level run has
+    no file to copy."""
+    if spec.tokenizer.kind != "file":
+        return
+    from peer.data.tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(spec.tokenizer)
+    except TokenizerError as err:
+        raise ExportError(f"the weights are exported to {out_dir}, but not the tokenizer: {err}") from None
+    shutil.copyfile(tokenizer.path, Path(out_dir) / "tokenizer.json")
