@@ -136,3 +136,7 @@ def spec_show(path: Path, as_json: bool):
     click.echo(
         f"trust    {len(run_spec.trust.trusted_keys)} trusted key(s), {run_spec.trust.min_signatures} signature(s) needed"
     )
+    if run_spec.init.weights_sha256:
+        click.echo(f"init     the weights {run_spec.init.weights_sha256} (step 0: `swarmtrain checkpoint import`)")
+    if run_spec.tokenizer.kind == "file":
+        click.echo(f"tokens   {run_spec.tokenizer.path} (SHA-256 {run_spec.tokenizer.sha256[:16]})")
