@@ -147,6 +147,31 @@ class StageSpec(_Strict):
         return self
 
 
+class OuterSpec(_Strict):
+    """Outer rounds (``training.averaging = "outer"``): each stage peer trains on its own with
+    the spec's optimizer, and every ``round_seconds`` (on the wall clock every peer shares) the
+    stage group exchanges compressed pseudo-gradients, agrees on the set and applies their
+    robust aggregate with Nesterov momentum (``peer.averaging``: sparse, contribution, robust,
+    rounds, outer_step)."""
+
+    round_seconds: float = Field(default=120.0, gt=0)
+    gather_seconds: float = Field(default=15.0, gt=0)
+    agree_seconds: float = Field(default=10.0, gt=0)
+    chunk: int = Field(default=4096, gt=1)
+    k: int = Field(default=32, gt=0)
+    bits: Literal[2, 3, 4, 8] = 2
+    outer_lr: float = Field(default=0.7, gt=0)
+    outer_momentum: float = Field(default=0.9, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "OuterSpec":
+        if self.gather_seconds + self.agree_seconds >= self.round_seconds:
+            raise ValueError("training.outer: gather_seconds + agree_seconds must be shorter than round_seconds")
+        if self.chunk & (self.chunk - 1) or self.k > self.chunk:
+            raise ValueError("training.outer: chunk must be a power of two and k at most chunk")
+        return self
+
+
 class TrainingSpec(_Strict):
     _DIGEST_V1 = frozenset(
         {
@@ -188,6 +213,9 @@ class TrainingSpec(_Strict):
     delay_optimizer_step: bool = True
     # Parameters are also averaged every this many epochs, to undo drift from lossy codecs.
     average_state_every: int = Field(default=5, ge=1)
+    # per_step: hivemind's all-reduce of gradients at every step; outer: rounds (OuterSpec).
+    averaging: Literal["per_step", "outer"] = "per_step"
+    outer: OuterSpec = OuterSpec()
 
 
 ActivationCodec = Literal["none", "fp16", "uniform8bit", "blockwise8bit"]

@@ -237,7 +237,7 @@ def run_round(
     *,
     numel: int,
     config: SparseConfig,
-    max_weight: float,
+    max_weight: Optional[float],
     gather_s: float,
     agree_s: float,
     expected: Optional[int] = None,
@@ -246,7 +246,8 @@ def run_round(
     """This member's round: publish ``blob`` (its encoded update) with ``weight``, gather until
     ``gather_s`` after the start (sooner when ``expected`` contributions are all held), read
     holdings until every contributor's is in or ``gather_s + agree_s`` after the start, and
-    aggregate. Raises NoQuorum when the round cannot be decided."""
+    aggregate. ``max_weight`` None: twice the lower median of the agreed set's claimed weights.
+    Raises NoQuorum when the round cannot be decided."""
     size = encoded_size(numel, config)
     if len(blob) != size:
         raise ValueError(f"this member's update is {len(blob)} bytes, a round of {numel} elements has {size}")
@@ -302,5 +303,8 @@ def run_round(
         updates[digest] = update
     chosen = {d: updates[d] for d in agreed}
     weights = {d: announced[d][0].weight for d in agreed}
+    if max_weight is None:  # twice the lower median claim: the same cap on every member of the set
+        claims = sorted(weights.values())
+        max_weight = 2.0 * claims[(len(claims) - 1) // 2]
     result = aggregate(chosen, weights, max_weight=max_weight)
     return RoundResult(round_, result, frozenset(agreed), len(updates))

@@ -49,8 +49,16 @@ def spec() -> None:
     help="With --from-hf: the first layer of each stage after the first, e.g. 4,8 (default: an even split "
     "into --stages, 2 unless given).",
 )
+@click.option(
+    "--averaging",
+    type=click.Choice(["per_step", "outer"]),
+    default="per_step",
+    show_default=True,
+    help="per_step: hivemind's all-reduce of gradients at every step; outer: stage groups train on "
+    "their own and exchange compressed, signed updates every training.outer.round_seconds.",
+)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatures, hf_dir, layers, force):
+def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatures, hf_dir, layers, averaging, force):
     """Write a valid run spec to OUT."""
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to overwrite")
@@ -82,6 +90,7 @@ def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatu
             seed=seed,
             trusted_keys=tuple(keys),
             trust=dict(min_signatures=min_signatures),
+            training=dict(averaging=averaging),
         )
     except SpecError as err:
         raise click.ClickException(str(err)) from None

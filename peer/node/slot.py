@@ -66,9 +66,15 @@ class StageSlot:
         slot = cls(ctx, stage, LlamaStage.from_spec(ctx.spec, stage))
         slot._restore(held_step)
         slot._measure_capacity()
-        slot.optimizer = make_stage_optimizer(ctx.spec, stage, slot.module, ctx.dht)
-        slot._catch_up()
+        outer = ctx.spec.training.averaging == "outer"
+        slot.optimizer = (
+            slot._outer_optimizer() if outer else make_stage_optimizer(ctx.spec, stage, slot.module, ctx.dht)
+        )
+        if not outer:  # outer rounds start from the restored (or initial) weights: no live state
+            slot._catch_up()
         slot.worker = StageWorker(slot.module, is_last=stage == ctx.spec.num_stages - 1, optimizer=slot.optimizer)
+        if outer:
+            slot.optimizer.attach(slot.worker)
         slot.server = StageServer(ctx.spec, stage, slot.worker, info=ctx.info, counters=ctx.counters)
         ctx.loop.run(slot.server.start(ctx.p2p), timeout=30)
         return slot
@@ -78,6 +84,27 @@ class StageSlot:
         return int(self.optimizer.local_epoch) if self.optimizer is not None else self._closed_epoch
 
     # --- opening ---------------------------------------------------------------------------
+
+    def _outer_optimizer(self):
+        from hivemind.utils.crypto import RSAPrivateKey
+
+        from peer.averaging.outer import OuterOptimizer
+        from peer.averaging.rounds import RoundNet
+
+        ctx = self.ctx
+        net = RoundNet(
+            ctx.dht,
+            ctx.p2p,
+            ctx.loop.run,
+            run_id=ctx.spec.run_id,
+            spec_digest=ctx.spec.digest(),
+            stage=self.stage,
+            key=RSAPrivateKey.process_wide(),  # the peer's identity (Identity.install_as_process_key)
+            peer_id=ctx.p2p.peer_id.to_base58(),
+            counters=ctx.counters,
+        )
+        ctx.loop.run(net.start(), timeout=30)
+        return OuterOptimizer(ctx.spec, self.stage, self.module, net, event=ctx.event)
 
     def _restore(self, held_step: Optional[int]) -> None:
         """Load the newest trusted checkpoint of the stage into the module before it serves
@@ -175,6 +202,8 @@ class StageSlot:
         catch-up left this peer behind *and* the signed peer records show no other online
         peer on the stage (``others_online``); the work lost is reported by the caller."""
         opt, worker = self.optimizer, self.worker
+        if getattr(opt, "tracker", None) is None:  # outer rounds keep no hivemind progress records
+            return None
         group = int(opt.tracker.global_epoch)
         if group <= opt.local_epoch or others_online:
             return None

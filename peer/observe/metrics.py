@@ -112,6 +112,16 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "a progress record claiming an epoch far ahead (epoch; counted per stage opened).",
         ("reason",),
     ),
+    "outer_rounds": (
+        "counter",
+        "Outer rounds of this peer's stage group, by outcome (applied, undecided, failed).",
+        ("outcome",),
+    ),
+    "outer_contributions": (
+        "counter",
+        "Contributions in this peer's applied outer rounds: used, clipped to the median norm, dropped.",
+        ("kind",),
+    ),
     "requests_busy": (
         "counter",
         "Requests answered 'busy' at once: too many streams open, in all or from one remote peer.",
@@ -378,6 +388,10 @@ class PeerMetrics:
             if not self._averaging.attach(opt):
                 self._averaging = None
             self._last_epoch = None
+        for outcome, n in dict(getattr(opt, "outcomes", {})).items():
+            put("outer_rounds", n, outcome)
+        for kind, n in dict(getattr(opt, "contributions", {})).items():
+            put("outer_contributions", n, kind)
         epoch = int(opt.local_epoch)
         if self._last_epoch is not None and epoch != self._last_epoch:
             if epoch == self._last_epoch + 1:

@@ -1,0 +1,181 @@
+"""A stage's optimizer in outer mode: local inner steps, and a round every ``round_seconds``.
+
+The stage worker calls ``step``/``zero_grad`` as it does hivemind's optimizer: each micro-batch
+is one inner step of the spec's optimizer on this peer's own weights. A background thread runs
+the rounds: at each boundary of the shared clock (DHT time, a multiple of ``round_seconds``) it
+reads the weights in the worker thread, sends the round's pseudo-gradient (the round's base
+weights minus the weights now, plus the error kept from earlier rounds, compressed), and applies
+the agreed aggregate to the base with Nesterov momentum. Training goes on meanwhile: the
+progress made since the snapshot is kept on top of the new base. So the base weights are the
+same bits on every member that completed the round, and those are what the state RPC serves
+and the keeper signs (``round_state``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from hivemind.utils import get_dht_time
+
+from peer.averaging.contribution import NoQuorum
+from peer.averaging.outer_step import OuterNesterov
+from peer.averaging.rounds import RoundNet, run_round
+from peer.averaging.sparse import SparseConfig, compress
+from protocol.spec import RunSpec
+
+log = logging.getLogger("swarmtrain.averaging")
+
+__all__ = ["OuterOptimizer"]
+
+
+def _inner_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
+    t = spec.training
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+
+
+class OuterOptimizer:
+    def __init__(self, spec: RunSpec, stage: int, module: torch.nn.Module, net: RoundNet, *, event: Callable):
+        self.spec, self.stage, self.module, self.net, self.event = spec, stage, module, net, event
+        o = spec.training.outer
+        self.config = SparseConfig(chunk=o.chunk, k=o.k, bits=o.bits)
+        self.outer = OuterNesterov(lr=o.outer_lr, momentum=o.outer_momentum)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.inner = _inner_optimizer(spec, self.params)
+        self.base = self._flat()  # the round's starting weights: the same on every member
+        self.error = np.zeros_like(self.base)
+        self.local_epoch = 0  # rounds applied
+        self.round_digest = hashlib.sha256(self.base.tobytes()).hexdigest()
+        self.samples = 0  # samples of inner steps since the last snapshot
+        # For /metrics: rounds by outcome, and contributions clipped or dropped in applied rounds.
+        self.outcomes = {"applied": 0, "undecided": 0, "failed": 0}
+        self.contributions = {"used": 0, "clipped": 0, "dropped": 0}
+        self.worker = None
+        self.last_load_state_error: Optional[str] = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # --- the stage worker's side (its thread) --------------------------------------------------
+
+    def step(self, batch_size: int = 1, **_) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.spec.training.grad_clip or math.inf)
+        self.inner.step()
+        with self._lock:
+            self.samples += int(batch_size)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def _flat(self) -> np.ndarray:
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params]).numpy().copy()
+
+    def _set_flat(self, flat: np.ndarray) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                p.copy_(torch.from_numpy(flat[offset : offset + n]).view_as(p))
+                offset += n
+
+    def round_state(self) -> tuple[list[str], list[torch.Tensor], int]:
+        """(names, tensors, round) of the base weights: what the state RPC serves."""
+        with self._lock:
+            base, epoch = self.base.copy(), self.local_epoch
+        tensors, offset = [], 0
+        for p in self.params:
+            tensors.append(torch.from_numpy(base[offset : offset + p.numel()]).view_as(p).clone())
+            offset += p.numel()
+        return list(self.names), tensors, epoch
+
+    # --- rounds (a background thread) ------------------------------------------------------------
+
+    def attach(self, worker) -> None:
+        self.worker = worker
+        self._thread = threading.Thread(target=self._loop, name=f"outer-rounds-{self.stage}", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        period = self.spec.training.outer.round_seconds
+        while not self._stop.is_set():
+            round_ = int(get_dht_time() // period) + 1
+            if self._stop.wait(max(0.0, round_ * period - get_dht_time())):
+                return
+            try:
+                self._round(round_)
+            except Exception as err:  # a round that fails is skipped; the next one comes
+                self.outcomes["failed"] += 1
+                log.exception("outer round %d failed", round_)
+                self.event(
+                    "outer_round_failed", f"stage {self.stage}: outer round {round_} failed: {err}", round=round_
+                )
+
+    def _round(self, round_: int) -> None:
+        o = self.spec.training.outer
+        snapshot = self.worker.call(self._flat, timeout=60)
+        with self._lock:
+            weight, self.samples = self.samples, 0
+        delta = self.base - snapshot
+        update, error = compress(delta, self.error, self.config)
+        try:
+            result = run_round(
+                self.net,
+                round_,
+                update.to_bytes(),
+                float(max(weight, 1)),
+                numel=self.base.size,
+                config=self.config,
+                max_weight=None,
+                gather_s=o.gather_seconds,
+                agree_s=o.agree_seconds,
+            )
+        except NoQuorum as err:
+            self.outcomes["undecided"] += 1
+            with self._lock:
+                self.samples += weight
+            self.event("outer_round_undecided", f"stage {self.stage}: round {round_} undecided: {err}", round=round_)
+            return
+        self.error = error
+        new_base = self.outer.step(self.base, result.aggregate.update)
+
+        def apply() -> None:
+            # Progress made since the snapshot stays on top of the new base.
+            self._set_flat(new_base + (self._flat() - snapshot))
+
+        self.worker.call(apply, timeout=60)
+        with self._lock:
+            self.base, self.local_epoch = new_base, self.local_epoch + 1
+            self.round_digest = hashlib.sha256(new_base.tobytes()).hexdigest()
+        agg = result.aggregate
+        self.outcomes["applied"] += 1
+        self.contributions["used"] += len(agg.used)
+        self.contributions["clipped"] += len(agg.clipped)
+        self.contributions["dropped"] += len(agg.dropped)
+        self.event(
+            "outer_round",
+            f"stage {self.stage}: round {round_} applied ({len(result.agreed)} contributions, "
+            f"{len(agg.clipped)} clipped, {len(agg.dropped)} dropped), base {self.round_digest[:16]}",
+            round=round_,
+            epoch=self.local_epoch,
+            contributions=len(result.agreed),
+            clipped=len(agg.clipped),
+            dropped=len(agg.dropped),
+            digest=self.round_digest,
+        )
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.net.run(self.net.stop(), 10)
+        except Exception as err:
+            log.debug("outer rounds: stopping the RPC: %s", err)
