@@ -332,9 +332,11 @@ class RunSpec(_Strict):
         return self.digest()[:16]
 
     def to_toml(self) -> str:
+        """The spec as TOML, without the fields added after format 1 while they are at their
+        defaults: a spec that uses nothing new loads in older swarmtrain too (same digest)."""
         import tomli_w
 
-        return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
+        return tomli_w.dumps(_drop_none(self.canonical_dict()))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_toml())

@@ -35,7 +35,7 @@ def stage0():
     torch.manual_seed(0)
     spec = preset_spec("tiny", stages=2)
     module = LlamaStage.from_spec(spec, 0)
-    worker = StageWorker(module, is_last=False)  # no optimizer: p.grad holds the last micro-batch
+    worker = StageWorker(module, is_last=False, clip=MicroBatchClip())  # no optimizer: p.grad holds the last one
     yield spec, module, worker
     worker.shutdown()
 

@@ -1,6 +1,8 @@
 """Outer mode in a real swarm: a bootstrap and 2 stages x 2 peers (both stage-0 peers train), each
-peer in its own process. Every stage group completes rounds; after each, the test itself pulls
-both members' round weights over the state RPC and hashes them: equal bits. The loss falls."""
+peer in its own process. Every stage group completes rounds with the same bits on both members
+(their reported base digests, and the test's own hash of the weights both serve over the state
+RPC); a member joining the running group adopts its round state and then holds the same bits;
+the loss falls."""
 
 from __future__ import annotations
 
@@ -63,13 +65,28 @@ def test_stage_groups_complete_rounds_and_hold_the_same_bits(tmp_path):
 
         # Every peer applies three rounds; in each round both members of a stage agree.
         for name, p in peers.items():
-            p.wait_event("outer_round", 300, lambda e: e["epoch"] >= 3)
+            p.wait_event("outer_round", 300, lambda e: e["epoch"] >= 4)
         for pair in (("a0", "a1"), ("b0", "b1")):
             rounds = [{e["round"]: e for e in peers[n].events if e.get("event") == "outer_round"} for n in pair]
             common = set(rounds[0]) & set(rounds[1])
             assert len(common) >= 3, rounds
             assert all(rounds[0][r]["digest"] == rounds[1][r]["digest"] for r in common), rounds
-            assert all(rounds[i][r]["contributions"] == 2 for i in (0, 1) for r in common), rounds
+            # A member that opened its stage just before a boundary may miss its first round: the
+            # other one's contribution alone is then the agreed set, on both.
+            assert sum(rounds[0][r]["contributions"] == 2 for r in common) >= 3, rounds
+
+        # A member joining the running group takes the round state two members serve, and from
+        # then on holds the group's bits.
+        peers["a2"] = cluster.peer("a2", [addr], spec_path=spec_path, stage=0, data=str(data))
+        joined = peers["a2"].wait_event("outer_joined", 240)
+        assert len(joined["sources"]) == 2 and joined["epoch"] >= 3
+        peers["a2"].wait_event("outer_round", 240, lambda e: e["epoch"] >= joined["epoch"] + 2)
+        cluster.track()
+        ours = {e["round"]: e for e in peers["a2"].events if e.get("event") == "outer_round"}
+        theirs = {e["round"]: e for e in peers["a0"].events if e.get("event") == "outer_round"}
+        common = set(ours) & set(theirs)
+        assert len(common) >= 2 and all(ours[r]["digest"] == theirs[r]["digest"] for r in common), (ours, theirs)
+        assert any(ours[r]["contributions"] == 3 for r in common), ours
 
         # The test's own reading of the members' weights, over the state RPC.
         loop = LoopThread()

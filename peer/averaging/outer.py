@@ -27,6 +27,7 @@ from peer.averaging.contribution import NoQuorum
 from peer.averaging.outer_step import OuterNesterov
 from peer.averaging.rounds import RoundNet, run_round
 from peer.averaging.sparse import SparseConfig, compress
+from peer.checkpoints.state_pull import MOMENTUM_PREFIX
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.averaging")
@@ -86,15 +87,37 @@ class OuterOptimizer:
                 p.copy_(torch.from_numpy(flat[offset : offset + n]).view_as(p))
                 offset += n
 
-    def round_state(self) -> tuple[list[str], list[torch.Tensor], int]:
-        """(names, tensors, round) of the base weights: what the state RPC serves."""
+    def round_state(self, momentum: bool = False) -> tuple[list[str], list[torch.Tensor], int]:
+        """(names, tensors, round) of the base weights, and with ``momentum`` the outer
+        momentum as ``outer_momentum/<name>``: what the state RPC serves."""
         with self._lock:
             base, epoch = self.base.copy(), self.local_epoch
-        tensors, offset = [], 0
+            buffer = self.outer.buffer.copy() if self.outer.buffer is not None else np.zeros_like(base)
+        names, tensors = list(self.names), self._unflat(base)
+        if momentum:
+            names += [MOMENTUM_PREFIX + n for n in self.names]
+            tensors += self._unflat(buffer)
+        return names, tensors, epoch
+
+    def _unflat(self, flat: np.ndarray) -> list[torch.Tensor]:
+        out, offset = [], 0
         for p in self.params:
-            tensors.append(torch.from_numpy(base[offset : offset + p.numel()]).view_as(p).clone())
+            out.append(torch.from_numpy(flat[offset : offset + p.numel()]).view_as(p).clone())
             offset += p.numel()
-        return list(self.names), tensors, epoch
+        return out
+
+    def adopt(self, round_: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Take the group's round state (base weights and outer momentum, as two members served
+        it) before this peer trains: from here on it holds the group's bits. Call before
+        ``attach`` (the module is not being trained yet)."""
+        base = torch.cat([tensors[n].reshape(-1).float() for n in self.names]).numpy().copy()
+        buffer = torch.cat([tensors[MOMENTUM_PREFIX + n].reshape(-1).float() for n in self.names]).numpy().copy()
+        self._set_flat(base)
+        with self._lock:
+            self.base, self.local_epoch = base, int(round_)
+            self.outer.buffer = buffer
+            self.error = np.zeros_like(base)
+            self.round_digest = hashlib.sha256(base.tobytes()).hexdigest()
 
     # --- rounds (a background thread) ------------------------------------------------------------
 

@@ -26,16 +26,31 @@ class StateRejected(ValueError):
 # pulling a stage's state (client of peer.pipeline.server's swarmtrain.state)
 
 
-def state_byte_limit(spec: RunSpec, stage: int) -> int:
-    numel = sum(math.prod(s) for s in stage_param_shapes(spec, stage).values())
+MOMENTUM_PREFIX = "outer_momentum/"
+
+
+def expected_state(spec: RunSpec, stage: int, *, momentum: bool = False) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of a state reply: the stage's parameters, and with ``momentum`` the outer
+    optimizer's momentum of each (``outer_momentum/<name>``)."""
+    shapes = stage_param_shapes(spec, stage)
+    if momentum:
+        shapes = {**shapes, **{MOMENTUM_PREFIX + n: s for n, s in shapes.items()}}
+    return shapes
+
+
+def state_byte_limit(spec: RunSpec, stage: int, *, momentum: bool = False) -> int:
+    shapes = expected_state(spec, stage, momentum=momentum)
     # float32 payload plus per-tensor protobuf and framing overhead
-    return 4 * numel + 4096 * (len(stage_param_shapes(spec, stage)) + 16)
+    return 4 * sum(math.prod(s) for s in shapes.values()) + 4096 * (len(shapes) + 16)
 
 
-def check_stage_state(spec: RunSpec, stage: int, raw: Mapping, *, source: str = "peer") -> dict[str, torch.Tensor]:
-    """Decode and check the tensors of a state reply: exactly the stage's parameter names,
-    their shapes, floating point and finite. ``raw``: name -> hivemind Tensor proto."""
-    expected = stage_param_shapes(spec, stage)
+def check_stage_state(
+    spec: RunSpec, stage: int, raw: Mapping, *, source: str = "peer", momentum: bool = False
+) -> dict[str, torch.Tensor]:
+    """Decode and check the tensors of a state reply: exactly the stage's parameter names (and
+    momentum names with ``momentum``), their shapes, floating point and finite. ``raw``: name ->
+    hivemind Tensor proto."""
+    expected = expected_state(spec, stage, momentum=momentum)
     missing = sorted(set(expected) - set(raw))
     unexpected = sorted(set(raw) - set(expected))
     if missing or unexpected:
@@ -57,17 +72,18 @@ def check_stage_state(spec: RunSpec, stage: int, raw: Mapping, *, source: str = 
 
 
 async def pull_stage_state(
-    p2p: P2P, peer_id: str, spec: RunSpec, stage: int, *, timeout: float = 60.0
+    p2p: P2P, peer_id: str, spec: RunSpec, stage: int, *, timeout: float = 60.0, momentum: bool = False
 ) -> tuple[int, dict[str, torch.Tensor]]:
-    """(epoch, parameters) of ``stage`` from ``peer_id``; raises StateRejected with the reason."""
+    """(epoch, parameters) of ``stage`` from ``peer_id``; raises StateRejected with the reason.
+    ``momentum``: also the outer optimizer's momentum (outer rounds), as ``outer_momentum/<name>``."""
 
-    limit = state_byte_limit(spec, stage)
+    limit = state_byte_limit(spec, stage, momentum=momentum)
     try:
         frames = await call(
             p2p,
             peer_id,
             STATE,
-            [StateRequest(spec_digest=spec.digest(), stage=stage)],
+            [StateRequest(spec_digest=spec.digest(), stage=stage, outer_momentum=momentum)],
             StateResponse,
             timeout=timeout,
             max_bytes=limit,
@@ -85,5 +101,5 @@ async def pull_stage_state(
         raw = join_tensors(frames, limit)
     except FrameError as err:
         raise StateRejected(f"{peer_id}: malformed state ({err})") from None
-    tensors = await asyncio.to_thread(check_stage_state, spec, stage, raw, source=peer_id)
+    tensors = await asyncio.to_thread(check_stage_state, spec, stage, raw, source=peer_id, momentum=momentum)
     return int(head.epoch), tensors

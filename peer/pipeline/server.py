@@ -268,13 +268,13 @@ class StageServer:
 
     # --- state (for the keeper) ---------------------------------------------------------------
 
-    def _state_snapshot(self) -> tuple[list[str], list[torch.Tensor], int]:
+    def _state_snapshot(self, momentum: bool = False) -> tuple[list[str], list[torch.Tensor], int]:
         """Runs in the worker thread, between requests and optimizer steps: the parameters and
         the epoch they belong to are read together. Distinct parameters only (a tied head is
         sent once, under the embedding's name), as in ``peer.model.llama.stage_param_shapes``."""
         round_state = getattr(self.worker.optimizer, "round_state", None)
         if round_state is not None:  # outer rounds: the round's base weights, the same on every member
-            return round_state()
+            return round_state(momentum=momentum)
         params = dict(self.worker.module.named_parameters())
         epoch = int(self.info().epoch)
         return list(params), [p.detach().clone() for p in params.values()], epoch
@@ -293,7 +293,9 @@ class StageServer:
         self._state_busy = True
         try:
             try:
-                names, tensors, epoch = await asyncio.wrap_future(self.worker.submit(self._state_snapshot, priority=0))
+                names, tensors, epoch = await asyncio.wrap_future(
+                    self.worker.submit(self._state_snapshot, request.outer_momentum, priority=0)
+                )
             except StageError as err:
                 return [_state_error(err.code, str(err))]
             # Serializing a large stage takes a while: off the event loop, which serves forward/backward.

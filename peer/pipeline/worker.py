@@ -79,6 +79,7 @@ class StageWorker:
         cache_ttl: float = 120.0,
         cache_max: int = 256,
         cache_bytes: int = 192 << 20,
+        clip: Optional[MicroBatchClip] = None,
     ):
         self.module, self.is_last, self.optimizer = module, is_last, optimizer
         self.cache_ttl, self.cache_max, self.cache_bytes = cache_ttl, cache_max, cache_bytes
@@ -89,7 +90,7 @@ class StageWorker:
         blocks = getattr(module, "layer_end", 1) - getattr(module, "layer_start", 0)
         self._cost_factor = 4 + 24 * max(1, blocks)
         self.stats = StageStats()
-        self.clip = MicroBatchClip()
+        self.clip = clip  # None: micro-batch gradients accumulate unclipped
         self._cache: "collections.OrderedDict[str, _Cached]" = collections.OrderedDict()
         self._accumulated: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         self._tasks: "queue.PriorityQueue" = queue.PriorityQueue()
@@ -277,8 +278,9 @@ class StageWorker:
             raise StageError(ErrorCode.BAD_REQUEST, "gradients are not finite; micro-batch not accumulated")
         if grad_in is not None and not torch.isfinite(grad_in).all():
             raise StageError(ErrorCode.BAD_REQUEST, "input gradients are not finite; micro-batch not accumulated")
-        if accumulate:
+        if accumulate and self.clip is not None:
             param_grads = self._clipped(param_grads)
+        if accumulate:
             if mb_id in self._accumulated or time.monotonic() > deadline:
                 # Duplicate or too late: the trainer has counted (or retried) it elsewhere.
                 self.stats.discarded += 1
