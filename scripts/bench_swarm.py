@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, when r
 
 from peer.averaging.wire_stats import ENV as WIRE_STATS_ENV
 from peer.averaging.wire_stats import read_totals
-from peer.data.datasets import stdlib_text_path
+from peer.data.files import stdlib_text_path
 from peer.dev.launcher import Cluster
 from peer.model.llama import stage_param_shapes
 from peer.swarm.identity import load_or_create_identity

@@ -533,3 +533,41 @@ def test_keeper_signs_only_what_two_members_agree_on(host, client, spec, keys, s
     finally:
         for p in (honest, liar):
             p.worker.shutdown()
+
+
+def test_keeper_in_outer_mode_signs_only_a_round_state_two_members_hold_bit_for_bit(host, client, keys, tmp_path):
+    """Outer rounds: members that completed a round hold the same bits, so the keeper asks for
+    exactly that. A member one millionth off (well inside per_step's tolerance) is not vouched
+    for by another; a member claiming a round beyond the group's view is not asked; two
+    identical states are signed, at their round."""
+    ospec = preset_spec(
+        "tiny", stages=2, trusted_keys=(keys["keeper"][1].read_text(),), training=dict(averaging="outer")
+    )
+    s0, a, b, near = (StagePeer(host, client, ospec, k) for k in (0, 1, 1, 1))
+    try:
+        with torch.no_grad():
+            for p in (s0, a):
+                for param in p.module.parameters():
+                    param.add_(0.001 * torch.randn_like(param))
+            for mine, theirs in zip(b.module.parameters(), a.module.parameters()):
+                mine.copy_(theirs)
+            for mine, theirs in zip(near.module.parameters(), a.module.parameters()):
+                mine.copy_(theirs + 1e-6)
+        for p in (s0, a, b, near):
+            p.epoch = 3
+
+        keeper, swarm, events, _ = _keeper(host, client, ospec, keys, [s0, a, near], tmp_path / "near")
+        assert keeper.run_round() is None  # one member's digest only: nobody else holds those bits
+        assert "agree bit for bit (outer rounds)" in events.named("keeper_skip")[-1][0]
+
+        near.epoch = 2**40  # and then beyond the group's progress: not even asked
+        keeper, swarm, events, _ = _keeper(host, client, ospec, keys, [s0, a, b, near], tmp_path / "two")
+        result = keeper.run_round()
+        assert result is not None and result.step == 3, events.items
+        assert result.sources[1] in {a.peer_id, b.peer_id}
+        assert any("beyond its group's" in text for text, _ in events.named("state_rejected"))
+        signed = verify_checkpoint(result.written[1].path, ospec, expected_stage=1)
+        assert all(torch.equal(signed.model_state[n], t) for n, t in a.module.state_dict().items())
+    finally:
+        for p in (s0, a, b, near):
+            p.worker.shutdown()

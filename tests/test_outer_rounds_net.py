@@ -107,3 +107,30 @@ def test_bytes_that_do_not_decode_are_left_out(group):
     assert len({digest(r) for r in results}) == 1
     assert all(len(r.agreed) == 3 for r in results)
     assert np.isfinite(results[0].aggregate.update).all()
+
+
+def test_an_announcement_one_member_sees_late_is_still_agreed_on(group, monkeypatch):
+    """The announcement of c's contribution reaches b only after b's gather deadline (b has
+    published what it holds): a and c hold c's bytes, so the rule agrees on them; b then reads
+    the announcement, fetches the bytes from a holder, and all three hold the same bits."""
+    a, b, c = group[:3]
+    blobs = [encoded(40 + i) for i in range(3)]
+    hidden = hashlib.sha256(blobs[2]).hexdigest()
+    revealed = []
+    seen_by_b, publish_holding = b.contributions, b.publish_holding
+
+    def late_view(round_):
+        found = seen_by_b(round_)
+        return found if revealed else {d: v for d, v in found.items() if d != hidden}
+
+    def publish_then_see(h, ttl):
+        assert hidden not in h.digests  # b gathered without it
+        revealed.append(True)
+        return publish_holding(h, ttl)
+
+    monkeypatch.setattr(b, "contributions", late_view)
+    monkeypatch.setattr(b, "publish_holding", publish_then_see)
+    results = rounds([a, b, c], 4, blobs)
+    assert revealed and len({digest(r) for r in results}) == 1
+    assert all(hidden in r.agreed and len(r.agreed) == 3 for r in results)
+    assert results[1].contributions == 2  # b held two at its gather deadline, then fetched c's

@@ -32,10 +32,10 @@ from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.averaging")
 
-__all__ = ["OuterOptimizer"]
+__all__ = ["OuterOptimizer", "inner_optimizer"]
 
 
-def _inner_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
+def inner_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
     t = spec.training
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -50,7 +50,7 @@ class OuterOptimizer:
         self.outer = OuterNesterov(lr=o.outer_lr, momentum=o.outer_momentum)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
-        self.inner = _inner_optimizer(spec, self.params)
+        self.inner = inner_optimizer(spec, self.params)
         self.base = self._flat()  # the round's starting weights: the same on every member
         self.error = np.zeros_like(self.base)
         self.local_epoch = 0  # rounds applied

@@ -44,11 +44,15 @@ from protocol.rpc import OUTER, ErrorCode
 
 log = logging.getLogger("swarmtrain.averaging")
 
-__all__ = ["RoundNet", "RoundResult", "run_round"]
+__all__ = ["RoundNet", "RoundResult", "run_round", "POLL_S"]
 
 DATA_FRAME_BYTES = 1 << 20
 REQUEST_LIMITS = RequestLimits(max_bytes=4 << 10, max_frames=1, deadline=10.0)
 KEPT_ROUNDS = 2  # contributions served: this round's and the previous one's (for late members)
+# How often a member reads the round's DHT entries while it gathers and agrees. Each read returns
+# every member's signed record (~0.7 kB each): on a small stage these reads are most of a round's
+# bytes (scripts/bench_outer.py counts them).
+POLL_S = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,21 +280,25 @@ def run_round(
                 updates[digest] = update
         if time.monotonic() >= deadline or (expected is not None and len(updates) >= expected):
             break
-        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
     held = Holding.sign(
         net.key, run=net.run_prefix, stage=net.stage, round_=round_, member=net.peer_id, digests=list(updates)
     )
     net.publish_holding(held, ttl)
-    contributors = sorted({c.author for c, _ in announced.values()})
+    gathered = len(updates)
     # One deadline for the whole group (counted from the round's start, not from when this
     # member finished gathering): a member that gathered early waits for the others' holdings.
     agree_deadline = started + gather_s + agree_s
     while True:
+        # Announcements keep being read: the contributors whose holdings count must be the same
+        # set on every member, and one may have seen an announcement late that others saw in time.
+        announced.update(net.contributions(round_))
+        contributors = sorted({c.author for c, _ in announced.values()})
         holdings = net.holdings(round_)
         members_heard = {h.member for h in holdings} & set(contributors)
         if len(members_heard) == len(contributors) or time.monotonic() >= agree_deadline:
             break
-        time.sleep(0.5)
+        time.sleep(min(POLL_S, max(0.0, agree_deadline - time.monotonic())))
     agreed = agreed_set(holdings, contributors)  # NoQuorum propagates: the round is undecided
     holders = {d: [h.member for h in holdings if d in h.digests] for d in agreed}
     for digest in sorted(agreed - set(updates)):
@@ -307,4 +315,4 @@ def run_round(
         claims = sorted(weights.values())
         max_weight = 2.0 * claims[(len(claims) - 1) // 2]
     result = aggregate(chosen, weights, max_weight=max_weight)
-    return RoundResult(round_, result, frozenset(agreed), len(updates))
+    return RoundResult(round_, result, frozenset(agreed), gathered)

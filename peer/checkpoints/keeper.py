@@ -6,7 +6,7 @@ One round:
    claim beyond the group's own view (its median claim, plus one) is ignored.
 2. Pull the stage's parameters over ``swarmtrain.state`` (``peer.checkpoints.state_pull``): from
    one peer when it is alone on its stage, else from members until two of them agree
-   (``states_agree``). Everything received is checked: the spec digest and stage of the reply,
+   (``states_agree``; in outer mode ``states_identical``: the same round, the same bits). Everything received is checked: the spec digest and stage of the reply,
    parameter names and shapes against ``peer.model.llama.stage_param_shapes``, finite values,
    total size.
 3. Chain all stages in this process on a fixed held-out batch and compute the loss; refuse the
@@ -65,6 +65,14 @@ def states_agree(a: tuple[int, dict, str], b: tuple[int, dict, str], tolerance: 
         total += float((x.double() - y.double()).pow(2).sum())
         count += x.numel()
     return count > 0 and math.sqrt(total / count) <= tolerance
+
+
+def states_identical(a: tuple[int, dict, str], b: tuple[int, dict, str]) -> bool:
+    """Outer rounds: members that completed the same round hold the same bits, so two states
+    agree only when their round and every tensor are identical."""
+    if a[0] != b[0] or a[1].keys() != b[1].keys():
+        return False
+    return all(a[1][n].shape == b[1][n].shape and torch.equal(a[1][n], b[1][n]) for n in a[1])
 
 
 def loss_verdict(loss: float, reference: Optional[float], *, factor: float = 1.5, margin: float = 0.5) -> Optional[str]:
@@ -380,13 +388,15 @@ class Keeper:
             if need == 1:
                 return got
             for other in pulled:
-                if states_agree(got, other, self.spec.training.lr * self.config.agree_within_updates):
+                if self._agree(got, other):
                     return other if other[0] <= got[0] else got
             pulled.append(got)
         if need == 2 and len(pulled) >= 2:
+            within = (
+                "bit for bit (outer rounds)" if self._outer else f"within {self.config.agree_within_updates:g} updates"
+            )
             errors.append(
-                f"no two of {len(pulled)} members' states agree within {self.config.agree_within_updates:g} updates "
-                f"({', '.join(src for _, _, src in pulled)})"
+                f"no two of {len(pulled)} members' states agree {within} ({', '.join(src for _, _, src in pulled)})"
             )
         elif need == 2:
             beyond = [p.peer_id for p in peers if p.epoch > bound]
@@ -396,6 +406,15 @@ class Keeper:
             )
         self._skip(f"stage {stage}: no usable state ({'; '.join(errors) or 'no peer to ask'})", stage=stage)
         return None
+
+    @property
+    def _outer(self) -> bool:
+        return self.spec.training.averaging == "outer"
+
+    def _agree(self, a, b) -> bool:
+        if self._outer:
+            return states_identical(a, b)
+        return states_agree(a, b, self.spec.training.lr * self.config.agree_within_updates)
 
     def _pull_one(self, stage: int, p, errors: list) -> Optional[tuple[int, dict, str]]:
         if p.peer_id == self.swarm.peer_id:

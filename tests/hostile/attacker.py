@@ -29,6 +29,12 @@ Modes
   server that answers nothing.
 - ``fake-state``: an ``online`` record at ``--stage`` claiming epoch 2**30 (``--epoch same``: the
   group's own epoch) and a state server that answers with a backdoored stage state.
+- ``outer-poison``: a member of ``--stage``'s outer rounds (its own RSA identity, claiming 1e9
+  samples) whose contribution is poisoned, a different attack each round: an honest member's
+  contribution (fetched from it) sign-flipped and scaled x10, random noise at 10x an honest
+  scale, NaN scales, a constant direction at 10x. Its contributions are well-formed and signed:
+  it publishes and serves them through the round protocol (``peer.averaging.rounds``), as any
+  member must for its bytes to be gathered; only what they hold is hostile.
 """
 
 from __future__ import annotations
@@ -487,6 +493,109 @@ async def preclaim(p2p, dht, identity_key, spec, target, stage, seconds):
     return results
 
 
+# --- poisoned outer-round contributions (13) ----------------------------------------------------
+
+OUTER_ATTACKS = ("sign_flip_x10", "noise", "nan", "constant")
+
+
+def poisoned_update(attack: str, honest, numel: int, config, rng):
+    """A well-formed SparseUpdate of ``numel`` elements carrying ``attack``; ``honest``: an honest
+    member's update of the round (None when none was visible yet)."""
+    import numpy as np
+
+    from peer.averaging.sparse import SparseUpdate
+
+    chunks, k, q = -(-numel // config.chunk), config.k, config.qmax
+    scales = (honest.scales if honest is not None else np.full(chunks, 0.01, np.float32)) * np.float32(10)
+    last = numel - (chunks - 1) * config.chunk
+    if attack == "sign_flip_x10" and honest is not None:
+        return SparseUpdate(numel, config, scales, honest.indices, (-honest.values).astype(np.int8))
+    if attack == "nan":
+        return SparseUpdate(numel, config, np.full(chunks, np.nan, np.float32), *_fixed_positions(chunks, k, last, q))
+    if attack == "constant":
+        return SparseUpdate(numel, config, scales, *_fixed_positions(chunks, k, last, q))
+    indices = np.sort(np.stack([rng.choice(config.chunk, k, replace=False) for _ in range(chunks)]), axis=1)
+    values = rng.integers(-q, q + 1, size=(chunks, k)).astype(np.int8)
+    values[-1][indices[-1] >= last] = 0  # the last chunk's padding
+    return SparseUpdate(numel, config, scales, indices.astype(np.int64), values)
+
+
+def _fixed_positions(chunks: int, k: int, last: int, qmax: int):
+    import numpy as np
+
+    indices = np.tile(np.arange(k, dtype=np.int64), (chunks, 1))
+    values = np.full((chunks, k), qmax, np.int8)
+    values[-1][indices[-1] >= last] = 0
+    return indices, values
+
+
+def outer_poison(dht, identity, spec, stage: int, seconds: float) -> list[str]:
+    import hashlib
+
+    import numpy as np
+
+    from peer.averaging.contribution import NoQuorum
+    from peer.averaging.rounds import RoundNet, run_round
+    from peer.averaging.sparse import SparseConfig, SparseUpdate
+    from peer.base import LoopThread
+
+    o = spec.training.outer
+    config = SparseConfig(chunk=o.chunk, k=o.k, bits=o.bits)
+    numel = sum(p.numel() for p in LlamaStage.from_spec(spec, stage).parameters() if p.requires_grad)
+    loop = LoopThread()
+    p2p = loop.run(dht.replicate_p2p(), 30)
+    me = p2p.peer_id.to_base58()
+    net = RoundNet(
+        dht,
+        p2p,
+        loop.run,
+        run_id=spec.run_id,
+        spec_digest=spec.digest(),
+        stage=stage,
+        key=identity.private_key,
+        peer_id=me,
+    )
+    loop.run(net.start(), 30)
+    rng = np.random.default_rng(13)
+    results, deadline, lag = [], time.monotonic() + seconds, 2.0
+    while time.monotonic() < deadline:
+        round_ = int(get_dht_time() // o.round_seconds) + 1
+        time.sleep(max(0.0, round_ * o.round_seconds - get_dht_time()) + lag)  # honest members publish first
+        attack = OUTER_ATTACKS[len(results) % len(OUTER_ATTACKS)]
+        honest = None
+        for c, nbytes in net.contributions(round_).values():
+            blob = net.fetch(c, nbytes, [c.author], 10.0) if c.author != me else None
+            if blob is not None:
+                honest = SparseUpdate.from_bytes(blob, numel=numel, config=config)
+                break
+        blob = poisoned_update(attack, honest, numel, config, rng).to_bytes()
+        emit(
+            "poisoning",
+            round=round_,
+            attack=attack,
+            digest=hashlib.sha256(blob).hexdigest(),
+            saw_honest=honest is not None,
+        )
+        try:
+            run_round(
+                net,
+                round_,
+                blob,
+                1e9,
+                numel=numel,
+                config=config,
+                max_weight=None,
+                gather_s=o.gather_seconds - lag,
+                agree_s=o.agree_seconds,
+            )
+            results.append(f"{attack}: round decided")
+        except (NoQuorum, ValueError) as err:
+            results.append(f"{attack}: {type(err).__name__}")
+    loop.run(net.stop(), 10)
+    loop.stop()
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode")
@@ -532,6 +641,8 @@ def main() -> None:
         result = loop.run_until_complete(fake_spec(dht, identity, spec, args.seconds))
     elif mode == "fake-checkpoints":
         result = loop.run_until_complete(fake_checkpoints(p2p, dht, key, spec, args.stage, args.seconds))
+    elif mode == "outer-poison":
+        result = outer_poison(dht, identity, spec, args.stage, args.seconds)
     elif mode in ("fake-state", "fake-state-same"):
         same = mode == "fake-state-same"
         result = loop.run_until_complete(fake_state(p2p, dht, key, spec, args.stage, args.seconds, same))
