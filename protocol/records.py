@@ -114,6 +114,9 @@ class PeerRecordModel(pydantic.BaseModel):
     has_data: bool = False
     started: pydantic.confloat(ge=0, le=MAX_TIME) = 0.0  # unix time: finite, before year 2096
     checkpoints: pydantic.conint(ge=0, le=MAX_EPOCH) = 0  # newest verified checkpoint step this peer serves
+    # Outer rounds: the first 16 hex digits of the sha256 of this peer's round state (the same
+    # on every member that completed the round ``epoch``); empty in per_step mode.
+    state_digest: pydantic.constr(regex=r"^([0-9a-f]{16})?$") = ""
 
     class Config:
         extra = pydantic.Extra.forbid
@@ -243,6 +246,7 @@ class PeerInfo:
     version: str = ""
     started: float = 0.0
     checkpoints: int = 0
+    state_digest: str = ""
     expiration: float = 0.0
 
     @classmethod

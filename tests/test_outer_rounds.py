@@ -129,3 +129,13 @@ def test_the_outer_step_is_nesterov_and_the_same_bits_with_any_thread_count():
     assert np.allclose(np.frombuffer(results.pop(), dtype=np.float32), ref, atol=1e-5)
     with pytest.raises(ValueError):
         OuterNesterov(lr=0.7).step(start, updates[0][:10])
+
+
+def test_drop_reasons_have_few_labels():
+    from peer.averaging.outer import DROP_REASONS, drop_reason
+
+    assert drop_reason("not finite") == "not_finite"
+    assert drop_reason("weight inf is not a positive number") == "bad_weight"
+    assert drop_reason("points against most of the others") == "opposed"
+    assert drop_reason("something new") == "other"
+    assert set(DROP_REASONS.values()) == {"not_agreed", "not_finite", "bad_weight", "opposed"}

@@ -14,6 +14,8 @@ import pytest
 from hivemind.utils import get_dht_time
 from outer_helpers import metric, round_states, state_hash
 
+from peer.observe.status import open_observer, swarm_snapshot
+
 from conftest import TrackedCluster, assert_all_gone, make_tiny_spec, write_text_data
 
 # About three minutes (20 s rounds): marked slow to keep the default suite well inside its
@@ -97,6 +99,15 @@ def test_stage_groups_complete_rounds_and_hold_the_same_bits(tmp_path):
         assert metric(text, 'swarmtrain_outer_rounds_total{outcome="applied"}') >= 3
         assert metric(text, 'swarmtrain_sent_bytes_total{kind="averaging"}') > 0
         assert metric(text, 'swarmtrain_received_bytes_total{kind="averaging"}') > 0
+
+        # What `swarmtrain status` shows of it: each member's round state digest, from its record.
+        swarm, close = open_observer([addr], spec=spec)
+        try:
+            view = swarm_snapshot(swarm)
+        finally:
+            close()
+        shown = {p["peer_id"]: p["state_digest"] for st in view["stages"] for p in st["peers"]}
+        assert all(len(shown.get(ids[n], "")) == 16 for n in ("a0", "a2", "b0", "b1")), shown
 
         later = peers["a0"].wait_event(
             "status", 120, lambda e: e.get("loss") is not None and e["microbatches"] > first_loss["microbatches"] + 50

@@ -32,7 +32,19 @@ from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.averaging")
 
-__all__ = ["OuterOptimizer", "inner_optimizer"]
+__all__ = ["OuterOptimizer", "inner_optimizer", "DROP_REASONS"]
+
+# Why a contribution of an applied round was left out, as /metrics labels it.
+DROP_REASONS = {
+    "not agreed": "not_agreed",  # announced, but not held by most members (undelivered, malformed)
+    "not finite": "not_finite",
+    "weight": "bad_weight",
+    "points against": "opposed",
+}
+
+
+def drop_reason(why: str) -> str:
+    return next((label for prefix, label in DROP_REASONS.items() if why.startswith(prefix)), "other")
 
 
 def inner_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
@@ -59,6 +71,7 @@ class OuterOptimizer:
         # For /metrics: rounds by outcome, and contributions clipped or dropped in applied rounds.
         self.outcomes = {"applied": 0, "undecided": 0, "failed": 0}
         self.contributions = {"used": 0, "clipped": 0, "dropped": 0}
+        self.dropped = {reason: 0 for reason in DROP_REASONS.values()}
         self.worker = None
         self.last_load_state_error: Optional[str] = None
         self._lock = threading.Lock()
@@ -182,6 +195,10 @@ class OuterOptimizer:
         self.contributions["used"] += len(agg.used)
         self.contributions["clipped"] += len(agg.clipped)
         self.contributions["dropped"] += len(agg.dropped)
+        self.dropped["not_agreed"] += max(0, result.announced - len(result.agreed))
+        for why in agg.dropped.values():
+            reason = drop_reason(why)
+            self.dropped[reason] = self.dropped.get(reason, 0) + 1
         self.event(
             "outer_round",
             f"stage {self.stage}: round {round_} applied ({len(result.agreed)} contributions, "

@@ -61,6 +61,7 @@ class RoundResult:
     aggregate: Aggregate
     agreed: frozenset[str]
     contributions: int  # verified contributions this member held at the gather deadline
+    announced: int = 0  # contributions announced for the round (signed, of the expected size or not)
 
 
 class RoundNet:
@@ -315,4 +316,4 @@ def run_round(
         claims = sorted(weights.values())
         max_weight = 2.0 * claims[(len(claims) - 1) // 2]
     result = aggregate(chosen, weights, max_weight=max_weight)
-    return RoundResult(round_, result, frozenset(agreed), gathered)
+    return RoundResult(round_, result, frozenset(agreed), gathered, len(announced))

@@ -41,6 +41,7 @@ class TrainingFigures:
     tokens: int = 0
     samples_per_s: float = 0.0
     has_data: bool = False
+    state_digest: str = ""  # outer rounds: the round state's digest (16 hex digits)
 
 
 class Presence:
@@ -94,6 +95,7 @@ class Presence:
             tokens=figures.tokens,
             samples_per_s=figures.samples_per_s,
             has_data=figures.has_data,
+            state_digest=figures.state_digest,
             version=self.version,
             started=self.started,
         )

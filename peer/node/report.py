@@ -83,10 +83,17 @@ def training_figures(peer: "Peer") -> TrainingFigures:
         loss = float(worker.stats.loss_ema)
     if loss is not None and not (math.isfinite(loss) and 0.0 <= loss <= MAX_RECORD_LOSS):
         loss = None  # the record's schema would refuse it, and the peer would vanish from the swarm
+    optimizer = getattr(peer.slot, "optimizer", None)
+    digest = str(getattr(optimizer, "round_digest", ""))[:16]  # outer rounds only
     if trainer is None:
-        return TrainingFigures(epoch=peer.epoch, loss=loss)
+        return TrainingFigures(epoch=peer.epoch, loss=loss, state_digest=digest)
     stats = trainer.stats
     elapsed = max(1e-6, time.monotonic() - stats.started)
     return TrainingFigures(
-        epoch=peer.epoch, loss=loss, tokens=stats.tokens, samples_per_s=stats.samples / elapsed, has_data=True
+        epoch=peer.epoch,
+        loss=loss,
+        tokens=stats.tokens,
+        samples_per_s=stats.samples / elapsed,
+        has_data=True,
+        state_digest=digest,
     )

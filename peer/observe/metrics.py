@@ -122,6 +122,13 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Contributions in this peer's applied outer rounds: used, clipped to the median norm, dropped.",
         ("kind",),
     ),
+    "outer_dropped": (
+        "counter",
+        "Contributions left out of this peer's applied outer rounds, by reason: not_agreed (announced, "
+        "not held by most members: undelivered or malformed), not_finite, bad_weight, opposed (points "
+        "against most of the others).",
+        ("reason",),
+    ),
     "requests_busy": (
         "counter",
         "Requests answered 'busy' at once: too many streams open, in all or from one remote peer.",
@@ -392,6 +399,8 @@ class PeerMetrics:
             put("outer_rounds", n, outcome)
         for kind, n in dict(getattr(opt, "contributions", {})).items():
             put("outer_contributions", n, kind)
+        for reason, n in dict(getattr(opt, "dropped", {})).items():
+            put("outer_dropped", n, reason)
         epoch = int(opt.local_epoch)
         if self._last_epoch is not None and epoch != self._last_epoch:
             if epoch == self._last_epoch + 1:

@@ -34,6 +34,7 @@ def swarm_snapshot(swarm: SwarmDHT) -> dict:
                         "samples_per_s": round(p.samples_per_s, 3),
                         "has_data": p.has_data,
                         "version": p.version,
+                        "state_digest": p.state_digest,
                     }
                     for p in members
                 ],
@@ -76,6 +77,7 @@ def format_snapshot(view: dict) -> str:
             lines.append(
                 f"    {p['peer_id'][:20]:20}  {p['state']:8}  {p['throughput']:8.1f}/s  epoch {p['epoch']:4}  "
                 f"loss {loss:>7}  {'trains' if p['has_data'] else 'serves'}"
+                + (f"  round state {p['state_digest']}" if p.get("state_digest") else "")
             )
     for c in view.get("checkpoints", []):
         lines.append(

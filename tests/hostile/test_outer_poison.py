@@ -89,6 +89,8 @@ def test_a_poisoned_member_of_three_is_dropped_or_clipped(tmp_path):
             + metric(text, 'swarmtrain_outer_contributions_total{kind="clipped"}')
             >= len(ATTACKS) - 1
         )
+        # NaN scales: the bytes decode for no member, so no one holds them: "not agreed".
+        assert metric(text, 'swarmtrain_outer_dropped_total{reason="not_agreed"}') >= 1
 
         # The test's own reading of both members' weights: the same bits, all finite.
         (r0, w0), (r1, w1) = round_states(addr, spec, 1, [ids["b0"], ids["b1"]])
