@@ -5,7 +5,8 @@ Two parts (``--only sim`` / ``--only swarm``):
 1. **sim**: a stage group of ``--members`` (4) in one process with the production arithmetic
    (``outer_sim.py`` says what is real and what is left out), on the ``tiny`` preset:
    - held-out loss at an equal number of tokens: per_step (no codec) and outer, ``--seeds``
-     seeds each, ``--rounds`` outer rounds of ``--inner-steps`` micro-batches per member (the
+     seeds each (a goal counts as met when the mean difference, paired by seed, plus its
+     standard error stays within it: add seeds to narrow it), ``--rounds`` outer rounds of ``--inner-steps`` micro-batches per member (the
      per-step runs take as many steps as rounds x inner steps), and per_step's seed 0 once more
      (the spread of two identical runs), and per_step with blockwise8bit (seed 0);
    - averaging bytes per trained token of each (everything a round sends, see
@@ -21,7 +22,7 @@ Two parts (``--only sim`` / ``--only swarm``):
 
 One JSON object per measurement on stdout; progress on stderr.
 
-    .venv/bin/python scripts/bench_outer.py > outer.jsonl     # full: about 35 min on 2 quiet cores
+    .venv/bin/python scripts/bench_outer.py > outer.jsonl     # full: about 40 min on 2 quiet cores
     .venv/bin/python scripts/bench_outer.py --quick           # smoke run, not for figures
 """
 
@@ -95,11 +96,16 @@ def _pct(a: float, b: float) -> float:
 
 
 def _spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation, standard error of the mean (the spread a goal is judged
+    with: it shrinks as seeds are added), range."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
     return dict(
         mean=statistics.fmean(values),
-        std=statistics.stdev(values) if len(values) > 1 else 0.0,
+        std=std,
+        sem=std / len(values) ** 0.5,
         min=min(values),
         max=max(values),
+        n=len(values),
     )
 
 
@@ -157,7 +163,7 @@ def bench_sim(args) -> None:
         outer_vs_per_step_pct=d,
         identical_per_step_runs_pct=_pct(repeat.loss, clean_ps[0].loss),
         goal_pct=LOSS_GOAL_PCT,
-        meets_goal=d["mean"] + d["std"] <= LOSS_GOAL_PCT,
+        meets_goal=d["mean"] + d["sem"] <= LOSS_GOAL_PCT,
     )
 
     # Bytes per trained token.
@@ -202,7 +208,7 @@ def bench_sim(args) -> None:
             per_step_vs_clean_per_step_pct=_pct(ps.loss, clean_ps[0].loss) if ps.finite else None,
             per_step_finite=ps.finite,
             goal_pct=POISON_GOAL_PCT,
-            meets_goal=vs["mean"] + vs["std"] <= POISON_GOAL_PCT,
+            meets_goal=vs["mean"] + vs["sem"] <= POISON_GOAL_PCT,
         )
     total = sum(r.rounds for r in outer_runs)
     emit(
@@ -237,7 +243,7 @@ def parse_args(argv=None):
     p.add_argument("--round-seconds", type=float, default=20.0, help="swarm: seconds per outer round")
     p.add_argument("--gather-seconds", type=float, default=6.0)
     p.add_argument("--agree-seconds", type=float, default=4.0)
-    p.add_argument("--swarm-seconds", type=float, default=None, help="swarm: seconds per mode (full 120, quick 60)")
+    p.add_argument("--swarm-seconds", type=float, default=None, help="swarm: seconds per mode (full 90, quick 60)")
     p.add_argument("--data", default=None, help="text directory (default: the Python stdlib's .py files)")
     p.add_argument("--data-suffix", default=None)
     p.add_argument("--workdir", default=None)
@@ -248,7 +254,7 @@ def parse_args(argv=None):
     args.rounds = args.rounds or (3 if q else 20)
     args.inner_steps = args.inner_steps or (4 if q else 16)
     args.eval_batches = args.eval_batches or (2 if q else 8)
-    args.swarm_seconds = args.swarm_seconds or (60.0 if q else 120.0)
+    args.swarm_seconds = args.swarm_seconds or (60.0 if q else 90.0)
     args.attacks = [a for a in args.attacks.split(",") if a]
     for a in args.attacks:
         if a not in ATTACKS:

@@ -23,6 +23,7 @@ def metric(text: str, key: str) -> float:
 
 
 def state_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """The test's own hash of a state (not the peers' code): names and raw bytes, sorted by name."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         h.update(name.encode())

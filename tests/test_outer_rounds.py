@@ -139,3 +139,42 @@ def test_drop_reasons_have_few_labels():
     assert drop_reason("points against most of the others") == "opposed"
     assert drop_reason("something new") == "other"
     assert set(DROP_REASONS.values()) == {"not_agreed", "not_finite", "bad_weight", "opposed"}
+
+
+class _InThread:
+    """The stage worker's ``call`` without its thread: runs the function here."""
+
+    def call(self, fn, timeout=None):
+        return fn()
+
+
+def test_after_a_missed_round_a_member_takes_the_group_state_only_when_it_is_ahead():
+    from peer.averaging.outer import OuterOptimizer
+    from peer.checkpoints.state_pull import MOMENTUM_PREFIX
+    from peer.model.llama import LlamaStage
+    from peer.node.outer_group import GroupState, state_digest
+    from protocol.spec import preset_spec
+
+    spec = preset_spec("tiny", stages=2, training=dict(averaging="outer"))
+    torch.manual_seed(0)
+    module, group = LlamaStage.from_spec(spec, 1), LlamaStage.from_spec(spec, 1)
+    events = []
+    opt = OuterOptimizer(spec, 1, module, net=None, event=lambda name, text, **kw: events.append(name))
+    opt.worker = _InThread()
+    tensors = {n: p.detach().clone() for n, p in group.named_parameters()}
+    tensors.update({MOMENTUM_PREFIX + n: torch.zeros_like(p) for n, p in group.named_parameters()})
+    served = GroupState(round=0, digest=state_digest(tensors), tensors=tensors, sources=("a", "b"))
+    opt.resync = lambda: served
+    mine = [p.detach().clone() for p in module.parameters()]
+
+    opt._missed = True
+    opt.catch_up()  # the group is not ahead (an undecided round for everyone): keep going
+    assert not opt._missed and opt.local_epoch == 0 and "outer_resynced" not in events
+    assert all(torch.equal(a, b) for a, b in zip(mine, module.parameters()))
+
+    served = dataclasses.replace(served, round=3)
+    opt._missed = True
+    opt.catch_up()
+    assert opt.local_epoch == 3 and events[-1] == "outer_resynced"
+    assert all(torch.equal(p, group.get_parameter(n)) for n, p in module.named_parameters())
+    assert opt.round_state()[2] == 3

@@ -73,6 +73,10 @@ class OuterOptimizer:
         self.contributions = {"used": 0, "clipped": 0, "dropped": 0}
         self.dropped = {reason: 0 for reason in DROP_REASONS.values()}
         self.worker = None
+        # Reads the group's round state (``peer.node.outer_group``): set by the slot. Called after
+        # a round this member missed, while others may have applied it.
+        self.resync: Optional[Callable[[], Optional[object]]] = None
+        self._missed = False
         self.last_load_state_error: Optional[str] = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -121,15 +125,19 @@ class OuterOptimizer:
 
     def adopt(self, round_: int, tensors: dict[str, torch.Tensor]) -> None:
         """Take the group's round state (base weights and outer momentum, as two members served
-        it) before this peer trains: from here on it holds the group's bits. Call before
-        ``attach`` (the module is not being trained yet)."""
+        it): from here on this peer holds the group's bits. Its own progress since its last base
+        is dropped (after a missed round it may already be in the group's update)."""
         base = torch.cat([tensors[n].reshape(-1).float() for n in self.names]).numpy().copy()
         buffer = torch.cat([tensors[MOMENTUM_PREFIX + n].reshape(-1).float() for n in self.names]).numpy().copy()
-        self._set_flat(base)
+        if self.worker is not None:  # training: the weights change in the worker's thread only
+            self.worker.call(lambda: self._set_flat(base), timeout=60)
+        else:
+            self._set_flat(base)
         with self._lock:
             self.base, self.local_epoch = base, int(round_)
             self.outer.buffer = buffer
             self.error = np.zeros_like(base)
+            self.samples = 0
             self.round_digest = hashlib.sha256(base.tobytes()).hexdigest()
 
     # --- rounds (a background thread) ------------------------------------------------------------
@@ -149,10 +157,32 @@ class OuterOptimizer:
                 self._round(round_)
             except Exception as err:  # a round that fails is skipped; the next one comes
                 self.outcomes["failed"] += 1
+                self._missed = True
                 log.exception("outer round %d failed", round_)
                 self.event(
                     "outer_round_failed", f"stage {self.stage}: outer round {round_} failed: {err}", round=round_
                 )
+            if self._missed:
+                self.catch_up()
+
+    def catch_up(self) -> None:
+        """After a missed round: adopt the round state two members serve when it is ahead of this
+        member's (the others applied the round); otherwise keep going from its own."""
+        try:
+            got = self.resync() if self.resync is not None else None
+        except Exception as err:
+            log.warning("stage %d: reading the group's round state failed: %s", self.stage, err)
+            return
+        self._missed = False
+        if got is None or got.round <= self.local_epoch:
+            return
+        self.adopt(got.round, got.tensors)
+        self.event(
+            "outer_resynced",
+            f"stage {self.stage}: took the group's round state {got.round} (base {got.digest[:16]}) after a missed round",
+            epoch=got.round,
+            digest=got.digest,
+        )
 
     def _round(self, round_: int) -> None:
         o = self.spec.training.outer
@@ -175,6 +205,7 @@ class OuterOptimizer:
             )
         except NoQuorum as err:
             self.outcomes["undecided"] += 1
+            self._missed = True
             with self._lock:
                 self.samples += weight
             self.event("outer_round_undecided", f"stage {self.stage}: round {round_} undecided: {err}", round=round_)

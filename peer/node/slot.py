@@ -8,7 +8,6 @@ part of an old stage outlives it by accident and no reader sees half of a new on
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import threading
 import time
@@ -25,7 +24,7 @@ from peer.model.llama import LlamaStage
 from peer.net import WireCounters
 from peer.pipeline import ServedInfo, StageServer, StageWorker
 from peer.pipeline.clipping import MicroBatchClip
-from protocol.records import PeerInfo, PeerState
+from protocol.records import PeerInfo
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.peer")
@@ -115,70 +114,33 @@ class StageSlot:
         self._join_outer_group(opt, net.peer_id)
         return opt
 
-    def _round_states(self, mates) -> dict[tuple, list]:
-        """(round, state digest) -> [(peer id, tensors)] of what each of ``mates`` serves."""
-        from peer.checkpoints.state_pull import pull_stage_state
-
-        ctx, groups = self.ctx, {}
-        for p in mates:
-            try:
-                round_, tensors = ctx.loop.run(
-                    pull_stage_state(ctx.p2p, p.peer_id, ctx.spec, self.stage, momentum=True, timeout=60), 70
-                )
-            except Exception as err:
-                ctx.event("outer_join_skip", f"stage {self.stage}: no round state from {p.peer_id[:16]}: {err}")
-                continue
-            groups.setdefault((round_, _state_digest(tensors)), []).append((p.peer_id, tensors))
-        return groups
-
     def _join_outer_group(self, opt, me: str) -> None:
-        """Take the round state (base weights, outer momentum, round) that two members of the
-        stage group serve identically (or the only member's, when the spec accepts live state
-        from one peer): a member that trained elsewhere would never hold the group's bits."""
-        from hivemind.utils import get_dht_time
+        """Take the round state the group serves before training (``peer.node.outer_group``): a
+        member that trained elsewhere would never hold the group's bits. After a round it missed,
+        the optimizer reads it again (``resync``)."""
+        from peer.node.outer_group import read_group_state
 
         ctx, stage = self.ctx, self.stage
-        swarm = ctx.checkpoints().swarm
-        mates = [p for p in (swarm.snapshot() if swarm is not None else []) if p.stage == stage and p.peer_id != me]
-        mates = [p for p in mates if p.state == PeerState.ONLINE][:4]
-        if not mates:
+
+        def read(purpose: str):
+            def refused(why: str) -> None:
+                ctx.event(f"outer_{purpose}_refused", f"stage {stage}: {why}; keeping this peer's weights", stage=stage)
+
+            return read_group_state(ctx, stage, me, refused=refused)
+
+        opt.resync = lambda: read("resync")
+        got = read("join")
+        if got is None:
             return
-        # Between rounds only: a state read while the group exchanges round r would miss r's
-        # update, and one read across a boundary would miss the next (the joiner's first round is
-        # the first boundary after it opens). Up to three windows.
-        outer = ctx.spec.training.outer
-        quiet = outer.gather_seconds + outer.agree_seconds + 5.0
-        for _ in range(3):
-            since = get_dht_time() % outer.round_seconds
-            if since < quiet:
-                time.sleep(quiet - since)
-            window = int(get_dht_time() // outer.round_seconds)
-            groups = self._round_states(mates)
-            if int(get_dht_time() // outer.round_seconds) == window:
-                break
-        else:
-            ctx.event("outer_join_refused", f"stage {stage}: no round state read between two rounds", stage=stage)
-            return
-        agreed = [k for k, v in groups.items() if len(v) >= 2]
-        alone = len(mates) == 1 and len(groups) == 1 and ctx.spec.trust.accept_untrusted_live_state
-        if not agreed and not alone:
-            ctx.event(
-                "outer_join_refused",
-                f"stage {stage}: no two members serve the same round state ({len(groups)} different); "
-                "training from this peer's own weights",
-                stage=stage,
-            )
-            return
-        key = max(agreed) if agreed else next(iter(groups))
-        opt.adopt(key[0], groups[key][0][1])
+        opt.adopt(got.round, got.tensors)
         ctx.event(
             "outer_joined",
-            f"stage {stage}: joined the group at round state {key[0]} (base {key[1][:16]}, from "
-            f"{', '.join(pid[:16] for pid, _ in groups[key])})",
+            f"stage {stage}: joined the group at round state {got.round} (base {got.digest[:16]}, from "
+            f"{', '.join(pid[:16] for pid in got.sources)})",
             stage=stage,
-            epoch=key[0],
-            digest=key[1],
-            sources=[pid for pid, _ in groups[key]],
+            epoch=got.round,
+            digest=got.digest,
+            sources=list(got.sources),
         )
 
     def _restore(self, held_step: Optional[int]) -> None:
@@ -358,11 +320,3 @@ def _shutdown(optimizer) -> None:
         optimizer.shutdown()
     except Exception as err:
         log.debug("optimizer shutdown: %s", err)
-
-
-def _state_digest(tensors) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].contiguous().numpy().tobytes())
-    return h.hexdigest()
