@@ -29,6 +29,8 @@ Modes
   server that answers nothing.
 - ``fake-state``: an ``online`` record at ``--stage`` claiming epoch 2**30 (``--epoch same``: the
   group's own epoch) and a state server that answers with a backdoored stage state.
+- ``bad-backward``: a trainer's backward requests to ``--target`` (a stage-0 server) whose
+  ``grad_outputs`` are scaled x1000 (finite), and every third one NaN.
 - ``outer-poison``: a member of ``--stage``'s outer rounds (its own RSA identity, claiming 1e9
   samples) whose contribution is poisoned, a different attack each round: an honest member's
   contribution (fetched from it) sign-flipped and scaled x10, random noise at 10x an honest
@@ -493,6 +495,27 @@ async def preclaim(p2p, dht, identity_key, spec, target, stage, seconds):
     return results
 
 
+# --- backward gradients scaled x1000 or NaN (13) -----------------------------------------------
+
+
+async def bad_backward(p2p, spec, target, seconds):
+    mb, seq, hidden = spec.training.micro_batch_size, spec.training.seq_len, spec.model.hidden_size
+    results, deadline, i = [], time.monotonic() + seconds, 0
+    while time.monotonic() < deadline:
+        nan = i % 3 == 2
+        grads = torch.full((mb * seq * hidden,), float("nan")) if nan else torch.randn(mb * seq * hidden) * 1000
+        ids = torch.randint(0, spec.model.vocab_size, (mb * seq,))
+        tensors = {
+            "grad_outputs": raw_tensor([mb, seq, hidden], buffer=grads.numpy().astype("float32").tobytes()),
+            "inputs": raw_tensor([mb, seq], dtype="int64", buffer=ids.numpy().astype("int64").tobytes()),
+        }
+        code = await send(p2p, target, BACKWARD, frame(request(spec, 0, f"bad-{i}", tensors)) + END)
+        results.append(f"{'nan' if nan else 'x1000'}: {code}")
+        i += 1
+        await asyncio.sleep(0.2)
+    return results
+
+
 # --- poisoned outer-round contributions (13) ----------------------------------------------------
 
 OUTER_ATTACKS = ("sign_flip_x10", "noise", "nan", "constant")
@@ -641,6 +664,8 @@ def main() -> None:
         result = loop.run_until_complete(fake_spec(dht, identity, spec, args.seconds))
     elif mode == "fake-checkpoints":
         result = loop.run_until_complete(fake_checkpoints(p2p, dht, key, spec, args.stage, args.seconds))
+    elif mode == "bad-backward":
+        result = loop.run_until_complete(bad_backward(p2p, spec, args.target, args.seconds))
     elif mode == "outer-poison":
         result = outer_poison(dht, identity, spec, args.stage, args.seconds)
     elif mode in ("fake-state", "fake-state-same"):

@@ -354,6 +354,21 @@ def test_09_a_trainers_micro_batch_ids_cannot_be_claimed_by_another_peer(victims
     assert logged(v, "s1", f"refused a request from peer {attacker}")
 
 
+def test_09b_a_trainers_backward_scaled_x1000_is_clipped_and_nan_refused(victims):
+    """A trainer sends the stage-0 server backward gradients scaled x1000, and NaN ones: each
+    scaled micro-batch is clipped to the stage's running bound before it accumulates, each NaN
+    one refused; the stage keeps training with finite weights."""
+    v = victims
+    watch = Watch(v)
+    clipped = v.counter("s0", "stage_clipped_total")
+    _attacker, results = v.attack("bad-backward", target=v.ids["s0"], stage=0, seconds=10, timeout=240)
+    assert results.get("x1000: ok", 0) >= 5, results
+    assert results.get("nan: bad_request", 0) >= 3 and not results.get("nan: ok"), results
+    watch.check()
+    assert v.counter("s0", "stage_clipped_total") - clipped >= results["x1000: ok"]
+    assert v.proc("s0").last_event("status")["loss"] < 10  # finite (NaN is not below anything)
+
+
 # --- 10: a competing spec under the run id ----------------------------------------------------------
 
 
