@@ -31,6 +31,11 @@ Modes
   group's own epoch) and a state server that answers with a backdoored stage state.
 - ``bad-backward``: a trainer's backward requests to ``--target`` (a stage-0 server) whose
   ``grad_outputs`` are scaled x1000 (finite), and every third one NaN.
+- ``outer-junk``: against ``--stage``'s outer rounds, one lie a round, in turn: a contribution
+  record naming ``--target`` as its author (signed by the attacker), one claiming 2 GiB (the most
+  the record schema lets through),
+  one whose served bytes do not match its signed digest; and every round a burst of malformed
+  ``swarmtrain.outer`` requests (another run, an unknown digest, 64 KiB of junk) to ``--target``.
 - ``outer-poison``: a member of ``--stage``'s outer rounds (its own RSA identity, claiming 1e9
   samples) whose contribution is poisoned, a different attack each round: an honest member's
   contribution (fetched from it) sign-flipped and scaled x10, random noise at 10x an honest
@@ -619,6 +624,76 @@ def outer_poison(dht, identity, spec, stage: int, seconds: float) -> list[str]:
     return results
 
 
+def outer_junk(dht, identity, spec, stage: int, target: str, seconds: float) -> list[str]:
+    from hivemind.p2p import PeerID as _PeerID
+
+    from peer.averaging.contribution import Contribution
+    from peer.averaging.rounds import RoundNet
+    from peer.averaging.sparse import SparseConfig, encoded_size
+    from peer.base import LoopThread
+    from protocol.messages_pb2 import OuterRequest
+
+    o = spec.training.outer
+    numel = sum(p.numel() for p in LlamaStage.from_spec(spec, stage).parameters() if p.requires_grad)
+    size = encoded_size(numel, SparseConfig(chunk=o.chunk, k=o.k, bits=o.bits))
+    loop = LoopThread()
+    p2p = loop.run(dht.replicate_p2p(), 30)
+    me = p2p.peer_id.to_base58()
+    net = RoundNet(
+        dht,
+        p2p,
+        loop.run,
+        run_id=spec.run_id,
+        spec_digest=spec.digest(),
+        stage=stage,
+        key=identity.private_key,
+        peer_id=me,
+    )
+    loop.run(net.start(), 30)
+    lies = ("forged-author", "huge-size", "wrong-bytes")
+    results, deadline = [], time.monotonic() + seconds
+
+    async def junk_requests() -> list[str]:
+        out = []
+        bad = [
+            OuterRequest(run="another-run", stage=stage, round=1, digest="0" * 64),
+            OuterRequest(run=net.run_prefix, stage=stage, round=1, digest="f" * 64),
+        ]
+        payloads = [frame(m) + END for m in bad] + [struct.pack(">I", 1 << 16) + bytes(1 << 16) + END]
+        for payload in payloads * 4:
+            try:
+                _, reader, writer = await p2p.call_binary_stream_handler(
+                    _PeerID.from_base58(target), "swarmtrain.outer"
+                )
+                writer.write(payload)
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readexactly(4), 10)
+                out.append(f"answered {struct.unpack('>I', head)[0]} bytes")
+                writer.close()
+            except Exception as err:
+                out.append(type(err).__name__)
+        return out
+
+    while time.monotonic() < deadline:
+        round_ = int(get_dht_time() // o.round_seconds) + 1
+        time.sleep(max(0.0, round_ * o.round_seconds - get_dht_time()) + 1.0)
+        lie = lies[len([r for r in results if r.startswith("lie")]) % len(lies)]
+        blob = bytes(size)
+        author = target if lie == "forged-author" else me
+        c = Contribution.sign(
+            identity.private_key, run=net.run_prefix, stage=stage, round_=round_, author=author, weight=1e9, blob=blob
+        )
+        net.publish(c, 2**31 if lie == "huge-size" else size, ttl=120)
+        if lie == "wrong-bytes":
+            net.hold(round_, c.digest, (bytes(range(256)) * (size // 256 + 1))[:size])  # not what was signed
+        emit("lying", round=round_, lie=lie, digest=c.digest)
+        results.append(f"lie {lie}")
+        results += loop.run(junk_requests(), 60)
+    loop.run(net.stop(), 10)
+    loop.stop()
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode")
@@ -666,6 +741,8 @@ def main() -> None:
         result = loop.run_until_complete(fake_checkpoints(p2p, dht, key, spec, args.stage, args.seconds))
     elif mode == "bad-backward":
         result = loop.run_until_complete(bad_backward(p2p, spec, args.target, args.seconds))
+    elif mode == "outer-junk":
+        result = outer_junk(dht, identity, spec, args.stage, args.target, args.seconds)
     elif mode == "outer-poison":
         result = outer_poison(dht, identity, spec, args.stage, args.seconds)
     elif mode in ("fake-state", "fake-state-same"):

@@ -5,7 +5,9 @@ each in its own process, and a real attacker process (tests/hostile/attacker.py
 attack (an honest contribution sign-flipped and scaled x10, noise at 10x, NaN scales, a constant
 direction at 10x) and claims 1e9 samples. The honest members must drop or clip every one, keep
 agreeing bit for bit (the test hashes the weights both serve over the state RPC), keep finite
-weights, and keep training."""
+weights, and keep training. Then a liar (``outer-junk``) announces contributions in another
+member's name, claiming 2 GiB, or served with other bytes than it signed, and sends the
+round RPC malformed requests: the two honest members leave all of it out and agree."""
 
 from __future__ import annotations
 
@@ -96,6 +98,39 @@ def test_a_poisoned_member_of_three_is_dropped_or_clipped(tmp_path):
         (r0, w0), (r1, w1) = round_states(addr, spec, 1, [ids["b0"], ids["b1"]])
         assert r0 == r1 and state_hash(w0) == state_hash(w1)
         assert all(bool(torch.isfinite(t).all()) for t in w0.values())
+
+        # Lies about contributions, and malformed requests to the round RPC: nothing gets in.
+        liar = cluster.start(
+            "liar",
+            [
+                "outer-junk",
+                "--initial-peers",
+                addr,
+                "--spec",
+                str(spec_path),
+                "--stage",
+                "1",
+                "--target",
+                ids["b0"],
+                "--seconds",
+                str(3 * OUTER["round_seconds"]),
+            ],
+            command=[sys.executable, str(ATTACKER)],
+        )
+        liar.wait_event("ready", 120)
+        cluster.track()
+        junk = liar.wait_event("done", 4 * OUTER["round_seconds"] + 120)["results"]
+        lies = {e["round"]: e["lie"] for e in liar.events if e.get("event") == "lying"}
+        assert set(lies.values()) == {"forged-author", "huge-size", "wrong-bytes"}, (lies, junk)
+        assert any(k.startswith("answered") for k in junk), junk  # error replies, not a crash
+        for name in ("b0", "b1"):
+            peers[name].wait_event("outer_round", 120, lambda e: e["round"] >= max(lies))
+        logged = {n: {e["round"]: e for e in peers[n].events if e.get("event") == "outer_round"} for n in ("b0", "b1")}
+        for r, lie in lies.items():
+            b0, b1 = logged["b0"].get(r), logged["b1"].get(r)
+            assert b0 is not None and b1 is not None and b0["digest"] == b1["digest"], (r, lie, b0, b1)
+            assert b0["contributions"] == 2, (lie, b0)
+        assert peers["b0"].alive() and peers["b1"].alive()
 
         after = peers["a0"].wait_event(
             "status", 120, lambda e: e.get("loss") is not None and e["microbatches"] > before["microbatches"] + 50
