@@ -124,7 +124,12 @@ class StageSlot:
 
         def read(purpose: str):
             def refused(why: str) -> None:
-                ctx.event(f"outer_{purpose}_refused", f"stage {stage}: {why}; keeping this peer's weights", stage=stage)
+                ctx.event(
+                    f"outer_{purpose}_refused",
+                    f"stage {stage}: {why}; keeping this peer's weights",
+                    stage=stage,
+                    why=why,
+                )
 
             return read_group_state(ctx, stage, me, refused=refused)
 
