@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from peer.base.procs import alive
+
 HERE = Path(__file__).resolve().parent
 WIRE = HERE / "netlab_wire.py"
 PROBE = HERE / "netlab_probe.py"
@@ -141,16 +143,6 @@ def _tbf(ns: str, dev: str, mbit: float) -> None:
     )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def lab_namespaces() -> list[str]:
     out = sh("ip", "netns", "list", check=False).stdout
     return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
@@ -163,7 +155,7 @@ def cleanup_stale() -> list[str]:
     removed = []
     for ns in lab_namespaces():
         owner = ns[len(PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and not _alive(int(owner)):
+        if owner.isdigit() and not alive([int(owner)]):
             for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 try:
                     os.kill(int(pid), signal.SIGKILL)

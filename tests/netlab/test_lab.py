@@ -19,6 +19,8 @@ sys.path.insert(0, str(SCRIPTS))
 
 import netlab  # noqa: E402
 
+from peer.base.procs import alive  # noqa: E402
+
 pytestmark = [pytest.mark.netlab, pytest.mark.timeout(300)]
 
 WHY = netlab.missing()
@@ -70,11 +72,11 @@ def test_close_removes_every_namespace_and_process():
         lab.add_host("b", "far", nat=True)
         pids = [p.pid for p in lab.procs]
         names = list(lab.namespaces)
-        assert len(pids) == 2 and all(_alive(p) for p in pids)  # the two links' wires
+        assert len(pids) == 2 and alive(pids) == pids  # the two links' wires
     finally:
         lab.close()
     assert not set(names) & set(netlab.lab_namespaces())
-    assert not any(_alive(p) for p in pids)
+    assert not alive(pids)
 
 
 def test_a_lab_left_by_a_killed_process_is_removed_by_name():
@@ -96,11 +98,3 @@ def test_a_lab_left_by_a_killed_process_is_removed_by_name():
         if owner.poll() is None:
             os.killpg(owner.pid, signal.SIGKILL)
         netlab.cleanup_stale()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
