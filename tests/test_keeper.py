@@ -196,6 +196,48 @@ def test_state_rpc_rejects_bad_replies(host, client, spec):
             host.run(pull_stage_state(client, pid, spec, 1, timeout=20))
 
 
+def test_state_pull_asks_again_when_a_stream_breaks(host, client, spec):
+    """A stream that breaks mid-answer (as on a far link) is asked again; one that always breaks
+    is rejected with the reason and the attempts; a wrong answer is not asked again."""
+    good = {k: p.detach() for k, p in LlamaStage.from_spec(spec, 1).named_parameters()}
+    frames = split_message(
+        StateResponse(spec_digest=spec.digest(), stage=1, epoch=3), list(good), [encode(t, "none") for t in good.values()]
+    )
+
+    def server(break_first: int):
+        node, calls = host.new(client), []
+
+        async def handler(_info, reader, writer):
+            while await read_frame(reader, StateRequest) is not None:
+                pass
+            calls.append(1)
+            if len(calls) <= break_first:
+                payload = frames[1].SerializeToString()
+                writer.write(len(payload).to_bytes(4, "big") + payload[: len(payload) // 2])
+                await writer.drain()
+            else:
+                for frame in frames:
+                    await write_frame(writer, frame)
+                await write_frame(writer, None)
+            writer.close()
+
+        host.run(node.add_binary_stream_handler(STATE, handler))
+        return peer_id(node), calls
+
+    pid, calls = server(break_first=1)
+    epoch, tensors = host.run(pull_stage_state(client, pid, spec, 1, timeout=30))
+    assert epoch == 3 and len(calls) == 2 and all(torch.equal(tensors[k], good[k]) for k in good)
+
+    pid, calls = server(break_first=99)
+    with pytest.raises(StateRejected, match=r"unreachable: .*IncompleteReadError.*\(after 3 attempts\)"):
+        host.run(pull_stage_state(client, pid, spec, 1, timeout=30))
+    assert len(calls) == 3
+
+    pid = _evil_server(host, client, spec, lambda: [StateResponse(spec_digest=spec.digest(), stage=0, epoch=3)])
+    with pytest.raises(StateRejected, match="state of stage 0, not 1"):
+        host.run(pull_stage_state(client, pid, spec, 1, timeout=30))
+
+
 # --- keeper rounds ----------------------------------------------------------------------------------
 
 

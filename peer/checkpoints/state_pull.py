@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from typing import Mapping
 
 import torch
@@ -14,7 +15,7 @@ from peer.model.llama import stage_param_shapes
 from peer.net import FrameError, RemoteError, call, join_tensors
 from protocol.codecs import TensorRejected, decode
 from protocol.messages_pb2 import StateRequest, StateResponse
-from protocol.rpc import CHUNK_BYTES, MAX_FRAMES, STATE
+from protocol.rpc import CHUNK_BYTES, MAX_FRAMES, STATE, ErrorCode
 from protocol.spec import RunSpec
 
 
@@ -71,27 +72,46 @@ def check_stage_state(
     return out
 
 
+STATE_ATTEMPTS = 3  # a state is megabytes: one dropped stream should not cost a checkpoint or a join
+
+
 async def pull_stage_state(
-    p2p: P2P, peer_id: str, spec: RunSpec, stage: int, *, timeout: float = 60.0, momentum: bool = False
+    p2p: P2P,
+    peer_id: str,
+    spec: RunSpec,
+    stage: int,
+    *,
+    timeout: float = 60.0,
+    momentum: bool = False,
+    attempts: int = STATE_ATTEMPTS,
 ) -> tuple[int, dict[str, torch.Tensor]]:
     """(epoch, parameters) of ``stage`` from ``peer_id``; raises StateRejected with the reason.
-    ``momentum``: also the outer optimizer's momentum (outer rounds), as ``outer_momentum/<name>``."""
+    ``momentum``: also the outer optimizer's momentum (outer rounds), as ``outer_momentum/<name>``.
+    A stream that breaks before the whole answer is asked again, up to ``attempts`` times, all
+    within ``timeout``; an answer that arrives and is wrong is not asked again."""
 
     limit = state_byte_limit(spec, stage, momentum=momentum)
-    try:
-        frames = await call(
-            p2p,
-            peer_id,
-            STATE,
-            [StateRequest(spec_digest=spec.digest(), stage=stage, outer_momentum=momentum)],
-            StateResponse,
-            timeout=timeout,
-            max_bytes=limit,
-            max_frames=MAX_FRAMES + limit // CHUNK_BYTES,
-            kind="state",
-        )
-    except RemoteError as err:
-        raise StateRejected(f"{peer_id}: {err}") from None
+    deadline = time.monotonic() + timeout
+    for attempt in range(1, attempts + 1):
+        try:
+            frames = await call(
+                p2p,
+                peer_id,
+                STATE,
+                [StateRequest(spec_digest=spec.digest(), stage=stage, outer_momentum=momentum)],
+                StateResponse,
+                timeout=max(0.1, deadline - time.monotonic()),
+                max_bytes=limit,
+                max_frames=MAX_FRAMES + limit // CHUNK_BYTES,
+                kind="state",
+            )
+            break
+        except RemoteError as err:
+            broken = err.code == ErrorCode.UNREACHABLE
+            if not broken or attempt == attempts or deadline - time.monotonic() < 1.0:
+                tries = f" (after {attempt} attempts)" if attempt > 1 else ""
+                raise StateRejected(f"{peer_id}: {err}{tries}") from None
+            await asyncio.sleep(min(0.5 * attempt, deadline - time.monotonic() - 0.5))
     head = frames[0]
     if head.spec_digest != spec.digest():
         raise StateRejected(f"{peer_id}: state of spec {head.spec_digest[:16]!r}, not {spec.digest()[:16]!r}")
