@@ -201,7 +201,9 @@ def test_state_pull_asks_again_when_a_stream_breaks(host, client, spec):
     is rejected with the reason and the attempts; a wrong answer is not asked again."""
     good = {k: p.detach() for k, p in LlamaStage.from_spec(spec, 1).named_parameters()}
     frames = split_message(
-        StateResponse(spec_digest=spec.digest(), stage=1, epoch=3), list(good), [encode(t, "none") for t in good.values()]
+        StateResponse(spec_digest=spec.digest(), stage=1, epoch=3),
+        list(good),
+        [encode(t, "none") for t in good.values()],
     )
 
     def server(break_first: int):
