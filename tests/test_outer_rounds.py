@@ -178,3 +178,37 @@ def test_after_a_missed_round_a_member_takes_the_group_state_only_when_it_is_ahe
     assert opt.local_epoch == 3 and events[-1] == "outer_resynced"
     assert all(torch.equal(p, group.get_parameter(n)) for n, p in module.named_parameters())
     assert opt.round_state()[2] == 3
+
+    # Same round, other bits (a join that was refused, a round applied differently): adopt.
+    for p in module.parameters():
+        p.data.add_(1.0)
+    opt._set_flat(opt._flat())
+    opt.base, opt.round_digest = opt._flat(), "other"
+    served = dataclasses.replace(served, round=3)
+    opt.catch_up("records")
+    assert events[-1] == "outer_resynced" and opt.history[3] == opt.round_digest[:16]
+    assert all(torch.equal(p, group.get_parameter(n)) for n, p in module.named_parameters())
+    n = len(events)
+    opt.catch_up("records")  # the same bits already: nothing to do
+    assert len(events) == n
+
+
+def test_a_member_reads_the_group_again_only_when_two_mates_or_a_mate_ahead_say_so():
+    from peer.node.outer_group import behind_group
+
+    mine = {4: "a" * 16, 5: "b" * 16}
+
+    def why(mates, lone=True):
+        return behind_group(mine, 5, mates, lone_mate_trusted=lone)
+
+    assert why([(5, "b" * 16), (5, "b" * 16)]) is None  # in step
+    assert why([(4, "a" * 16), (5, "b" * 16)]) is None  # a mate's record lags a round
+    assert "round 6" in why([(6, "c" * 16), (6, "c" * 16)])  # two mates applied a round this one missed
+    assert "holds round 5 as base cccc" in why([(5, "c" * 16), (5, "c" * 16), (5, "b" * 16)])
+    assert "holds round 4" in why([(4, "c" * 16), (4, "c" * 16)])  # records a round late, still other bits
+    assert why([(5, "c" * 16), (5, "d" * 16)]) is None  # two mates that disagree decide nothing
+    assert why([(9, "c" * 16), (9, "")]) is None  # per_step records and joiners announce no digest
+    assert why([(5, "c" * 16)]) is None  # one mate, same round, other bits: nobody can tell
+    assert "only other member is at round 7" in why([(7, "c" * 16)])  # the one behind yields
+    assert why([(7, "c" * 16)], lone=False) is None  # unless the spec takes no state from one peer
+    assert why([]) is None

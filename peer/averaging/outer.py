@@ -76,6 +76,10 @@ class OuterOptimizer:
         # Reads the group's round state (``peer.node.outer_group``): set by the slot. Called after
         # a round this member missed, while others may have applied it.
         self.resync: Optional[Callable[[], Optional[object]]] = None
+        # Why this member holds other bits than its group (``peer.node.outer_group.behind_group``
+        # on its mates' records), or None: set by the slot, asked after every round.
+        self.behind: Optional[Callable[[], Optional[str]]] = None
+        self.history = {0: self.round_digest[:16]}  # round -> base digest (16 hex) after it
         self._missed = False
         self.last_load_state_error: Optional[str] = None
         self._lock = threading.Lock()
@@ -139,6 +143,8 @@ class OuterOptimizer:
             self.error = np.zeros_like(base)
             self.samples = 0
             self.round_digest = hashlib.sha256(base.tobytes()).hexdigest()
+            self.history = {}
+            self._remember()
 
     # --- rounds (a background thread) ------------------------------------------------------------
 
@@ -162,27 +168,46 @@ class OuterOptimizer:
                 self.event(
                     "outer_round_failed", f"stage {self.stage}: outer round {round_} failed: {err}", round=round_
                 )
-            if self._missed:
-                self.catch_up()
+            why = "a missed round" if self._missed else self._why_behind()
+            if why:
+                self.catch_up(why)
 
-    def catch_up(self) -> None:
-        """After a missed round: adopt the round state two members serve when it is ahead of this
-        member's (the others applied the round); otherwise keep going from its own."""
+    def _why_behind(self) -> Optional[str]:
+        try:
+            return self.behind() if self.behind is not None else None
+        except Exception as err:  # the DHT may be unreachable for a while: ask again next round
+            log.debug("stage %d: reading the members' records failed: %s", self.stage, err)
+            return None
+
+    def catch_up(self, why: str = "a missed round") -> None:
+        """After a missed round, or when the members' records show this member holds other bits:
+        adopt the round state two members serve when it is ahead of this member's (the others
+        applied a round it did not), or of its round with other bits; otherwise keep its own."""
         try:
             got = self.resync() if self.resync is not None else None
         except Exception as err:
             log.warning("stage %d: reading the group's round state failed: %s", self.stage, err)
             return
         self._missed = False
-        if got is None or got.round <= self.local_epoch:
+        if got is None or got.round < self.local_epoch:
+            return
+        base = torch.cat([got.tensors[n].reshape(-1).float() for n in self.names]).numpy()
+        if got.round == self.local_epoch and hashlib.sha256(base.tobytes()).hexdigest() == self.round_digest:
             return
         self.adopt(got.round, got.tensors)
         self.event(
             "outer_resynced",
-            f"stage {self.stage}: took the group's round state {got.round} (base {got.digest[:16]}) after a missed round",
+            f"stage {self.stage}: took the group's round state {got.round} (base {self.round_digest[:16]}) after {why}",
             epoch=got.round,
-            digest=got.digest,
+            digest=self.round_digest,
+            why=why,
         )
+
+    def _remember(self) -> None:
+        """Keep the last rounds' digests: the mates' records may lag this member by a round."""
+        self.history[self.local_epoch] = self.round_digest[:16]
+        for old in sorted(self.history)[:-8]:
+            del self.history[old]
 
     def _round(self, round_: int) -> None:
         o = self.spec.training.outer
@@ -221,6 +246,7 @@ class OuterOptimizer:
         with self._lock:
             self.base, self.local_epoch = new_base, self.local_epoch + 1
             self.round_digest = hashlib.sha256(new_base.tobytes()).hexdigest()
+            self._remember()
         agg = result.aggregate
         self.outcomes["applied"] += 1
         self.contributions["used"] += len(agg.used)

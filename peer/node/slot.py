@@ -24,7 +24,7 @@ from peer.model.llama import LlamaStage
 from peer.net import WireCounters
 from peer.pipeline import ServedInfo, StageServer, StageWorker
 from peer.pipeline.clipping import MicroBatchClip
-from protocol.records import PeerInfo
+from protocol.records import PeerInfo, PeerState
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.peer")
@@ -118,7 +118,7 @@ class StageSlot:
         """Take the round state the group serves before training (``peer.node.outer_group``): a
         member that trained elsewhere would never hold the group's bits. After a round it missed,
         the optimizer reads it again (``resync``)."""
-        from peer.node.outer_group import read_group_state
+        from peer.node.outer_group import behind_group, read_group_state
 
         ctx, stage = self.ctx, self.stage
 
@@ -133,7 +133,19 @@ class StageSlot:
 
             return read_group_state(ctx, stage, me, refused=refused)
 
+        def behind() -> Optional[str]:
+            swarm = ctx.checkpoints().swarm
+            mates = [
+                (p.epoch, p.state_digest)
+                for p in (swarm.snapshot() if swarm is not None else [])
+                if p.stage == stage and p.peer_id != me and p.state == PeerState.ONLINE
+            ]
+            return behind_group(
+                opt.history, opt.local_epoch, mates, lone_mate_trusted=ctx.spec.trust.accept_untrusted_live_state
+            )
+
         opt.resync = lambda: read("resync")
+        opt.behind = behind
         got = read("join")
         if got is None:
             return
