@@ -117,6 +117,9 @@ class PeerRecordModel(pydantic.BaseModel):
     # Outer rounds: the first 16 hex digits of the sha256 of this peer's round state (the same
     # on every member that completed the round ``epoch``); empty in per_step mode.
     state_digest: pydantic.constr(regex=r"^([0-9a-f]{16})?$") = ""
+    # Behind a router nobody can dial through: the peer id of the relay that forwards streams to
+    # this peer (``peer.net.relay``); empty when others dial it directly.
+    via: pydantic.constr(regex=r"^([1-9A-HJ-NP-Za-km-z]{32,64})?$") = ""
 
     class Config:
         extra = pydantic.Extra.forbid
@@ -247,6 +250,7 @@ class PeerInfo:
     started: float = 0.0
     checkpoints: int = 0
     state_digest: str = ""
+    via: str = ""
     expiration: float = 0.0
 
     @classmethod

@@ -17,6 +17,9 @@ INFO = "swarmtrain.info"  # InfoRequest -> InfoResponse
 STATE = "swarmtrain.state"  # StateRequest -> StateResponse: the stage's parameters, for the keeper
 CKPT = "swarmtrain.ckpt"  # CkptRequest -> CkptResponse: list or read a checkpoint's files
 OUTER = "swarmtrain.outer"  # OuterRequest -> OuterResponse: one contribution of an outer round
+REACH = "swarmtrain.reach"  # ReachRequest -> ReachResponse: dial me back / relay for me (relays serve it)
+RELAY = "swarmtrain.relay"  # Route, then any RPC's frames: a relay passes them on to a peer it relays for
+RELAYED = "swarmtrain.relayed"  # Route, then the RPC's frames: what a relayed peer receives from its relay
 
 # Framing.
 FRAME_HEADER_BYTES = 4

@@ -22,6 +22,8 @@ class NetworkConfig:
     announce_maddrs: Sequence[str] = ()
     identity: Optional[str] = None  # key file: the same peer id across restarts
     client_mode: bool = False  # accept no inbound connections: train through others, serve nothing
+    use_relay: bool = True  # when others cannot dial this peer, serve through a relay (peer.net.relay)
+    relays: Sequence[str] = ()  # relays' multiaddrs; () : the initial peers
     announce_period: float = 5.0  # seconds between DHT announcements (records live 3 periods)
     request_timeout: float = 30.0  # one stage call, one checkpoint read
 

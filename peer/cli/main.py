@@ -141,6 +141,21 @@ def demo(seconds, stages, peers_per_stage, preset, workdir, json_summary):
 @click.option("--request-timeout", type=float, default=NetworkConfig.request_timeout, show_default=True)
 @click.option("--client-mode", is_flag=True, help="Do not accept inbound connections (behind NAT without relays).")
 @click.option(
+    "--relay/--no-relay",
+    "use_relay",
+    default=NetworkConfig.use_relay,
+    show_default=True,
+    help="When others cannot dial this peer (a home router, no port forwarding), serve its stage "
+    "through a relay. --no-relay: say so and go on unrelayed.",
+)
+@click.option(
+    "--trusted-relay",
+    "relays",
+    multiple=True,
+    help="A relay's multiaddr (repeatable): who checks whether others can dial this peer and relays "
+    "for it. Default: the initial peers.",
+)
+@click.option(
     "--rebalance-period",
     type=click.FloatRange(min=0.0),
     default=None,
@@ -200,6 +215,8 @@ def run(
     status_every,
     request_timeout,
     client_mode,
+    use_relay,
+    relays,
     rebalance_period,
     rebalance_cooldown,
     throughput,
@@ -246,6 +263,8 @@ def run(
             announce_maddrs=list(announce_maddrs),
             identity=identity,
             client_mode=client_mode,
+            use_relay=use_relay,
+            relays=list(relays),
             announce_period=announce_period,
             request_timeout=request_timeout,
         ),
@@ -304,6 +323,12 @@ def run(
     show_default=True,
     help="Address for --dashboard-port (0.0.0.0 to show it to other machines).",
 )
+@click.option(
+    "--relay/--no-relay",
+    default=True,
+    show_default=True,
+    help="Tell peers whether others can dial them, and forward streams to peers behind routers nobody can dial.",
+)
 @with_metrics
 @click.option("--log-json", is_flag=True)
 @click.option("-v", "--verbose", is_flag=True)
@@ -323,6 +348,7 @@ def bootstrap(
     announce_period,
     dashboard_port,
     dashboard_host,
+    relay,
     metrics_port,
     metrics_host,
     log_json,
@@ -362,6 +388,7 @@ def bootstrap(
             announce_period=announce_period,
             dashboard=(dashboard_host, dashboard_port) if dashboard_port is not None else None,
             metrics=(metrics_host, metrics_port) if metrics_port is not None else None,
+            relay=relay,
         )
     )
 

@@ -24,7 +24,9 @@ from hivemind.p2p import P2P, PeerID
 
 from peer.net.counters import WireCounters
 from peer.net.framing import FrameError, read_frame, write_frame
-from protocol.rpc import MAX_FRAMES, ErrorCode
+from peer.net.routes import LOCAL, ROUTES
+from protocol.messages_pb2 import Route
+from protocol.rpc import MAX_FRAMES, RELAY, ErrorCode
 
 log = logging.getLogger("swarmtrain.rpc")
 
@@ -76,13 +78,20 @@ async def call(
 
 
 async def _exchange(p2p, peer_id, handler, request, response_type, max_bytes, max_frames, counters, kind):
+    relay = ROUTES.via(peer_id)
+    where = peer_id[:12] + (f" (through relay {relay[:12]})" if relay else "")
     try:
-        _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler)
+        if relay is None:
+            _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handler)
+        else:
+            _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(relay), RELAY)
     except Exception as err:
-        raise RemoteError(ErrorCode.UNREACHABLE, f"{peer_id[:12]}: {type(err).__name__}: {err}") from None
+        raise RemoteError(ErrorCode.UNREACHABLE, f"{where}: {type(err).__name__}: {err}") from None
     frames: list[Message] = []
     total = 0
     try:
+        if relay is not None:
+            await write_frame(writer, Route(target=peer_id, handler=handler))
         for frame in request:
             sent = await write_frame(writer, frame)
             if counters is not None:
@@ -103,11 +112,11 @@ async def _exchange(p2p, peer_id, handler, request, response_type, max_bytes, ma
                     f"{peer_id[:12]}: the answer exceeds {max_bytes} bytes or {max_frames} frames",
                 )
     except (asyncio.IncompleteReadError, ConnectionError, FrameError) as err:
-        raise RemoteError(ErrorCode.UNREACHABLE, f"{peer_id[:12]}: {type(err).__name__}: {err}") from None
+        raise RemoteError(ErrorCode.UNREACHABLE, f"{where}: {type(err).__name__}: {err}") from None
     finally:
         writer.close()
     if not frames:
-        raise RemoteError(ErrorCode.UNREACHABLE, f"{peer_id[:12]} closed the stream without an answer")
+        raise RemoteError(ErrorCode.UNREACHABLE, f"{where} closed the stream without an answer")
     return frames
 
 
@@ -170,13 +179,16 @@ class RpcServer:
         ``await handle(frames, remote_peer_id)`` and send what it returns. ``handle`` raises ``Rejected`` to
         refuse; any other exception is answered ``internal`` and logged."""
         self.p2p = p2p
-        await p2p.add_binary_stream_handler(name, self._wrap(name, handle, request_type, error_reply, limits, kind))
+        wrapped = self._wrap(name, handle, request_type, error_reply, limits, kind)
+        await p2p.add_binary_stream_handler(name, wrapped)
+        LOCAL[(id(p2p), name)] = wrapped  # what a stream forwarded by this peer's relay reaches
         self._names.append(name)
 
     async def remove_all(self) -> None:
         if self.p2p is None:
             return
         for name in self._names:
+            LOCAL.pop((id(self.p2p), name), None)
             try:
                 await self.p2p.remove_binary_stream_handler(name)
             except Exception:

@@ -34,13 +34,16 @@ def run_bootstrap(
     announce_period: float = 5.0,
     dashboard: Optional[tuple[str, int]] = None,
     metrics: Optional[tuple[str, int]] = None,
+    relay: bool = True,
 ) -> int:
     """``keeper``: a ``KeeperConfig`` to run the keeper here (needs ``spec``). ``spec_signing_key``:
     a private key file that signs the published spec (peers that trust its public key join by
     run id without a pinned digest).
     ``dashboard``: (host, port) to serve the run's web dashboard (``peer.observe.dashboard``) too.
     ``metrics``: (host, port) to serve Prometheus metrics: the count of each event it reported
-    (the keeper's signatures, refusals and rejected states)."""
+    (the keeper's signatures, refusals and rejected states).
+    ``relay``: answer peers' reachability checks and forward streams to peers behind routers
+    that nobody can dial (``peer.net.relay``)."""
     out = Output(log_json)
     event = out.event
     counts = None
@@ -85,8 +88,10 @@ def run_bootstrap(
         announce_maddrs=announce_maddrs,
         validators=validators,
     )
-    keeper_parts = board = None
+    keeper_parts = board = relay_parts = None
     try:
+        if relay:
+            relay_parts = _start_relay(dht)
         if keeper is not None:
             keeper_parts = _start_keeper(dht, ident, spec, keeper, event, announce_period)
         if dashboard is not None:
@@ -125,9 +130,28 @@ def run_bootstrap(
             counts.close()
         if keeper_parts is not None:
             _stop_keeper(*keeper_parts)
+        if relay_parts is not None:
+            _stop_relay(*relay_parts)
         dht.shutdown()
         out.event("stopped", "bootstrap stopped")
     return 0
+
+
+def _start_relay(dht):
+    from peer.base import LoopThread
+    from peer.net.relay import RelayService
+
+    loop = LoopThread()
+    service = RelayService()
+    loop.run(service.start(loop.run(dht.replicate_p2p(), timeout=30)), timeout=30)
+    return service, loop
+
+
+def _stop_relay(service, loop) -> None:
+    try:
+        loop.run(service.stop(), timeout=10)
+    finally:
+        loop.stop()
 
 
 def _start_dashboard(dht, ident, spec: RunSpec, where: tuple[str, int], out: Output):

@@ -23,9 +23,11 @@ from peer.base.config import OutputConfig, PeerConfig
 from peer.base.distrust import DistrustTally
 from peer.model.tensor_files import save_tensors
 from peer.net import WireCounters
+from peer.net.reach import Reachability
 from peer.node.checkpointing import CheckpointSide
 from peer.node.mover import Mover
 from peer.node.presence import PeerStatus, Presence
+from peer.node.relaying import RelayedSide, check_at_start, relays_of
 from peer.node.report import FirstContribution, print_status, training_figures
 from peer.node.slot import NoStartingWeights, SlotContext, StageSlot
 from peer.pipeline import ServedInfo, Trainer
@@ -63,6 +65,8 @@ class Peer:
         self.trainer: Optional[Trainer] = None
         self.ckpt: Optional[CheckpointSide] = None
         self.metrics = None  # a peer.observe.metrics object when --metrics-port is given
+        self.reach = Reachability(None, "", "not checked yet")
+        self.relayed: Optional[RelayedSide] = None  # when others cannot dial this peer
         self.second_signal = False
         self._first_contribution = FirstContribution()
 
@@ -104,13 +108,14 @@ class Peer:
         if cfg.output.metrics_port is not None:
             self.metrics = start_metrics(cfg.output, self.out)
         self.identity = load_or_create_identity(net.identity)
+        self.reach = check_at_start(net, self.out.event)
         self.out.event("starting", f"peer {self.identity.peer_id} starting the DHT", peer_id=str(self.identity.peer_id))
         self.dht = start_dht(
             self.identity,
             initial_peers=net.initial_peers,
             host_maddrs=net.host_maddrs,
             announce_maddrs=net.announce_maddrs,
-            client_mode=net.client_mode,
+            client_mode=net.client_mode or self.reach.reachable is False,  # nobody waits on an undialable server
         )
         self.spec = spec = resolve_run_spec(
             self.dht,
@@ -139,6 +144,9 @@ class Peer:
 
         self.loop = LoopThread()
         self.p2p = self.loop.run(self.dht.replicate_p2p(), timeout=30)
+        if self.reach.reachable is False and net.use_relay:
+            self.relayed = RelayedSide(self.p2p, self.loop, relays_of(net), self.out.event)
+            self.presence.update(via=self.relayed.start() or "")
         self.ckpt = CheckpointSide(
             self.spec,
             cfg.checkpoints,
@@ -250,10 +258,14 @@ class Peer:
             self.ckpt.start_keeper(local_state=self._local_stage_state)
         self._first_contribution.check(self)
         self.mover.maybe_move()
+        if self.relayed is not None:
+            self.relayed.renew_if_due()
 
     def _shutdown(self) -> None:
         if self.ckpt is not None:
             self.ckpt.stop()
+        if self.relayed is not None:
+            self.relayed.stop()
         self.hand_back_gradients()
         if self.swarm is not None and self.status.stage is not None:
             self.presence.update(state=PeerState.LEAVING)

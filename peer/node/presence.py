@@ -30,6 +30,7 @@ class PeerStatus:
     stage: Optional[int] = None
     state: PeerState = PeerState.JOINING
     throughput: float = 1.0  # samples/s announced for the stage (peer.model.capacity)
+    via: str = ""  # the relay that forwards to this peer, when others cannot dial it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +97,7 @@ class Presence:
             samples_per_s=figures.samples_per_s,
             has_data=figures.has_data,
             state_digest=figures.state_digest,
+            via=status.via,
             version=self.version,
             started=self.started,
         )

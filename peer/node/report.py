@@ -67,6 +67,7 @@ def print_status(peer: "Peer") -> None:
         tokens_per_s=tok_s,
         peers_per_stage=per_stage,
         samples_accumulated=worker.stats.samples if worker is not None else 0,
+        served=served,
         retries=t.retries if t else 0,
         bytes_sent=dict(peer.counters.sent),
         bytes_received=dict(peer.counters.received),

@@ -103,6 +103,15 @@ def choose_peer(candidates: Sequence[tuple[str, float, int]], *, banned: set[str
 PRIOR_CAP_FACTOR = 2.0
 
 
+# A relayed peer's streams cross its relay twice (Petals weighs relayed servers down too): its
+# announced throughput counts this much until the trainer has measured it.
+RELAYED_PRIOR_FACTOR = 0.5
+
+
+def announced_prior(throughput: float, relayed: bool) -> float:
+    return throughput * RELAYED_PRIOR_FACTOR if relayed else throughput
+
+
 def capped_priors(
     candidates: Sequence[tuple[str, float, int]], measured: Optional[Mapping[str, float]] = None
 ) -> list[tuple[str, float, int]]:

@@ -29,7 +29,7 @@ from hivemind.p2p import P2P
 from peer.net import WireCounters
 from peer.pipeline.checks import check_request, check_response
 from peer.pipeline.client import RemoteError, call_stage
-from peer.pipeline.routing import BanList, ThroughputEMA, capped_priors, choose_peer
+from peer.pipeline.routing import BanList, ThroughputEMA, announced_prior, capped_priors, choose_peer
 from peer.pipeline.server import Limits
 from peer.pipeline.worker import StageError, StageWorker
 from protocol.messages_pb2 import StageRequest
@@ -113,7 +113,7 @@ class Trainer:
                 continue
             if p.peer_id == self.my_peer_id:
                 continue  # our own stage is served by the local worker, never over the network
-            out.append((p.peer_id, p.throughput, self.inflight.get(p.peer_id, 0)))
+            out.append((p.peer_id, announced_prior(p.throughput, bool(p.via)), self.inflight.get(p.peer_id, 0)))
         out = [(p, self.ema.get(p, prior), load) for p, prior, load in capped_priors(out, self.ema.known())]
         if stage == self.local_stage and self.local_worker is not None:
             rate = self.local_worker.stats.throughput

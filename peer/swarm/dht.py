@@ -17,6 +17,7 @@ import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
+from peer.net.routes import ROUTES
 from peer.swarm.identity import Identity, peer_id_of_ssh_public_key
 from protocol import PROTOCOL_VERSION, records, signing
 from protocol.spec import RunSpec, SpecError, spec_from_json
@@ -112,7 +113,9 @@ class SwarmDHT:
     def snapshot(self) -> list[records.PeerInfo]:
         """Live peers of this run; records that fail validation or whose signer is not the
         peer they describe are dropped."""
-        return self._compatible(parse_peer_records(_get_value(self.dht, self.peers_key)))
+        peers = self._compatible(parse_peer_records(_get_value(self.dht, self.peers_key)))
+        ROUTES.learn((p.peer_id, p.via) for p in peers)  # every RPC of this process dials through it
+        return peers
 
     def _compatible(self, peers: list[records.PeerInfo]) -> list[records.PeerInfo]:
         """Peers of another protocol version cannot talk to this one: left out of routing and

@@ -18,16 +18,11 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import netlab  # noqa: E402
+from labkit import lab_marks  # noqa: E402
 
 from peer.base.procs import alive  # noqa: E402
 
-pytestmark = [pytest.mark.netlab, pytest.mark.timeout(300)]
-
-WHY = netlab.missing()
-if WHY and os.environ.get("CI") == "true":  # CI has root and installs the tools: there they must run
-    raise RuntimeError(f"the network lab cannot run in CI: {WHY}")
-if WHY:
-    pytestmark.append(pytest.mark.skip(reason=WHY))
+pytestmark = lab_marks(300)
 
 
 def _ping(lab, src, dst, port: int, count: int = 10) -> dict:
