@@ -26,6 +26,22 @@ def say(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
+def default_text_data(args) -> None:
+    """``--data`` unset: train on this Python's standard library sources (always there, offline)."""
+    if args.data is None:
+        from peer.data.files import stdlib_text_path
+
+        args.data = str(stdlib_text_path())
+        args.data_suffix = args.data_suffix or ".py"
+
+
+def check_choices(parser, values, allowed, what: str) -> None:
+    """A clear usage error for a value of a comma-separated option that is not one of ``allowed``."""
+    for v in values:
+        if v not in allowed:
+            parser.error(f"unknown {what} {v!r}; choose from {', '.join(allowed)}")
+
+
 def emit(bench: str, metric: str, **fields) -> dict:
     """One measurement as one JSON line on stdout."""
     record = _finite_or_none({"bench": bench, "metric": metric, **fields})

@@ -35,11 +35,19 @@ from bench_swarm import graceful_stop  # noqa: E402
 
 from peer.averaging.wire_stats import ENV as WIRE_STATS_ENV  # noqa: E402
 from peer.averaging.wire_stats import read_totals  # noqa: E402
-from peer.data.files import stdlib_text_path  # noqa: E402
 from peer.dev.launcher import SWARMTRAIN, Cluster  # noqa: E402
 from protocol.spec import preset_spec  # noqa: E402
 
-from bench_common import emit, machine, say, sigterm_as_interrupt, status_points, steady_rate  # noqa: E402
+from bench_common import (  # noqa: E402
+    check_choices,
+    default_text_data,
+    emit,
+    machine,
+    say,
+    sigterm_as_interrupt,
+    status_points,
+    steady_rate,
+)
 
 BENCH = "lab"
 BASELINE = netlab.Profile("baseline", up_mbit=10000.0, down_mbit=10000.0)
@@ -148,12 +156,8 @@ def parse_args(argv=None):
     args.presets = (args.presets or ("tiny" if q else "tiny,small")).split(",")
     args.modes = (args.modes or ("outer" if q else "per_step,outer")).split(",")
     args.profiles = (args.profiles or ("broadband" if q else "lan,broadband,far")).split(",")
-    for name in args.profiles:
-        if name not in netlab.PROFILES:
-            p.error(f"unknown profile {name!r}; choose from {', '.join(netlab.PROFILES)}")
-    if args.data is None:
-        args.data = str(stdlib_text_path())
-        args.data_suffix = args.data_suffix or ".py"
+    check_choices(p, args.profiles, list(netlab.PROFILES), "profile")
+    default_text_data(args)
     return args
 
 

@@ -41,10 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from outer_sim import ATTACKS, RunResult, run_outer, run_per_step  # noqa: E402
 
-from peer.data.files import stdlib_text_path  # noqa: E402
 from protocol.spec import preset_spec  # noqa: E402
 
-from bench_common import emit, eval_batches, machine, say, sigterm_as_interrupt  # noqa: E402
+from bench_common import check_choices, default_text_data, emit, eval_batches, machine, say, sigterm_as_interrupt  # noqa: E402
 
 BENCH = "outer"
 LOSS_GOAL_PCT = 3.0
@@ -256,12 +255,8 @@ def parse_args(argv=None):
     args.eval_batches = args.eval_batches or (2 if q else 8)
     args.swarm_seconds = args.swarm_seconds or (60.0 if q else 90.0)
     args.attacks = [a for a in args.attacks.split(",") if a]
-    for a in args.attacks:
-        if a not in ATTACKS:
-            p.error(f"unknown attack {a!r}; choose from {', '.join(ATTACKS)}")
-    if args.data is None:
-        args.data = str(stdlib_text_path())
-        args.data_suffix = args.data_suffix or ".py"
+    check_choices(p, args.attacks, ATTACKS, "attack")
+    default_text_data(args)
     return args
 
 

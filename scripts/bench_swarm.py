@@ -46,13 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common, when r
 
 from peer.averaging.wire_stats import ENV as WIRE_STATS_ENV
 from peer.averaging.wire_stats import read_totals
-from peer.data.files import stdlib_text_path
 from peer.dev.launcher import Cluster
 from peer.model.llama import stage_param_shapes
 from peer.swarm.identity import load_or_create_identity
 from protocol.spec import preset_spec
 
 from bench_common import (
+    default_text_data,
     emit,
     eval_batches,
     eval_loss,
@@ -564,9 +564,7 @@ def parse_args(argv=None):
     args.baseline_repeat = (not args.quick) if args.baseline_repeat is None else args.baseline_repeat
     args.budget_s = args.budget_s or (900.0 if args.quick else 1200.0)
     args.deadline = time.monotonic() + args.budget_s
-    if args.data is None:
-        args.data = str(stdlib_text_path())
-        args.data_suffix = args.data_suffix or ".py"
+    default_text_data(args)
     args.activation_codecs = [c for c in args.activation_codecs.split(",") if c]
     args.gradient_codecs = [c for c in args.gradient_codecs.split(",") if c]
     for c in args.activation_codecs:
