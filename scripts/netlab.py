@@ -322,11 +322,23 @@ class Lab:
     def probe(self, host: Host, args: Sequence[str]) -> list[str]:
         return [sys.executable, str(PROBE), *args]
 
+    def echo(self, host: Host, port: int, seconds: float = 30.0) -> subprocess.Popen:
+        """A UDP echo on ``host``, returned once its socket is bound (a ping sent earlier is lost)."""
+        proc = self.spawn(
+            host.ns,
+            self.probe(host, ["echo", "--bind", host.addr, "--port", str(port), "--seconds", str(seconds)]),
+            stdout=subprocess.PIPE,
+        )
+        ready = proc.stdout.readline()
+        if '"ready"' not in ready:
+            _kill_group(proc)
+            raise RuntimeError(f"the echo on {host.name}:{port} did not start (rc {proc.poll()})")
+        return proc
+
     def measure(self, a: Host, b: Host, *, seconds: float = 3.0, port: int = 5201) -> dict:
         """Round-trip a <-> b, and the rate a -> b as it arrived at b."""
-        echo = self.spawn(b.ns, self.probe(b, ["echo", "--bind", b.addr, "--port", str(port), "--seconds", "30"]))
+        echo = self.echo(b, port)
         try:
-            time.sleep(0.3)  # the echo socket binds in milliseconds; the first pings may be lost otherwise
             pings = json.loads(
                 self.run(a, self.probe(a, ["ping", "--to", b.public_addr, "--port", str(port), "--count", "30"]))
             )

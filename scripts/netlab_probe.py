@@ -1,6 +1,6 @@
 """Measurement endpoints of the network lab, run inside its hosts: round-trips and rates.
 
-    netlab_probe.py echo  --bind IP --port P --seconds S         UDP echo
+    netlab_probe.py echo  --bind IP --port P --seconds S         UDP echo; prints {"ready": true} once bound
     netlab_probe.py ping  --to IP --port P --count N             prints {"rtt_ms": [...]}
     netlab_probe.py sink  --bind IP --port P --seconds S [--tcp] prints {"bytes": .., "seconds": ..}
     netlab_probe.py send  --to IP --port P --seconds S --mbit R [--tcp]
@@ -30,6 +30,7 @@ def echo(args) -> dict:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind((args.bind, args.port))
     s.settimeout(0.5)
+    print(json.dumps({"ready": True}), flush=True)  # the lab pings only once this line is read
     end, n = time.monotonic() + args.seconds, 0
     while time.monotonic() < end:
         try:

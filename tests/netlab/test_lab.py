@@ -26,7 +26,7 @@ pytestmark = lab_marks(300)
 
 
 def _ping(lab, src, dst, port: int, count: int = 10) -> dict:
-    echo = lab.spawn(dst.ns, lab.probe(dst, ["echo", "--bind", dst.addr, "--port", str(port), "--seconds", "20"]))
+    echo = lab.echo(dst, port, seconds=20)
     try:
         out = lab.run(
             src,
