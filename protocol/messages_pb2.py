@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from hivemind.proto import runtime_pb2 as runtime__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0emessages.proto\x12\nswarmtrain\x1a\rruntime.proto\"\x9e\x01\n\x0cStageRequest\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12\x14\n\x0ctensor_names\x18\x04 \x03(\t\x12\x18\n\x07tensors\x18\x05 \x03(\x0b\x32\x07.Tensor\x12\x0f\n\x07timeout\x18\x06 \x01(\x02\x12\x12\n\naccumulate\x18\x07 \x01(\x08\"p\n\rStageResponse\x12\x14\n\x0ctensor_names\x18\x01 \x03(\t\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\"\"\n\x0bInfoRequest\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\"\x99\x01\n\x0cInfoResponse\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nthroughput\x18\x04 \x01(\x02\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"J\n\x0cStateRequest\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x16\n\x0eouter_momentum\x18\x03 \x01(\x08\"\x95\x01\n\rStateResponse\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x14\n\x0ctensor_names\x18\x04 \x03(\t\x12\x18\n\x07tensors\x18\x05 \x03(\x0b\x32\x07.Tensor\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\t\"u\n\x0b\x43kptRequest\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0e\n\x06length\x18\x06 \x01(\x04\"&\n\x08\x43kptFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x81\x01\n\x0c\x43kptResponse\x12#\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x14.swarmtrain.CkptFile\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\"I\n\x0cOuterRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"@\n\rOuterResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x12\n\nerror_code\x18\x03 \x01(\t\"<\n\x0cReachRequest\x12\r\n\x05\x61\x64\x64rs\x18\x01 \x03(\t\x12\x0c\n\x04\x64ial\x18\x02 \x01(\x08\x12\x0f\n\x07reserve\x18\x03 \x01(\x08\"k\n\rReachResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x10\n\x08observed\x18\x02 \x01(\t\x12\x12\n\nreserved_s\x18\x03 \x01(\x02\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\"8\n\x05Route\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0f\n\x07handler\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0emessages.proto\x12\nswarmtrain\x1a\rruntime.proto\"\xb4\x01\n\x0cStageRequest\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x15\n\rmicrobatch_id\x18\x03 \x01(\t\x12\x14\n\x0ctensor_names\x18\x04 \x03(\t\x12\x18\n\x07tensors\x18\x05 \x03(\x0b\x32\x07.Tensor\x12\x0f\n\x07timeout\x18\x06 \x01(\x02\x12\x12\n\naccumulate\x18\x07 \x01(\x08\x12\x14\n\x0csoft_targets\x18\x08 \x01(\x0c\"\x84\x01\n\rStageResponse\x12\x14\n\x0ctensor_names\x18\x01 \x03(\t\x12\x18\n\x07tensors\x18\x02 \x03(\x0b\x32\x07.Tensor\x12\x0c\n\x04loss\x18\x03 \x01(\x02\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\x12\x12\n\nlabel_loss\x18\x06 \x01(\x02\"\"\n\x0bInfoRequest\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\"\x99\x01\n\x0cInfoResponse\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nthroughput\x18\x04 \x01(\x02\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x07 \x01(\r\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"J\n\x0cStateRequest\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x16\n\x0eouter_momentum\x18\x03 \x01(\x08\"\x95\x01\n\rStateResponse\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x14\n\x0ctensor_names\x18\x04 \x03(\t\x12\x18\n\x07tensors\x18\x05 \x03(\x0b\x32\x07.Tensor\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nerror_code\x18\x07 \x01(\t\"u\n\x0b\x43kptRequest\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0e\n\x06length\x18\x06 \x01(\x04\"&\n\x08\x43kptFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x81\x01\n\x0c\x43kptResponse\x12#\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x14.swarmtrain.CkptFile\x12\r\n\x05stage\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nerror_code\x18\x06 \x01(\t\"I\n\x0cOuterRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\r\x12\r\n\x05round\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\"@\n\rOuterResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x12\n\nerror_code\x18\x03 \x01(\t\"<\n\x0cReachRequest\x12\r\n\x05\x61\x64\x64rs\x18\x01 \x03(\t\x12\x0c\n\x04\x64ial\x18\x02 \x01(\x08\x12\x0f\n\x07reserve\x18\x03 \x01(\x08\"k\n\rReachResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x10\n\x08observed\x18\x02 \x01(\t\x12\x12\n\nreserved_s\x18\x03 \x01(\x02\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\"8\n\x05Route\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x0f\n\x07handler\x18\x02 \x01(\t\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\"z\n\x0cTeachRequest\x12\x13\n\x0bspec_digest\x18\x01 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x02 \x01(\t\x12\x14\n\x0ctensor_names\x18\x03 \x03(\t\x12\x18\n\x07tensors\x18\x04 \x03(\x0b\x32\x07.Tensor\x12\x0f\n\x07timeout\x18\x05 \x01(\x02\"H\n\rTeachResponse\x12\x14\n\x0csoft_targets\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x12\n\nerror_code\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,31 +33,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'messages_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STAGEREQUEST']._serialized_start=46
-  _globals['_STAGEREQUEST']._serialized_end=204
-  _globals['_STAGERESPONSE']._serialized_start=206
-  _globals['_STAGERESPONSE']._serialized_end=318
-  _globals['_INFOREQUEST']._serialized_start=320
-  _globals['_INFOREQUEST']._serialized_end=354
-  _globals['_INFORESPONSE']._serialized_start=357
-  _globals['_INFORESPONSE']._serialized_end=510
-  _globals['_STATEREQUEST']._serialized_start=512
-  _globals['_STATEREQUEST']._serialized_end=586
-  _globals['_STATERESPONSE']._serialized_start=589
-  _globals['_STATERESPONSE']._serialized_end=738
-  _globals['_CKPTREQUEST']._serialized_start=740
-  _globals['_CKPTREQUEST']._serialized_end=857
-  _globals['_CKPTFILE']._serialized_start=859
-  _globals['_CKPTFILE']._serialized_end=897
-  _globals['_CKPTRESPONSE']._serialized_start=900
-  _globals['_CKPTRESPONSE']._serialized_end=1029
-  _globals['_OUTERREQUEST']._serialized_start=1031
-  _globals['_OUTERREQUEST']._serialized_end=1104
-  _globals['_OUTERRESPONSE']._serialized_start=1106
-  _globals['_OUTERRESPONSE']._serialized_end=1170
-  _globals['_REACHREQUEST']._serialized_start=1172
-  _globals['_REACHREQUEST']._serialized_end=1232
-  _globals['_REACHRESPONSE']._serialized_start=1234
-  _globals['_REACHRESPONSE']._serialized_end=1341
-  _globals['_ROUTE']._serialized_start=1343
-  _globals['_ROUTE']._serialized_end=1399
+  _globals['_STAGEREQUEST']._serialized_end=226
+  _globals['_STAGERESPONSE']._serialized_start=229
+  _globals['_STAGERESPONSE']._serialized_end=361
+  _globals['_INFOREQUEST']._serialized_start=363
+  _globals['_INFOREQUEST']._serialized_end=397
+  _globals['_INFORESPONSE']._serialized_start=400
+  _globals['_INFORESPONSE']._serialized_end=553
+  _globals['_STATEREQUEST']._serialized_start=555
+  _globals['_STATEREQUEST']._serialized_end=629
+  _globals['_STATERESPONSE']._serialized_start=632
+  _globals['_STATERESPONSE']._serialized_end=781
+  _globals['_CKPTREQUEST']._serialized_start=783
+  _globals['_CKPTREQUEST']._serialized_end=900
+  _globals['_CKPTFILE']._serialized_start=902
+  _globals['_CKPTFILE']._serialized_end=940
+  _globals['_CKPTRESPONSE']._serialized_start=943
+  _globals['_CKPTRESPONSE']._serialized_end=1072
+  _globals['_OUTERREQUEST']._serialized_start=1074
+  _globals['_OUTERREQUEST']._serialized_end=1147
+  _globals['_OUTERRESPONSE']._serialized_start=1149
+  _globals['_OUTERRESPONSE']._serialized_end=1213
+  _globals['_REACHREQUEST']._serialized_start=1215
+  _globals['_REACHREQUEST']._serialized_end=1275
+  _globals['_REACHRESPONSE']._serialized_start=1277
+  _globals['_REACHRESPONSE']._serialized_end=1384
+  _globals['_ROUTE']._serialized_start=1386
+  _globals['_ROUTE']._serialized_end=1442
+  _globals['_TEACHREQUEST']._serialized_start=1444
+  _globals['_TEACHREQUEST']._serialized_end=1566
+  _globals['_TEACHRESPONSE']._serialized_start=1568
+  _globals['_TEACHRESPONSE']._serialized_end=1640
 # @@protoc_insertion_point(module_scope)

@@ -75,6 +75,12 @@ def outer_key(run_id: str, digest: str, *, holdings: bool = False) -> str:
     return f"{run_prefix(run_id, digest)}_{'outerheld' if holdings else 'outer'}"
 
 
+def teachers_key(run_id: str, digest: str, *, bans: bool = False) -> str:
+    """Teacher peers' records (``teachers``), or the teachers each trainer has banned or set
+    aside (``teacherbans``); subkey: the owner marker of the teacher (or the trainer)."""
+    return f"{run_prefix(run_id, digest)}_{'teacherbans' if bans else 'teachers'}"
+
+
 def checkpoints_key(run_id: str, digest: str) -> str:
     """One key for all stages; the subkey is ``b"<stage>" + owner marker`` of the announcer."""
     return f"{run_prefix(run_id, digest)}_checkpoints"
@@ -181,6 +187,36 @@ class OuterHoldingModel(pydantic.BaseModel):
         extra = pydantic.Extra.forbid
 
 
+_PEER_ID = r"[1-9A-HJ-NP-Za-km-z]{32,64}"  # base58
+
+
+class TeacherRecordModel(pydantic.BaseModel):
+    """What a teacher peer (``swarmtrain teach``) announces about itself."""
+
+    model_digest: pydantic.constr(regex=r"^[0-9a-f]{64}$")  # protocol.weights.weights_digest
+    state: pydantic.constr(regex=r"^(online|leaving)$")
+    throughput: pydantic.confloat(ge=0, le=1e9)  # samples/s of the spec's micro-batch, measured
+    version: pydantic.constr(max_length=32)
+    requests: pydantic.conint(ge=0, le=MAX_TOKENS) = 0  # requests answered
+    tokens: pydantic.conint(ge=0, le=MAX_TOKENS) = 0  # tokens answered
+    started: pydantic.confloat(ge=0, le=MAX_TIME) = 0.0
+    via: pydantic.constr(regex=f"^({_PEER_ID})?$") = ""  # its relay, as PeerRecordModel.via
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
+class TeacherBansModel(pydantic.BaseModel):
+    """The teachers one trainer caught returning targets other teachers of the same weights
+    disagree with (``banned``: outvoted; ``suspended``: two disagree and no third has decided)."""
+
+    banned: pydantic.conlist(pydantic.constr(regex=f"^{_PEER_ID}$"), max_items=64) = []
+    suspended: pydantic.conlist(pydantic.constr(regex=f"^{_PEER_ID}$"), max_items=64) = []
+
+    class Config:
+        extra = pydantic.Extra.forbid
+
+
 class RunSchema(pydantic.BaseModel):
     """Keys under ``run_prefix``: each peer writes only its own owner-marked subkeys."""
 
@@ -188,6 +224,8 @@ class RunSchema(pydantic.BaseModel):
     checkpoints: Dict[_OwnedSubkey, Optional[CheckpointAnnouncementModel]]
     outer: Dict[_RoundSubkey, Optional[OuterContributionModel]]
     outerheld: Dict[_RoundSubkey, Optional[OuterHoldingModel]]
+    teachers: Dict[_OwnedSubkey, Optional[TeacherRecordModel]]
+    teacherbans: Dict[_OwnedSubkey, Optional[TeacherBansModel]]
 
 
 class SpecSignatureModel(pydantic.BaseModel):
@@ -277,3 +315,32 @@ def online_per_stage(peers, num_stages: int) -> list[int]:
         if p.state == PeerState.ONLINE and 0 <= p.stage < num_stages:
             counts[p.stage] += 1
     return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherInfo:
+    """One teacher as a snapshot of the DHT shows it: the input of teacher routing."""
+
+    peer_id: str
+    model_digest: str
+    state: str
+    throughput: float
+    version: str = ""
+    requests: int = 0
+    tokens: int = 0
+    started: float = 0.0
+    via: str = ""
+    expiration: float = 0.0
+
+    @classmethod
+    def from_record(cls, peer_id: str, record: dict, expiration: float = 0.0) -> "TeacherInfo":
+        return cls(peer_id=peer_id, expiration=expiration, **TeacherRecordModel.parse_obj(record).dict())
+
+    def to_record(self) -> dict:
+        return TeacherRecordModel(
+            **{
+                f.name: getattr(self, f.name)
+                for f in dataclasses.fields(self)
+                if f.name not in ("peer_id", "expiration")
+            }
+        ).dict()

@@ -16,6 +16,7 @@ BACKWARD = "swarmtrain.backward"  # StageRequest -> StageResponse (grad_inputs)
 INFO = "swarmtrain.info"  # InfoRequest -> InfoResponse
 STATE = "swarmtrain.state"  # StateRequest -> StateResponse: the stage's parameters, for the keeper
 CKPT = "swarmtrain.ckpt"  # CkptRequest -> CkptResponse: list or read a checkpoint's files
+TEACH = "swarmtrain.teach"  # TeachRequest -> TeachResponse: a teacher's soft targets for one micro-batch
 OUTER = "swarmtrain.outer"  # OuterRequest -> OuterResponse: one contribution of an outer round
 REACH = "swarmtrain.reach"  # ReachRequest -> ReachResponse: dial me back / relay for me (relays serve it)
 RELAY = "swarmtrain.relay"  # Route, then any RPC's frames: a relay passes them on to a peer it relays for

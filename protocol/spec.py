@@ -278,6 +278,39 @@ class InitSpec(_Strict):
     weights_sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
 
+class DistillSpec(_Strict):
+    """Teacher peers (``swarmtrain teach``): trainers fetch a teacher's sparse soft targets for
+    each micro-batch and the last stage adds the distillation term to its loss:
+    ``(1 - weight) * label cross-entropy + weight * temperature**2 * KL(teacher || student)``,
+    the KL over each position's top-``k`` teacher tokens and one bucket for the rest of the
+    vocabulary (``protocol.soft_targets``). Without the section, or with no teacher online, the
+    loss is the label cross-entropy alone."""
+
+    # The section is new, so a spec without it keeps its digest; within it, every field is
+    # written (a reader of the TOML sees the weight, temperature and k the run uses).
+    _DIGEST_V1 = frozenset({"teacher_digests", "weight", "temperature", "k", "spot_check"})
+
+    # SHA-256 of the teacher's weight files (``protocol.weights.weights_digest``); empty: any
+    # teacher whose vocabulary matches the run's tokenizer.
+    teacher_digests: tuple[str, ...] = ()
+    weight: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=1.0, gt=0, le=100)
+    k: int = Field(default=8, ge=1, le=64)
+    # The fraction of micro-batches also sent to a second teacher of the same weights, to compare.
+    spot_check: float = Field(default=0.05, ge=0, le=1)
+
+    @field_validator("teacher_digests")
+    @classmethod
+    def _hex(cls, digests: tuple[str, ...]) -> tuple[str, ...]:
+        for i, d in enumerate(digests):
+            if not re.fullmatch(r"[0-9a-f]{64}", d):
+                raise ValueError(f"distill.teacher_digests[{i}] must be 64 lowercase hex digits (a SHA-256)")
+        return tuple(sorted(set(digests)))
+
+    def accepts(self, model_digest: str) -> bool:
+        return not self.teacher_digests or model_digest in self.teacher_digests
+
+
 class RunSpec(_Strict):
     _DIGEST_V1 = frozenset(
         {"compression", "format_version", "model", "run_id", "seed", "stages", "tokenizer", "training", "trust"}
@@ -292,6 +325,7 @@ class RunSpec(_Strict):
     trust: TrustSpec = TrustSpec()
     tokenizer: TokenizerSpec = TokenizerSpec()
     init: InitSpec = InitSpec()
+    distill: Optional[DistillSpec] = None
 
     @model_validator(mode="after")
     def _partition(self) -> "RunSpec":

@@ -18,7 +18,7 @@ LAYERS = [
     {"peer", "peer.base"},
     {"peer.net"},
     {"peer.model", "peer.data"},
-    {"peer.pipeline", "peer.averaging", "peer.swarm", "peer.checkpoints"},
+    {"peer.pipeline", "peer.averaging", "peer.swarm", "peer.checkpoints", "peer.teach"},
     {"peer.observe"},
     {"peer.node"},
     {"peer.cli"},

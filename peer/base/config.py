@@ -97,3 +97,16 @@ class PeerConfig:
     max_seconds: Optional[float] = None
     max_microbatches: Optional[int] = None
     final_state: Optional[str] = None  # on exit, the stage's weights (safetensors) go here
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """``swarmtrain teach``: a frozen model serving soft targets to one run's trainers."""
+
+    model_dir: str
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    threads: Optional[int] = None  # torch threads (None: torch's default, every core)
+    max_batch_samples: Optional[int] = None  # sequences batched into one forward (None: 4 micro-batches)
+    max_seconds: Optional[float] = None

@@ -43,8 +43,10 @@ from peer.cli.options import (
     rebalance_period_for,
     setup_logging,
     spec_or_run,
+    with_metrics,
 )
 from peer.cli.spec import spec
+from peer.cli.teach import teach
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -60,28 +62,7 @@ def main() -> None:
 main.add_command(spec)
 main.add_command(keygen)
 main.add_command(checkpoint)
-
-
-metrics_options = [
-    click.option(
-        "--metrics-port",
-        type=click.IntRange(0, 65535),
-        default=None,
-        help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).",
-    ),
-    click.option(
-        "--metrics-host",
-        default=OutputConfig.metrics_host,
-        show_default=True,
-        help="Address for --metrics-port (0.0.0.0 to let another machine scrape it).",
-    ),
-]
-
-
-def with_metrics(fn):
-    for opt in reversed(metrics_options):
-        fn = opt(fn)
-    return fn
+main.add_command(teach)
 
 
 @main.command()

@@ -11,7 +11,7 @@ from typing import Optional, Type
 
 import click
 
-from peer.base.config import KeeperConfig
+from peer.base.config import KeeperConfig, OutputConfig
 from protocol.spec import RunSpec, SpecError, load_spec
 
 
@@ -199,3 +199,25 @@ def read_keys(paths) -> tuple[str, ...]:
         except (OSError, signing.SigningError) as err:
             raise click.BadParameter(f"{path}: {err}", param_hint="--trusted-key") from None
     return tuple(keys)
+
+
+metrics_options = [
+    click.option(
+        "--metrics-port",
+        type=click.IntRange(0, 65535),
+        default=None,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port).",
+    ),
+    click.option(
+        "--metrics-host",
+        default=OutputConfig.metrics_host,
+        show_default=True,
+        help="Address for --metrics-port (0.0.0.0 to let another machine scrape it).",
+    ),
+]
+
+
+def with_metrics(fn):
+    for opt in reversed(metrics_options):
+        fn = opt(fn)
+    return fn

@@ -57,11 +57,50 @@ def spec() -> None:
     help="per_step: hivemind's all-reduce of gradients at every step; outer: stage groups train on "
     "their own and exchange compressed, signed updates every training.outer.round_seconds.",
 )
+@click.option(
+    "--distill",
+    is_flag=True,
+    help="Let teacher peers (swarmtrain teach) help: a [distill] section with default weight, temperature, "
+    "k and spot-check fraction; any teacher whose vocabulary matches unless --teacher-digest pins some.",
+)
+@click.option(
+    "--teacher-digest",
+    "teacher_digests",
+    multiple=True,
+    help="With --distill: accept only teachers with these weights (the SHA-256 `swarmtrain teach` prints); repeatable.",
+)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatures, hf_dir, layers, averaging, force):
+def spec_init(
+    out: Path,
+    preset,
+    stages,
+    run_id,
+    seed,
+    trusted_keys,
+    min_signatures,
+    hf_dir,
+    layers,
+    averaging,
+    distill,
+    teacher_digests,
+    force,
+):
     """Write a valid run spec to OUT."""
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to overwrite")
+    if teacher_digests and not distill:
+        raise click.UsageError("--teacher-digest needs --distill")
+    distill_section = None
+    if distill:
+        from pydantic import ValidationError
+
+        from protocol.spec import DistillSpec
+
+        try:
+            distill_section = DistillSpec(teacher_digests=tuple(d.lower() for d in teacher_digests))
+        except ValidationError as err:
+            message = err.errors()[0]["msg"].removeprefix("Value error, ")
+            raise click.BadParameter(message, param_hint="--teacher-digest") from None
     keys = []
     for path in trusted_keys:
         text = path.read_text()
@@ -73,7 +112,10 @@ def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatu
     if hf_dir is not None:
         run_spec = _from_hf(hf_dir, run_id=run_id, stages=stages, layers=layers, seed=seed, keys=keys)
         run_spec = run_spec.model_copy(
-            update={"trust": run_spec.trust.model_copy(update={"min_signatures": min_signatures})}
+            update={
+                "trust": run_spec.trust.model_copy(update={"min_signatures": min_signatures}),
+                "distill": distill_section,
+            }
         )
         run_spec.save(out)
         click.echo(
@@ -91,11 +133,15 @@ def spec_init(out: Path, preset, stages, run_id, seed, trusted_keys, min_signatu
             trusted_keys=tuple(keys),
             trust=dict(min_signatures=min_signatures),
             training=dict(averaging=averaging),
+            **({"distill": distill_section.model_dump()} if distill_section is not None else {}),
         )
     except SpecError as err:
         raise click.ClickException(str(err)) from None
     run_spec.save(out)
-    click.echo(f"wrote {out}: run {run_spec.run_id}, {run_spec.num_stages} stages, digest {run_spec.digest()}")
+    click.echo(
+        f"wrote {out}: run {run_spec.run_id}, {run_spec.num_stages} stages, digest {run_spec.digest()}"
+        + (", distilling from teachers" if run_spec.distill is not None else "")
+    )
 
 
 def _from_hf(hf_dir: Path, *, run_id, stages, layers, seed, keys):
@@ -149,3 +195,10 @@ def spec_show(path: Path, as_json: bool):
         click.echo(f"init     the weights {run_spec.init.weights_sha256} (step 0: `swarmtrain checkpoint import`)")
     if run_spec.tokenizer.kind == "file":
         click.echo(f"tokens   {run_spec.tokenizer.path} (SHA-256 {run_spec.tokenizer.sha256[:16]})")
+    if run_spec.distill is not None:
+        d = run_spec.distill
+        who = ", ".join(x[:16] for x in d.teacher_digests) if d.teacher_digests else "any whose vocabulary matches"
+        click.echo(
+            f"distill  weight {d.weight:g}, temperature {d.temperature:g}, top-{d.k}, spot checks {d.spot_check:.0%}; "
+            f"teachers: {who}"
+        )

@@ -30,6 +30,7 @@ from peer.node.presence import PeerStatus, Presence
 from peer.node.relaying import RelayedSide, check_at_start, relays_of
 from peer.node.report import FirstContribution, print_status, training_figures
 from peer.node.slot import NoStartingWeights, SlotContext, StageSlot
+from peer.node.teaching import TeacherSide
 from peer.pipeline import ServedInfo, Trainer
 from peer.swarm import Identity, SwarmDHT, cleanup_identity, load_or_create_identity, start_dht, visible_maddrs
 from peer.swarm.balancing import choose_stage
@@ -63,6 +64,7 @@ class Peer:
         self.spec: Optional[RunSpec] = None
         self.slot: Optional[StageSlot] = None
         self.trainer: Optional[Trainer] = None
+        self.teaching: Optional[TeacherSide] = None  # a trainer of a run that distills
         self.ckpt: Optional[CheckpointSide] = None
         self.metrics = None  # a peer.observe.metrics object when --metrics-port is given
         self.reach = Reachability(None, "", "not checked yet")
@@ -173,6 +175,17 @@ class Peer:
                 epoch=resumed,
                 restored_step=restored,
             )
+        if cfg.data.path and spec.distill is not None:
+            self.teaching = TeacherSide(
+                spec,
+                self.p2p,
+                self.swarm,
+                counters=self.counters,
+                event=self.out.event,
+                timeout=net.request_timeout,
+                period=net.announce_period,
+                seed=hash(self.swarm.peer_id) & 0xFFFF,
+            ).start()
         if cfg.data.path:
             self.trainer = Trainer(
                 spec,
@@ -184,6 +197,7 @@ class Peer:
                 request_timeout=net.request_timeout,
                 counters=self.counters,
                 seed=hash(self.swarm.peer_id) & 0xFFFF,
+                soft_targets=self.teaching.client if self.teaching is not None else None,
             )
         self.presence.update(state=PeerState.ONLINE)
         self.presence.announce()
@@ -262,6 +276,8 @@ class Peer:
             self.relayed.renew_if_due()
 
     def _shutdown(self) -> None:
+        if self.teaching is not None:
+            self.teaching.stop()
         if self.ckpt is not None:
             self.ckpt.stop()
         if self.relayed is not None:

@@ -49,11 +49,14 @@ def print_status(peer: "Peer") -> None:
     loss = t.loss_ema if t else (worker.stats.loss_ema if worker is not None else None)
     served = (worker.stats.backward + (worker.stats.forward if worker.is_last else 0)) if worker is not None else 0
     sent = sum(peer.counters.sent.values())
+    teaching = getattr(peer, "teaching", None)
+    teachers = len(teaching.client.usable()) if teaching is not None else None
     text = (
         f"stage {stage} | epoch {epoch} | "
         + (f"step {t.microbatches} | " if t else "")
         + (f"loss {loss:.3f} | " if loss is not None else "")
         + (f"{tok_s:,.0f} tok/s | " if t else "")
+        + (f"teachers {teachers}, distilled {t.distilled} | " if teachers is not None and t else "")
         + f"served {served} | peers/stage {per_stage} | sent {sent / 1e6:.1f} MB"
     )
     peer.out.event(
@@ -69,6 +72,8 @@ def print_status(peer: "Peer") -> None:
         samples_accumulated=worker.stats.samples if worker is not None else 0,
         served=served,
         retries=t.retries if t else 0,
+        distilled=t.distilled if t else 0,
+        teachers=teachers,
         bytes_sent=dict(peer.counters.sent),
         bytes_received=dict(peer.counters.received),
     )

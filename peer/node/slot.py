@@ -77,7 +77,11 @@ class StageSlot:
         # clipping off (training.grad_clip = 0: exact updates, as the parity test needs).
         clip = MicroBatchClip() if ctx.spec.training.grad_clip > 0 else None
         slot.worker = StageWorker(
-            slot.module, is_last=stage == ctx.spec.num_stages - 1, optimizer=slot.optimizer, clip=clip
+            slot.module,
+            is_last=stage == ctx.spec.num_stages - 1,
+            optimizer=slot.optimizer,
+            clip=clip,
+            distill=ctx.spec.distill,
         )
         if outer:
             slot.optimizer.attach(slot.worker)

@@ -33,6 +33,7 @@ from typing import Optional
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from peer.observe.teaching import TEACHER_METRICS, read_teaching
 from protocol.records import PEER_STATES, online_per_stage
 
 log = logging.getLogger("swarmtrain.metrics")
@@ -135,6 +136,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("rpc",),
     ),
 }
+
+METRICS.update(TEACHER_METRICS)
 
 RATE_WINDOW = 20.0
 
@@ -298,6 +301,9 @@ class PeerMetrics:
         except Exception as err:  # metrics must never stop a peer
             log.debug("metrics update failed: %s", err)
             return
+        self.set_values(values)
+
+    def set_values(self, values: dict[str, dict[tuple, float]]) -> None:
         with self._lock:
             self._values = values
 
@@ -380,6 +386,7 @@ class PeerMetrics:
             put("requests_busy", n, rpc)
         for reason, n in list(peer.distrust.counts.items()):
             put("records_distrusted", n, reason)
+        read_teaching(peer, put)
         return v
 
     def _read_optimizer(self, opt, now: float, put) -> None:

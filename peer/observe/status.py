@@ -48,6 +48,10 @@ def swarm_snapshot(swarm: SwarmDHT) -> dict:
         checkpoints = [{"peer_id": pid, **rec.to_record()} for pid, rec in swarm.checkpoint_announcements()]
     except Exception:
         checkpoints = []
+    try:
+        teachers = teacher_rows(spec, swarm.teachers(), swarm.teacher_bans())
+    except Exception:
+        teachers = []
     return {
         "run_id": spec.run_id,
         "digest": swarm.digest,
@@ -57,7 +61,30 @@ def swarm_snapshot(swarm: SwarmDHT) -> dict:
         "loss": (sum(losses) / len(losses)) if losses else None,
         "tokens_per_s": round(sum(p.samples_per_s for p in peers) * spec.training.seq_len, 1),
         "checkpoints": checkpoints,
+        "teachers": teachers,
     }
+
+
+def teacher_rows(spec: RunSpec, teachers, bans: dict[str, dict]) -> list[dict]:
+    """One row per teacher: its record, whether the spec accepts its weights, and how many
+    trainers banned it or set it aside (``teacherbans`` records)."""
+    rows = []
+    for t in teachers:
+        rows.append(
+            {
+                "peer_id": t.peer_id,
+                "model_digest": t.model_digest,
+                "state": t.state,
+                "throughput": round(t.throughput, 3),
+                "requests": t.requests,
+                "tokens": t.tokens,
+                "relayed": bool(t.via),
+                "accepted": spec.distill is not None and spec.distill.accepts(t.model_digest),
+                "banned_by": sum(t.peer_id in b.get("banned", ()) for b in bans.values()),
+                "suspended_by": sum(t.peer_id in b.get("suspended", ()) for b in bans.values()),
+            }
+        )
+    return rows
 
 
 def format_snapshot(view: dict) -> str:
@@ -79,6 +106,15 @@ def format_snapshot(view: dict) -> str:
                 f"loss {loss:>7}  {'trains' if p['has_data'] else 'serves'}"
                 + (f"  round state {p['state_digest']}" if p.get("state_digest") else "")
             )
+    for t in view.get("teachers", []):
+        verdicts = (f"  BANNED by {t['banned_by']} trainer(s)" if t["banned_by"] else "") + (
+            f"  set aside by {t['suspended_by']}" if t["suspended_by"] else ""
+        )
+        lines.append(
+            f"teacher {t['peer_id'][:20]:20}  {t['state']:8}  weights {t['model_digest'][:16]}"
+            + ("" if t["accepted"] else " (not accepted by the spec)")
+            + f"  {t['throughput']:8.1f}/s  answered {t['requests']} requests, {t['tokens']} tokens{verdicts}"
+        )
     for c in view.get("checkpoints", []):
         lines.append(
             f"checkpoint stage {c['stage']} step {c['step']} digest {c['manifest_digest'][:16]} "

@@ -43,6 +43,7 @@ def check_response(
     sent: Mapping[str, torch.Tensor],
     loss: float,
     received: Mapping[str, torch.Tensor],
+    label_loss: float = 0.0,
 ) -> None:
     """An answer of ``stage`` to ``sent``; raises RemoteError(bad_response) naming what is wrong."""
     last = stage == spec.num_stages - 1
@@ -51,8 +52,12 @@ def check_response(
         want = (sent["inputs"].shape[0], sent["inputs"].shape[1], spec.model.hidden_size)
         _expect(received, "outputs", want)
         return
-    if not backward and last and not (math.isfinite(loss) and 0.0 <= loss <= MAX_LOSS):
-        raise RemoteError(ErrorCode.BAD_RESPONSE, f"loss {loss!r} is not a loss (finite, in [0, {MAX_LOSS:g}])")
+    if not backward and last:
+        for what, value in (("loss", loss), ("label loss", label_loss)):
+            if not (math.isfinite(value) and 0.0 <= value <= MAX_LOSS):
+                raise RemoteError(
+                    ErrorCode.BAD_RESPONSE, f"{what} {value!r} is not a loss (finite, in [0, {MAX_LOSS:g}])"
+                )
     if stage == 0:
         if received:
             raise RemoteError(ErrorCode.BAD_RESPONSE, f"stage 0 returned tensors {sorted(received)}")

@@ -11,7 +11,7 @@ from peer.net import RemoteError, WireCounters, call, join_tensors, split_messag
 from peer.net.framing import FrameError
 from protocol.codecs import decode, encode
 from protocol.messages_pb2 import InfoRequest, InfoResponse, StageRequest, StageResponse
-from protocol.rpc import BACKWARD, FORWARD, INFO, ErrorCode
+from protocol.rpc import BACKWARD, CHUNK_BYTES, FORWARD, INFO, ErrorCode
 
 __all__ = ["RemoteError", "call_info", "call_stage"]
 
@@ -28,10 +28,15 @@ async def call_stage(
     timeout: float,
     counters: Optional[WireCounters] = None,
     max_bytes: int = 1 << 31,
+    soft_targets: bytes = b"",
 ) -> tuple[StageResponse, dict[str, torch.Tensor]]:
-    """Send one forward/backward request; returns the response header and decoded tensors."""
+    """Send one forward/backward request; returns the response header and decoded tensors.
+    ``soft_targets`` (to the last stage): a teacher's, as bytes, in frames after the tensors."""
     header.timeout = timeout
     frames = split_message(header, names, [encode(t, codec) for t in tensors])
+    frames += [
+        StageRequest(soft_targets=soft_targets[i : i + CHUNK_BYTES]) for i in range(0, len(soft_targets), CHUNK_BYTES)
+    ]
     responses = await call(
         p2p,
         peer_id,

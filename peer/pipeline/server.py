@@ -18,6 +18,7 @@ from hivemind.p2p import P2P
 
 from peer.net import FrameError, Rejected, RequestLimits, RpcServer, WireCounters, join_tensors, split_message
 from peer.pipeline.worker import StageError, StageWorker
+from protocol import soft_targets
 from protocol.codecs import TensorRejected, activation_codec, decode, encode
 from protocol.messages_pb2 import InfoRequest, InfoResponse, StageRequest, StageResponse, StateRequest, StateResponse
 from protocol.records import PeerState
@@ -74,9 +75,30 @@ class Limits:
         return self.max_batch * self.max_len * self.spec.model.hidden_size * 4
 
     @property
+    def soft_target_bytes(self) -> int:
+        """One micro-batch of a teacher's soft targets (0 when the run has no [distill])."""
+        d = self.spec.distill
+        if d is None or not self.is_last:
+            return 0
+        return soft_targets.encoded_size(self.max_batch, self.max_len, d.k, self.spec.model.vocab_size)
+
+    @property
     def max_bytes(self) -> int:
-        # inputs and grad_outputs (or labels), plus the codecs' tables and framing slack
-        return 2 * self.hidden_bytes + (1 << 20)
+        # inputs and grad_outputs (or labels), soft targets, plus the codecs' tables and framing slack
+        return 2 * self.hidden_bytes + self.soft_target_bytes + (1 << 20)
+
+    def check_soft_targets(self, data: bytes, labels: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """A teacher's soft targets for ``labels`` sent by a trainer: (ids, log-probabilities),
+        or None when none came."""
+        if not data:
+            return None
+        d = self.spec.distill
+        if d is None:
+            raise TensorRejected("soft targets, but the run's spec has no [distill] section")
+        if not self.is_last:
+            raise TensorRejected("soft targets go to the last stage only")
+        batch, length = labels.shape
+        return soft_targets.decode(data, batch=batch, length=length, k=d.k, vocab_size=self.spec.model.vocab_size)
 
     def check_ids(self, name: str, proto) -> torch.Tensor:
         m = self.spec.model
@@ -222,10 +244,13 @@ class StageServer:
                 raise TensorRejected(
                     f"labels shape {list(labels.shape)} does not match inputs {list(inputs.shape[:2])}"
                 )
-            loss, grad_in = await asyncio.wrap_future(self.worker.forward(mb_id, inputs, labels, deadline=deadline))
-            if grad_in is None:
-                return [StageResponse(loss=loss)]
-            return self._reply(["grad_inputs"], [grad_in], loss=loss)
+            soft = self.limits.check_soft_targets(b"".join(f.soft_targets for f in frames), labels)
+            result = await asyncio.wrap_future(self.worker.forward(mb_id, inputs, labels, deadline=deadline, soft=soft))
+            if result.grad_inputs is None:
+                return [StageResponse(loss=result.loss, label_loss=result.label_loss)]
+            return self._reply(["grad_inputs"], [result.grad_inputs], loss=result.loss, label_loss=result.label_loss)
+        if any(f.soft_targets for f in frames):
+            raise TensorRejected("soft targets go to the last stage only")
         tensors = self._tensors(frames, {"inputs"})
         inputs = self.limits.check_inputs(tensors["inputs"])
         outputs = await asyncio.wrap_future(self.worker.forward(mb_id, inputs))

@@ -21,7 +21,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Awaitable, Callable, Optional, Sequence
 
 import torch
 from hivemind.p2p import P2P
@@ -35,6 +35,7 @@ from peer.pipeline.worker import StageError, StageWorker
 from protocol.messages_pb2 import StageRequest
 from protocol.records import PeerInfo, PeerState
 from protocol.rpc import ErrorCode
+from protocol.soft_targets import SoftTargets
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.trainer")
@@ -49,9 +50,10 @@ class TrainerStats:
     tokens: int = 0
     retries: int = 0
     failures: int = 0
-    loss_ema: Optional[float] = None
+    loss_ema: Optional[float] = None  # of the label cross-entropy, with or without a teacher
     last_loss: Optional[float] = None
     started: float = 0.0
+    distilled: int = 0  # micro-batches that reached the last stage with a teacher's soft targets
 
     def record(self, loss: float, samples: int, tokens: int) -> None:
         self.microbatches += 1
@@ -82,8 +84,13 @@ class Trainer:
         wait_for_peers: float = 60.0,
         counters: Optional[WireCounters] = None,
         seed: int = 0,
+        soft_targets: Optional[Callable[[torch.Tensor], Awaitable[Optional[SoftTargets]]]] = None,
     ):
+        """``soft_targets``: when the run distills, what fetches a teacher's soft targets for a
+        micro-batch's token ids (None when no teacher answered: the micro-batch trains on its
+        labels alone)."""
         self.spec, self.p2p, self.my_peer_id = spec, p2p, my_peer_id
+        self.soft_targets = soft_targets
         self.digest = spec.digest()
         self.snapshot = snapshot
         self.local_stage, self.local_worker = local_stage, local_worker
@@ -140,14 +147,17 @@ class Trainer:
 
     # --- one hop -----------------------------------------------------------------------------
 
-    async def _hop(self, peer: str, stage: int, mb_id: str, *, backward: bool, names, tensors):
-        """One forward or backward at one peer; returns (response loss, tensors by name)."""
+    async def _hop(
+        self, peer: str, stage: int, mb_id: str, *, backward: bool, names, tensors, soft: Optional[SoftTargets] = None
+    ):
+        """One forward or backward at one peer; returns (response loss, tensors by name). With
+        ``soft`` targets (the last stage's forward) the loss is the label cross-entropy part."""
         start = time.monotonic()
         samples = tensors[0].shape[0]
         self.inflight[peer] = self.inflight.get(peer, 0) + 1
         try:
             if peer == LOCAL:
-                result = await self._local(stage, mb_id, backward, dict(zip(names, tensors)))
+                result = await self._local(stage, mb_id, backward, dict(zip(names, tensors)), soft)
             else:
                 check_request(self.spec, stage, dict(zip(names, tensors)))
                 head, out = await call_stage(
@@ -161,10 +171,18 @@ class Trainer:
                     timeout=self.request_timeout,
                     counters=self.counters,
                     max_bytes=self.max_response_bytes,
+                    soft_targets=soft.data if soft is not None else b"",
                 )
-                result = (head.loss, out)
+                label_loss = head.label_loss if soft is not None else head.loss
+                result = (label_loss, out)
                 check_response(
-                    self.spec, stage, backward=backward, sent=dict(zip(names, tensors)), loss=head.loss, received=out
+                    self.spec,
+                    stage,
+                    backward=backward,
+                    sent=dict(zip(names, tensors)),
+                    loss=head.loss,
+                    received=out,
+                    label_loss=label_loss,
                 )
             self.ema.update(peer, samples, time.monotonic() - start)
             self.bans.record_success(peer)
@@ -172,7 +190,7 @@ class Trainer:
         finally:
             self.inflight[peer] -= 1
 
-    async def _local(self, stage, mb_id, backward, named):
+    async def _local(self, stage, mb_id, backward, named, soft: Optional[SoftTargets] = None):
         worker = self.local_worker
         deadline = time.monotonic() + self.request_timeout
         try:
@@ -182,10 +200,12 @@ class Trainer:
                 )
                 return 0.0, ({} if grad is None else {"grad_inputs": grad})
             if "labels" in named:
-                loss, grad = await asyncio.wrap_future(
-                    worker.forward(mb_id, named["inputs"], named["labels"], deadline=deadline)
+                pair = (soft.ids, soft.logprobs) if soft is not None else None
+                result = await asyncio.wrap_future(
+                    worker.forward(mb_id, named["inputs"], named["labels"], deadline=deadline, soft=pair)
                 )
-                return loss, ({} if grad is None else {"grad_inputs": grad})
+                grad = result.grad_inputs
+                return result.label_loss, ({} if grad is None else {"grad_inputs": grad})
             out = await asyncio.wrap_future(worker.forward(mb_id, named["inputs"]))
             return 0.0, {"outputs": out}
         except StageError as err:
@@ -217,7 +237,17 @@ class Trainer:
     # --- one micro-batch -------------------------------------------------------------------
 
     async def train_microbatch(self, input_ids: torch.Tensor) -> float:
+        """Returns the micro-batch's label cross-entropy."""
         mb_id = f"{self._tag}-{next(self._ids)}"
+        # A teacher's soft targets are fetched while the micro-batch goes through the earlier stages.
+        teacher = asyncio.create_task(self.soft_targets(input_ids)) if self.soft_targets is not None else None
+        try:
+            return await self._train_microbatch(mb_id, input_ids, teacher)
+        finally:
+            if teacher is not None and not teacher.done():
+                teacher.cancel()
+
+    async def _train_microbatch(self, mb_id: str, input_ids: torch.Tensor, teacher: Optional[asyncio.Task]) -> float:
         last = self.spec.num_stages - 1
         hops: list[tuple[str, torch.Tensor]] = []  # (peer, input) per non-last stage
         x = input_ids
@@ -233,9 +263,11 @@ class Trainer:
             hops.append((peer, x))
             x = out
 
+        soft = await teacher if teacher is not None else None
+
         async def forward_last(peer, x=x):
             loss, out = await self._hop(
-                peer, last, mb_id, backward=False, names=["inputs", "labels"], tensors=[x, input_ids]
+                peer, last, mb_id, backward=False, names=["inputs", "labels"], tensors=[x, input_ids], soft=soft
             )
             if last > 0 and "grad_inputs" not in out:
                 raise RemoteError(ErrorCode.BAD_RESPONSE, "last stage returned no input gradient")
@@ -267,6 +299,7 @@ class Trainer:
                 raise RemoteError(ErrorCode.BAD_RESPONSE, f"stage {stage} returned no input gradient")
 
         self.stats.record(loss, input_ids.shape[0], input_ids.numel())
+        self.stats.distilled += soft is not None
         return loss
 
     # --- the loop ----------------------------------------------------------------------------

@@ -19,11 +19,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from peer.model.llama import LlamaStage, causal_lm_loss
+from peer.model.distill import combined_loss
+from peer.model.llama import LlamaStage
 from peer.pipeline.clipping import MicroBatchClip, grad_norm
 from protocol.rpc import ErrorCode
 
@@ -53,6 +54,14 @@ class _Cached:
     cost: int = 0  # estimated bytes held (inputs, outputs and the autograd graph between them)
 
 
+class LastStageResult(NamedTuple):
+    """What the last stage's forward (with its backward) gives back."""
+
+    loss: float  # the loss its gradients are of (with soft targets: the combined loss)
+    grad_inputs: Optional[torch.Tensor]  # None on a single-stage run (token ids have no gradient)
+    label_loss: float  # the label cross-entropy part of ``loss``
+
+
 @dataclass
 class StageStats:
     forward: int = 0
@@ -65,6 +74,7 @@ class StageStats:
     loss_ema: Optional[float] = None
     optimizer_steps: int = 0
     clipped: int = 0  # micro-batches whose gradient was scaled down to the running bound
+    distilled: int = 0  # last stage: micro-batches that came with a teacher's soft targets
 
 
 class StageWorker:
@@ -80,8 +90,12 @@ class StageWorker:
         cache_max: int = 256,
         cache_bytes: int = 192 << 20,
         clip: Optional[MicroBatchClip] = None,
+        distill=None,
     ):
+        """``distill``: the spec's ``DistillSpec`` (the loss weight and temperature of soft
+        targets), or None: soft targets are refused."""
         self.module, self.is_last, self.optimizer = module, is_last, optimizer
+        self.distill = distill
         self.cache_ttl, self.cache_max, self.cache_bytes = cache_ttl, cache_max, cache_bytes
         self._cache_cost = 0
         # What one cached forward holds, per byte of its output: the output, the input, and what
@@ -123,11 +137,18 @@ class StageWorker:
         *,
         deadline: float = float("inf"),
         accumulate: bool = True,
+        soft: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> concurrent.futures.Future:
+        """Not the last stage: a future of the outputs. The last stage: of a ``LastStageResult``
+        (``soft``: a teacher's (ids, log-probabilities), ``protocol.soft_targets``)."""
         if self.is_last:
             if labels is None:
                 raise StageError(ErrorCode.BAD_REQUEST, "the last stage needs labels with its inputs")
-            return self.submit(self._forward_backward_last, mb_id, inputs, labels, deadline, accumulate, priority=1)
+            if soft is not None and self.distill is None:
+                raise StageError(ErrorCode.BAD_REQUEST, "soft targets, but the run's spec has no [distill] section")
+            return self.submit(
+                self._forward_backward_last, mb_id, inputs, labels, deadline, accumulate, soft, priority=1
+            )
         return self.submit(self._forward, mb_id, inputs, priority=1)
 
     def backward(
@@ -223,17 +244,20 @@ class StageWorker:
         """Changes whenever a parameter is modified in place (autograd's version counters)."""
         return sum(p._version for p in self.module.parameters())
 
-    def _forward_backward_last(self, mb_id, inputs, labels, deadline, accumulate):
+    def _forward_backward_last(self, mb_id, inputs, labels, deadline, accumulate, soft) -> LastStageResult:
         start = time.perf_counter()
         inputs = self._prepare_inputs(inputs)
+        weight = self.distill.weight if self.distill is not None else 0.0
+        temperature = self.distill.temperature if self.distill is not None else 1.0
         with torch.enable_grad():
             logits = self.module(inputs)
-            loss = causal_lm_loss(logits, labels)
+            loss, label_loss = combined_loss(logits, labels, soft, weight=weight, temperature=temperature)
         grad_in = self._accumulate(mb_id, loss, inputs, None, inputs.shape[0], deadline, accumulate, start)
         self.stats.forward += 1
-        value = float(loss.detach())
-        self.stats.loss_ema = value if self.stats.loss_ema is None else 0.9 * self.stats.loss_ema + 0.1 * value
-        return value, grad_in
+        self.stats.distilled += soft is not None
+        label = float(label_loss.detach())
+        self.stats.loss_ema = label if self.stats.loss_ema is None else 0.9 * self.stats.loss_ema + 0.1 * label
+        return LastStageResult(float(loss.detach()), grad_in, label)
 
     def _backward(self, mb_id, grad_outputs, inputs, deadline, accumulate):
         start = time.perf_counter()

@@ -135,6 +135,50 @@ class SwarmDHT:
                 )
         return out
 
+    # --- teachers --------------------------------------------------------------------------
+
+    def announce_teacher(self, info: records.TeacherInfo, ttl: float) -> bool:
+        record = info.to_record()
+        record["version"] = record["version"] or PROTOCOL_VERSION
+        key = records.teachers_key(self.spec.run_id, self.digest)
+        return bool(self.dht.store(key, record, get_dht_time() + ttl, subkey=self._owner))
+
+    def teachers(self) -> list[records.TeacherInfo]:
+        """Live teachers of this run (compatible versions only), as their signed records say."""
+        found = []
+        for owner, value, expiration in owned_values(
+            _get_value(self.dht, records.teachers_key(self.spec.run_id, self.digest))
+        ):
+            if owner[0]:
+                continue
+            try:
+                info = records.TeacherInfo.from_record(owner[1], value, expiration=expiration)
+            except Exception as err:
+                log.debug("dropping malformed teacher record from %s: %s", owner[1], err)
+                continue
+            if records.protocol_compatible(info.version):
+                found.append(info)
+        ROUTES.learn((t.peer_id, t.via) for t in found)
+        return sorted(found, key=lambda t: t.peer_id)
+
+    def announce_teacher_bans(self, record: dict, ttl: float) -> bool:
+        """This trainer's verdicts on teachers (``records.TeacherBansModel``)."""
+        value = records.TeacherBansModel(**record).dict()
+        key = records.teachers_key(self.spec.run_id, self.digest, bans=True)
+        return bool(self.dht.store(key, value, get_dht_time() + ttl, subkey=self._owner))
+
+    def teacher_bans(self) -> dict[str, dict]:
+        """Trainer peer id -> its ``TeacherBansModel`` record (banned and suspended teachers)."""
+        out = {}
+        key = records.teachers_key(self.spec.run_id, self.digest, bans=True)
+        for owner, value, _ in owned_values(_get_value(self.dht, key)):
+            try:
+                if not owner[0]:
+                    out[owner[1]] = records.TeacherBansModel.parse_obj(value).dict()
+            except Exception:
+                continue
+        return out
+
     # --- checkpoints -----------------------------------------------------------------------
 
     def announce_checkpoint(self, stage: int, record: dict, ttl: float) -> bool:
