@@ -12,11 +12,11 @@ import urllib.request
 
 import pytest
 from hivemind.utils import get_dht_time
-from outer_helpers import metric, round_states, state_hash
 
 from peer.observe.status import open_observer, swarm_snapshot
 
 from conftest import TrackedCluster, assert_all_gone, make_tiny_spec, write_text_data
+from outer_helpers import metric, round_states, state_hash
 
 # About three minutes (20 s rounds): marked slow to keep the default suite well inside its
 # budget; .ci/run runs it on its own (`pytest -m slow tests/test_outer_swarm.py`).

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from outer_helpers import metric, round_states, state_hash
 
 from conftest import TrackedCluster, assert_all_gone, dump_logs, make_tiny_spec, write_text_data
+from outer_helpers import metric, round_states, state_hash
 
 pytestmark = [pytest.mark.hostile, pytest.mark.timeout(900)]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from outer_helpers import round_states, state_hash  # noqa: E402
-
 from protocol.spec import load_spec  # noqa: E402
+
+from outer_helpers import round_states, state_hash  # noqa: E402
 
 addr, spec_path, stage, *peer_ids = sys.argv[1:]
 states = round_states(addr, load_spec(spec_path), int(stage), peer_ids)

@@ -18,9 +18,10 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 import netlab  # noqa: E402
-from labkit import lab_marks  # noqa: E402
 
 from peer.base.procs import alive  # noqa: E402
+
+from labkit import lab_marks  # noqa: E402
 
 pytestmark = lab_marks(300)
 
