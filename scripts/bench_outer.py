@@ -132,8 +132,7 @@ def bench_sim(args) -> None:
             rounds=args.rounds,
             inner_steps=args.inner_steps,
             seed=seed,
-            **common,
-            **kw,
+            **{**common, **kw},
         )
 
     clean_ps, clean_outer = {}, {}
@@ -187,6 +186,13 @@ def bench_sim(args) -> None:
     )
 
     outer_runs = list(clean_outer.values())
+    # The poisoned member's work is lost whatever the defence does: the same group without it
+    # (its first members-1 members, the same data streams) shows what the poison itself costs.
+    honest_only = {}
+    for seed in range(args.poison_seeds):
+        honest_only[seed] = outer(seed, members=args.members - 1)
+        outer_runs.append(honest_only[seed])
+        emit(BENCH, "run", **_row("outer", seed, honest_only[seed], members=args.members - 1))
     for attack in args.attacks:
         poisoned = {}
         for seed in range(args.poison_seeds):
@@ -201,6 +207,7 @@ def bench_sim(args) -> None:
             "poisoned",
             attack=attack,
             outer_vs_clean_outer_pct=vs,
+            outer_vs_honest_members_only_pct=_spread([_pct(poisoned[s].loss, honest_only[s].loss) for s in poisoned]),
             outer_finite=all(r.finite for r in poisoned.values()),
             outer_dropped=sum(r.dropped for r in poisoned.values()),
             outer_clipped=sum(r.clipped for r in poisoned.values()),

@@ -66,10 +66,12 @@ def heldout_loss(stages, batches) -> float:
     return sum(float(causal_lm_loss(chain_forward(stages, b), b)) for b in batches) / len(batches)
 
 
-def train_teacher(spec: RunSpec, train: Path, out: Path, *, seconds: float, threads: int) -> dict:
-    """Train ``spec`` on ``train`` for ``seconds`` and export it as a Hugging Face directory."""
+def train_teacher(spec: RunSpec, train: Path, out: Path, *, tokens: int, threads: int) -> dict:
+    """Train ``spec`` on ``tokens`` tokens of ``train`` and export it as a Hugging Face directory."""
     final = out.parent / "teacher-final"
-    result = train_local(spec, train, steps=10**9, threads=threads, max_seconds=seconds, final_state=str(final))
+    t = spec.training
+    steps = max(1, tokens // (t.micro_batch_size * t.seq_len))
+    result = train_local(spec, train, steps=steps, threads=threads, final_state=str(final))
     from safetensors.torch import load_file
 
     states = [load_file(str(final / f"stage{k}.safetensors")) for k in range(spec.num_stages)]

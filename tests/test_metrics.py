@@ -241,7 +241,7 @@ def value_label(metrics: dict, name: str, label: str) -> str:
 def test_event_counts_serve_what_a_bootstrap_reported():
     import urllib.request
 
-    from peer.observe.metrics import EventCounts
+    from peer.observe.events import EventCounts
 
     seen = []
     counts = EventCounts(lambda name, text, **fields: seen.append((name, text, fields)))

@@ -48,7 +48,7 @@ def run_bootstrap(
     event = out.event
     counts = None
     if metrics is not None:
-        from peer.observe.metrics import EventCounts
+        from peer.observe.events import EventCounts
 
         host, port = metrics
         counts = EventCounts(out.event)

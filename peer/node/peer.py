@@ -175,30 +175,8 @@ class Peer:
                 epoch=resumed,
                 restored_step=restored,
             )
-        if cfg.data.path and spec.distill is not None:
-            self.teaching = TeacherSide(
-                spec,
-                self.p2p,
-                self.swarm,
-                counters=self.counters,
-                event=self.out.event,
-                timeout=net.request_timeout,
-                period=net.announce_period,
-                seed=hash(self.swarm.peer_id) & 0xFFFF,
-            ).start()
         if cfg.data.path:
-            self.trainer = Trainer(
-                spec,
-                self.p2p,
-                self.swarm.peer_id,
-                snapshot=lambda: self.presence.peers,
-                local_stage=stage,
-                local_worker=self.worker,
-                request_timeout=net.request_timeout,
-                counters=self.counters,
-                seed=hash(self.swarm.peer_id) & 0xFFFF,
-                soft_targets=self.teaching.client if self.teaching is not None else None,
-            )
+            self.teaching, self.trainer = start_training(self, stage)
         self.presence.update(state=PeerState.ONLINE)
         self.presence.announce()
         self.mover.joined()
@@ -276,12 +254,9 @@ class Peer:
             self.relayed.renew_if_due()
 
     def _shutdown(self) -> None:
-        if self.teaching is not None:
-            self.teaching.stop()
-        if self.ckpt is not None:
-            self.ckpt.stop()
-        if self.relayed is not None:
-            self.relayed.stop()
+        for part in (self.teaching, self.ckpt, self.relayed):
+            if part is not None:
+                part.stop()
         self.hand_back_gradients()
         if self.swarm is not None and self.status.stage is not None:
             self.presence.update(state=PeerState.LEAVING)
@@ -367,6 +342,37 @@ class Peer:
     def _served_info(self) -> ServedInfo:
         status = self.status
         return ServedInfo(state=status.state, throughput=status.throughput, epoch=self.epoch, version=PROTOCOL_VERSION)
+
+
+def start_training(peer: Peer, stage: int) -> tuple[Optional[TeacherSide], Trainer]:
+    """The trainer of a peer with ``--data`` and, when its run distills, its side of teachers."""
+    spec, net = peer.spec, peer.config.network
+    seed = hash(peer.swarm.peer_id) & 0xFFFF
+    teaching = None
+    if spec.distill is not None:
+        teaching = TeacherSide(
+            spec,
+            peer.p2p,
+            peer.swarm,
+            counters=peer.counters,
+            event=peer.out.event,
+            timeout=net.request_timeout,
+            period=net.announce_period,
+            seed=seed,
+        ).start()
+    trainer = Trainer(
+        spec,
+        peer.p2p,
+        peer.swarm.peer_id,
+        snapshot=lambda: peer.presence.peers,
+        local_stage=stage,
+        local_worker=peer.worker,
+        request_timeout=net.request_timeout,
+        counters=peer.counters,
+        seed=seed,
+        soft_targets=teaching.client if teaching is not None else None,
+    )
+    return teaching, trainer
 
 
 def run_peer(config: PeerConfig) -> int:

@@ -42,7 +42,7 @@ TEACHER_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 def read_teaching(peer, put) -> None:
     """A training peer's teacher figures (nothing when its run does not distill)."""
     worker = peer.worker
-    if worker is not None and worker.is_last:
+    if worker is not None and getattr(worker, "is_last", False):
         put("stage_distilled", worker.stats.distilled)
     side = getattr(peer, "teaching", None)
     if side is None:
