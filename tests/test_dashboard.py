@@ -103,6 +103,7 @@ class DomFacts(HTMLParser):
         self.body: dict = {}
         self.error_items: list[str] = []
         self.checkpoint_rows: list[tuple[str, str]] = []
+        self.teacher_rows: dict[str, str] = {}  # teacher peer id -> trainers that banned it
         self.badges: list[str] = []
         self.stage_cards: dict[str, str] = {}  # stage -> data-online
         self._svg = None
@@ -120,6 +121,8 @@ class DomFacts(HTMLParser):
             self.series_points.setdefault(self._svg, []).append(int(a.get("data-points", "0")))
         if tag == "tr" and "data-peer" in a:
             self.peers.append(a["data-peer"])
+        if tag == "tr" and "data-teacher" in a:
+            self.teacher_rows[a["data-teacher"]] = a.get("data-banned")
         if tag == "tr" and "data-step" in a:
             self.checkpoint_rows.append((a["data-stage"], a["data-step"]))
         if tag == "span" and "badge" in (a.get("class") or ""):
@@ -390,6 +393,47 @@ def test_page_renders_checkpoints_and_empty_stages(tmp_path):
     assert facts.stage_cards == {"0": "1", "1": "0"}
     assert int(facts.by_id["loss-chart"]["data-points"]) == 6
     print(f"dashboard screenshot (fake swarm): {shot}")
+
+
+def test_page_renders_teachers_and_their_bans(tmp_path):
+    """Teachers of a run that distills: one that two trainers banned, one set aside, one whose
+    weights the spec does not accept, one with no complaints (``status.teacher_rows``)."""
+    need_chromium()
+    from peer.observe.status import teacher_rows
+    from protocol.records import TeacherInfo
+    from protocol.spec import preset_spec
+
+    weights = "ab" * 32
+    spec = preset_spec("tiny", distill=dict(teacher_digests=[weights]))
+    teachers = [
+        TeacherInfo("QmLiar", weights, "online", 40.0, requests=12, tokens=6144),
+        TeacherInfo("QmDisputed", weights, "online", 40.0, requests=30, tokens=15360),
+        TeacherInfo("QmOther", "cd" * 32, "online", 90.0),
+        TeacherInfo("QmGood", weights, "online", 50.0, requests=400, tokens=204800, via="QmRelay"),
+    ]
+    bans = {
+        "QmT1": {"banned": ["QmLiar"], "suspended": []},
+        "QmT2": {"banned": ["QmLiar"], "suspended": ["QmDisputed"]},
+    }
+    rows = teacher_rows(spec, teachers, bans)
+    assert [(r["peer_id"], r["banned_by"], r["suspended_by"], r["accepted"]) for r in rows] == [
+        ("QmLiar", 2, 0, True),
+        ("QmDisputed", 0, 1, True),
+        ("QmOther", 0, 0, False),
+        ("QmGood", 0, 0, True),
+    ]
+    snapshot = {**_fake_snapshot(time.time(), 100, 3.0), "teachers": rows}
+    server = _LocalServer(lambda: snapshot)
+    try:
+        server.poller.poll_once()
+        assert get_json(server.url + "api/swarm")["teachers"] == rows
+        facts = dom_facts(run_chromium(server.url, tmp_path, "--dump-dom"))
+    finally:
+        server.close()
+    assert facts.by_id["js-errors"]["data-count"] == "0", facts.error_items
+    assert facts.teacher_rows == {"QmLiar": "2", "QmDisputed": "0", "QmOther": "0", "QmGood": "0"}
+    assert facts.badges.count("untrusted") == 2  # banned by 2; weights not accepted
+    assert facts.badges.count("trusted") == 2 and facts.badges.count("leaving") == 1
 
 
 def test_page_records_javascript_errors(tmp_path):
