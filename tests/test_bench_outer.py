@@ -41,8 +41,10 @@ def test_quick_simulation_compares_both_modes():
     assert all(r["outer_finite"] for r in by["poisoned"])
     nan = next(r for r in by["poisoned"] if r["attack"] == "nan")
     assert nan["outer_dropped"] >= 2  # the poisoned member's bytes, in each of the two stages
+    assert all(r["outer_vs_honest_members_only_pct"]["n"] == 1 for r in by["poisoned"])
+    assert [r.get("members") for r in by["run"] if r.get("members")] == [3]  # the group without the poisoned one
     (same,) = by["identical_weights"]
-    assert same["rounds"] == 3 * 2 and same["fraction"] == 1.0
+    assert same["rounds"] == 4 * 2 and same["fraction"] == 1.0  # clean, honest members only, 2 attacks
 
 
 @pytest.mark.slow

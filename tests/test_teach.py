@@ -197,3 +197,61 @@ def test_a_teacher_that_cannot_teach_the_run_is_refused(teacher_dir, tmp_path):
         TeacherModel.load(other, distill_spec())
     with pytest.raises(TeacherError, match="no readable config.json"):
         TeacherModel.load(tmp_path, distill_spec())
+
+
+def test_swarmtrain_teach_refuses_before_joining_anything(teacher_dir, tmp_path):
+    """Exit codes and messages of the command, with an initial peer that does not exist: the
+    checks come before any network."""
+    import subprocess
+    import sys
+
+    nowhere = "/ip4/127.0.0.1/tcp/9/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
+
+    def teach(spec, *extra):
+        path = tmp_path / "spec.toml"
+        spec.save(path)
+        cmd = [sys.executable, "-m", "peer.cli", "teach", "--model", str(teacher_dir), "--spec", str(path)]
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
+
+    out = teach(distill_spec())
+    assert out.returncode == 2 and "--initial-peers is required" in out.stderr
+    out = teach(preset_spec("tiny", run_id="plain"), "--initial-peers", nowhere)
+    assert out.returncode == 2 and "does not distill" in out.stderr and "spec init --distill" in out.stderr
+    out = teach(distill_spec(teacher_digests=["0" * 64]), "--initial-peers", nowhere)
+    assert out.returncode == 1 and "not among the teachers" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_run_with_a_tokenizer_file_takes_teachers_of_that_vocabulary(tmp_path):
+    """A tokenizer.json run: the same file, or one that maps every token to the same id, passes;
+    another vocabulary is refused naming what differs."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from peer.data.tokenizer import file_sha256
+
+    def tokenizer(path, words):
+        model = tokenizers.models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]")
+        tok = tokenizers.Tokenizer(model)
+        tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+        tok.save(str(path))
+        return path
+
+    words = [f"w{i}" for i in range(40)]
+    run_tok = tokenizer(tmp_path / "run-tokenizer.json", words)
+    spec = preset_spec(
+        "tiny",
+        run_id="filetok",
+        model=dict(vocab_size=48),
+        tokenizer=dict(kind="file", path=str(run_tok), sha256=file_sha256(run_tok)),
+        distill=dict(k=4),
+    )
+    stages = [LlamaStage.from_spec(spec, k) for k in range(spec.num_stages)]
+    hf = tmp_path / "hf"
+    export_hf_dir(spec, [s.state_dict() for s in stages], hf)
+    with pytest.raises(TeacherError, match="no tokenizer.json"):
+        TeacherModel.load(hf, spec)
+    (hf / "tokenizer.json").write_bytes(run_tok.read_bytes())
+    assert TeacherModel.load(hf, spec).vocab == 48
+    tokenizer(hf / "tokenizer.json", words)  # written again: the same ids (the bytes may differ)
+    assert TeacherModel.load(hf, spec)
+    tokenizer(hf / "tokenizer.json", list(reversed(words)))
+    with pytest.raises(TeacherError, match="40 token\\(s\\) differ"):
+        TeacherModel.load(hf, spec)
