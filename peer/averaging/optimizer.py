@@ -25,6 +25,7 @@ from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 from peer.averaging import guards, wire_stats
 from peer.averaging.bounds import MAX_EPOCH, BoundedProgressTracker, update_scheduler_fast
 from peer.averaging.staleness import left_out_of_round, missed_round
+from peer.net.timeouts import transfer_timeout
 from protocol.codecs import gradient_compression
 from protocol.records import averaging_run_id
 from protocol.spec import RunSpec, TrainingSpec
@@ -290,6 +291,11 @@ class BoundedOptimizer(hivemind.Optimizer):
                     self.grad_averager.state_sharing_priority = self.local_epoch
 
 
+# Bytes per gradient value on the wire by codec (the 8-bit codecs' scales and PowerSGD's
+# factors are small beside these).
+WIRE_BYTES_PER_VALUE = {"none": 4, "fp16": 2, "uniform8bit": 1, "blockwise8bit": 1, "powersgd": 1}
+
+
 def make_stage_optimizer(
     spec: RunSpec, stage: int, module: torch.nn.Module, dht: hivemind.DHT, *, verbose: bool = False
 ) -> BoundedOptimizer:
@@ -305,6 +311,14 @@ def make_stage_optimizer(
     # With trusted checkpoints a joiner restores one near the group first; a group claiming
     # to be further ahead than live state may be (trust.max_live_state_lag) is lying.
     lead = spec.trust.max_live_state_lag if spec.trust.trusted_keys else MAX_EPOCH
+    # The spec's timings, lengthened to what this stage's bytes need on a slow line
+    # (peer.net.timeouts): an all-reduce sends and receives about the gradients' wire size, and
+    # a joiner downloads weights and the two Adam moments in float32.
+    numel = sum(p.numel() for p in params)
+    averaging_timeout = max(
+        training.averaging_timeout, transfer_timeout(2 * numel * WIRE_BYTES_PER_VALUE[compression.gradients])
+    )
+    load_state_timeout = max(30.0, averaging_timeout, transfer_timeout(3 * 4 * numel))
     return BoundedOptimizer(
         max_epoch_lead=lead,
         dht=dht,
@@ -315,13 +329,13 @@ def make_stage_optimizer(
         optimizer=lambda ps: make_torch_optimizer(ps, training),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(training)),
         matchmaking_time=training.matchmaking_time,
-        averaging_timeout=training.averaging_timeout,
+        averaging_timeout=averaging_timeout,
         # A group member that starts its part of the all-reduce a few seconds late (it learns
         # that the group reached the target at its next progress refresh, or after the request
         # it is serving) is waited for, not dropped after matchmaking_time: a dropped part is a
         # partial round in which the two sides apply different updates.
-        next_chunk_timeout=max(training.matchmaking_time, training.averaging_timeout / 2),
-        load_state_timeout=max(30.0, training.averaging_timeout),
+        next_chunk_timeout=max(training.matchmaking_time, averaging_timeout / 2),
+        load_state_timeout=load_state_timeout,
         delay_optimizer_step=delayed,
         delay_grad_averaging=delayed and grad_averager_factory is None,
         average_state_every=training.average_state_every,

@@ -26,8 +26,9 @@ from hivemind.utils import get_dht_time
 from peer.averaging.contribution import NoQuorum
 from peer.averaging.outer_step import OuterNesterov
 from peer.averaging.rounds import RoundNet, run_round
-from peer.averaging.sparse import SparseConfig, compress
+from peer.averaging.sparse import SparseConfig, compress, encoded_size
 from peer.checkpoints.state_pull import MOMENTUM_PREFIX
+from peer.net.timeouts import outer_round_times
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.averaging")
@@ -59,6 +60,12 @@ class OuterOptimizer:
         self.spec, self.stage, self.module, self.net, self.event = spec, stage, module, net, event
         o = spec.training.outer
         self.config = SparseConfig(chunk=o.chunk, k=o.k, bits=o.bits)
+        numel = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        # The spec's deadlines, lengthened to what this stage's contributions need on a slow
+        # line (peer.net.timeouts): the same on every member, since they follow from the spec.
+        self.gather_s, self.agree_s = outer_round_times(
+            o.round_seconds, o.gather_seconds, o.agree_seconds, encoded_size(numel, self.config)
+        )
         self.outer = OuterNesterov(lr=o.outer_lr, momentum=o.outer_momentum)
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.names = [n for n, p in module.named_parameters() if p.requires_grad]
@@ -210,7 +217,6 @@ class OuterOptimizer:
             del self.history[old]
 
     def _round(self, round_: int) -> None:
-        o = self.spec.training.outer
         snapshot = self.worker.call(self._flat, timeout=60)
         with self._lock:
             weight, self.samples = self.samples, 0
@@ -225,8 +231,8 @@ class OuterOptimizer:
                 numel=self.base.size,
                 config=self.config,
                 max_weight=None,
-                gather_s=o.gather_seconds,
-                agree_s=o.agree_seconds,
+                gather_s=self.gather_s,
+                agree_s=self.agree_s,
             )
         except NoQuorum as err:
             self.outcomes["undecided"] += 1

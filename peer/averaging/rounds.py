@@ -37,6 +37,7 @@ from peer.averaging.contribution import (
 from peer.averaging.robust import Aggregate, aggregate
 from peer.averaging.sparse import SparseConfig, SparseRejected, SparseUpdate, encoded_size
 from peer.net import Rejected, RequestLimits, RpcServer, call
+from peer.net.timeouts import transfer_timeout
 from peer.swarm.dht import owned_values
 from protocol import records
 from protocol.messages_pb2 import OuterRequest, OuterResponse
@@ -246,14 +247,17 @@ def run_round(
     gather_s: float,
     agree_s: float,
     expected: Optional[int] = None,
-    request_timeout: float = 10.0,
+    request_timeout: Optional[float] = None,
 ) -> RoundResult:
     """This member's round: publish ``blob`` (its encoded update) with ``weight``, gather until
     ``gather_s`` after the start (sooner when ``expected`` contributions are all held), read
     holdings until every contributor's is in or ``gather_s + agree_s`` after the start, and
     aggregate. ``max_weight`` None: twice the lower median of the agreed set's claimed weights.
-    Raises NoQuorum when the round cannot be decided."""
+    Raises NoQuorum when the round cannot be decided. ``request_timeout``: one fetch's, by
+    default what a contribution's bytes need on a slow line (``peer.net.timeouts``)."""
     size = encoded_size(numel, config)
+    if request_timeout is None:
+        request_timeout = transfer_timeout(size)
     if len(blob) != size:
         raise ValueError(f"this member's update is {len(blob)} bytes, a round of {numel} elements has {size}")
     ttl = 4 * (gather_s + agree_s) + 60

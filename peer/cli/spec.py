@@ -117,6 +117,7 @@ def spec_init(
                 "distill": distill_section,
             }
         )
+        run_spec = _fit_outer_round(run_spec)
         run_spec.save(out)
         click.echo(
             f"wrote {out}: run {run_spec.run_id} from {hf_dir}, {run_spec.num_stages} stages "
@@ -137,11 +138,28 @@ def spec_init(
         )
     except SpecError as err:
         raise click.ClickException(str(err)) from None
+    run_spec = _fit_outer_round(run_spec)
     run_spec.save(out)
     click.echo(
         f"wrote {out}: run {run_spec.run_id}, {run_spec.num_stages} stages, digest {run_spec.digest()}"
         + (", distilling from teachers" if run_spec.distill is not None else "")
     )
+
+
+def _fit_outer_round(run_spec):
+    """An outer round long enough for the model's contributions on a slow line."""
+    if run_spec.training.averaging != "outer":
+        return run_spec
+    from peer.averaging.deadlines import fit_round_seconds
+
+    fitted = fit_round_seconds(run_spec)
+    before, after = run_spec.training.outer.round_seconds, fitted.training.outer.round_seconds
+    if after != before:
+        click.echo(
+            f"training.outer.round_seconds {after:.0f} (not {before:.0f}): this model's contributions need "
+            "that long on a slow line (peer/net/timeouts.py)"
+        )
+    return fitted
 
 
 def _from_hf(hf_dir: Path, *, run_id, stages, layers, seed, keys):

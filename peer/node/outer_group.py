@@ -67,9 +67,12 @@ def behind_group(
     return None
 
 
-def read_group_state(ctx, stage: int, me: str, *, refused: Callable[[str], None]) -> Optional[GroupState]:
+def read_group_state(
+    ctx, stage: int, me: str, *, refused: Callable[[str], None], round_busy_s: float
+) -> Optional[GroupState]:
     """The state two online members of ``stage`` serve identically (the highest round, when
-    several pairs agree), or None (``refused(why)`` is called when there were members to ask)."""
+    several pairs agree), or None (``refused(why)`` is called when there were members to ask).
+    Read after the first ``round_busy_s`` of a round (its gathering and agreement)."""
     from hivemind.utils import get_dht_time
 
     swarm = ctx.checkpoints().swarm
@@ -78,7 +81,7 @@ def read_group_state(ctx, stage: int, me: str, *, refused: Callable[[str], None]
     if not mates:
         return None
     outer = ctx.spec.training.outer
-    quiet = outer.gather_seconds + outer.agree_seconds + 5.0  # the round applied, with a margin
+    quiet = round_busy_s + 5.0  # the round applied, with a margin
     for _ in range(3):  # up to three windows between rounds
         since = get_dht_time() % outer.round_seconds
         if since < quiet:

@@ -135,7 +135,7 @@ class StageSlot:
                     why=why,
                 )
 
-            return read_group_state(ctx, stage, me, refused=refused)
+            return read_group_state(ctx, stage, me, refused=refused, round_busy_s=opt.gather_s + opt.agree_s)
 
         def behind() -> Optional[str]:
             swarm = ctx.checkpoints().swarm

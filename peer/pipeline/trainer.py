@@ -27,6 +27,7 @@ import torch
 from hivemind.p2p import P2P
 
 from peer.net import WireCounters
+from peer.net.timeouts import CallTimer, transfer_timeout
 from peer.pipeline.checks import check_request, check_response
 from peer.pipeline.client import RemoteError, call_stage
 from peer.pipeline.routing import BanList, ThroughputEMA, announced_prior, capped_priors, choose_peer
@@ -100,6 +101,10 @@ class Trainer:
         self.counters = counters or WireCounters()
         # What any stage may answer: one micro-batch of hidden states, plus the codecs' tables.
         self.max_response_bytes = Limits.for_stage(spec, 0).hidden_bytes + (1 << 20)
+        # A stage call's timeout (peer.net.timeouts): never below request_timeout; before a peer
+        # was measured, what a micro-batch of hidden states each way needs on the slowest link.
+        self.timer = CallTimer(floor=request_timeout)
+        self.first_call_timeout = transfer_timeout(2 * self.max_response_bytes)
         self.bans = BanList()
         self.ema = ThroughputEMA()
         self.inflight: dict[str, int] = {}
@@ -160,19 +165,26 @@ class Trainer:
                 result = await self._local(stage, mb_id, backward, dict(zip(names, tensors)), soft)
             else:
                 check_request(self.spec, stage, dict(zip(names, tensors)))
-                head, out = await call_stage(
-                    self.p2p,
-                    peer,
-                    backward=backward,
-                    header=self._header(stage, mb_id),
-                    names=names,
-                    tensors=tensors,
-                    codec=self.codec,
-                    timeout=self.request_timeout,
-                    counters=self.counters,
-                    max_bytes=self.max_response_bytes,
-                    soft_targets=soft.data if soft is not None else b"",
-                )
+                timer_key = (peer, backward)
+                try:
+                    head, out = await call_stage(
+                        self.p2p,
+                        peer,
+                        backward=backward,
+                        header=self._header(stage, mb_id),
+                        names=names,
+                        tensors=tensors,
+                        codec=self.codec,
+                        timeout=self.timer.timeout(timer_key, self.first_call_timeout),
+                        counters=self.counters,
+                        max_bytes=self.max_response_bytes,
+                        soft_targets=soft.data if soft is not None else b"",
+                    )
+                except RemoteError as err:
+                    if err.code == ErrorCode.TIMEOUT:
+                        self.timer.expired(timer_key)
+                    raise
+                self.timer.observe(timer_key, time.monotonic() - start)
                 label_loss = head.label_loss if soft is not None else head.loss
                 result = (label_loss, out)
                 check_response(

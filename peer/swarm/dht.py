@@ -18,6 +18,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 
 from peer.net.routes import ROUTES
+from peer.net.timeouts import dht_wait_timeout
 from peer.swarm.identity import Identity, peer_id_of_ssh_public_key
 from protocol import PROTOCOL_VERSION, records, signing
 from protocol.spec import RunSpec, SpecError, spec_from_json
@@ -58,6 +59,10 @@ def _get_value(dht: hivemind.DHT, key: str):
     return found.value if found is not None else None
 
 
+# The largest DHT reply a peer waits for: a run's peer records (a few hundred, under 1 KiB each).
+DHT_REPLY_BYTES = 256 * 1024
+
+
 def start_dht(
     identity: Identity,
     *,
@@ -82,6 +87,7 @@ def start_dht(
         startup_timeout=startup_timeout,
         # Several initial peers and a short wait avoid the split swarms seen at start (#624).
         ensure_bootstrap_success=bool(initial_peers),
+        wait_timeout=dht_wait_timeout(DHT_REPLY_BYTES),
         **kwargs,
     )
 
