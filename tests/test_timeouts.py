@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from peer.averaging.deadlines import contribution_bytes, fit_round_seconds
+from peer.averaging.deadlines import contribution_bytes, fit_round_seconds, needed_round_seconds
 from peer.net.timeouts import (
     MIN_TIMEOUT_S,
     SLOW_LINK,
@@ -107,4 +107,7 @@ def test_round_seconds_fitted_to_the_model():
     assert o.round_seconds > 8 and o.round_seconds % 60 == 0
     gather, agree = outer_round_times(o.round_seconds, o.gather_seconds, o.agree_seconds, contribution_bytes(short, 0))
     assert 2 * (gather + agree) <= o.round_seconds
+    assert needed_round_seconds(short) <= o.round_seconds < needed_round_seconds(short) + 60
+    # a joiner reads two members' states (weights and momentum, ~95 MB each) on the slow line
+    assert o.round_seconds >= 2 * 95e6 / SLOW_LINK.rate
     assert fitted.digest() != short.digest()

@@ -1,15 +1,16 @@
-"""An outer round's deadlines for a spec: what its largest stage's contribution needs on a slow
-line (``peer.net.timeouts.outer_round_times``), and a round long enough to hold them."""
+"""An outer round long enough for a spec's model on a slow line: gathering and agreeing on its
+largest stage's contributions (``peer.net.timeouts.outer_round_times``), and a joiner reading
+two members' round states between two rounds."""
 
 from __future__ import annotations
 
 import math
 
 from peer.averaging.sparse import SparseConfig, encoded_size
-from peer.net.timeouts import RoundTooShort, outer_round_times
+from peer.net.timeouts import outer_round_times
 from protocol.spec import RunSpec
 
-__all__ = ["contribution_bytes", "fit_round_seconds"]
+__all__ = ["contribution_bytes", "fit_round_seconds", "needed_round_seconds"]
 
 
 def contribution_bytes(spec: RunSpec, stage: int) -> int:
@@ -21,18 +22,29 @@ def contribution_bytes(spec: RunSpec, stage: int) -> int:
     return encoded_size(numel, SparseConfig(chunk=o.chunk, k=o.k, bits=o.bits))
 
 
-def fit_round_seconds(spec: RunSpec) -> RunSpec:
-    """``spec`` with ``training.outer.round_seconds`` raised, in whole minutes, to at least twice
-    what gathering and agreeing on its largest stage's contributions take, when the spec's
-    round is too short for them (a large model's rounds). Unchanged otherwise."""
+JOIN_MATES = 2  # a joiner reads the round state of two members at once: they must serve the same bits
+
+
+def needed_round_seconds(spec: RunSpec) -> float:
+    """The shortest round that holds, on a slow line, gathering and agreeing on the largest
+    stage's contributions twice over, and a joiner's read of two members' round states in the
+    quiet part of a round (``peer.node.outer_group``: after gathering, agreeing and 5 s)."""
+    from peer.node.outer_group import state_read_seconds
+
     o = spec.training.outer
     largest = max(contribution_bytes(spec, s) for s in range(spec.num_stages))
-    try:
-        outer_round_times(o.round_seconds, o.gather_seconds, o.agree_seconds, largest)
-        return spec
-    except RoundTooShort:
-        pass
     gather, agree = outer_round_times(math.inf, o.gather_seconds, o.agree_seconds, largest)
-    seconds = 60.0 * math.ceil(2 * (gather + agree) / 60.0)
+    read = max(state_read_seconds(spec, s, JOIN_MATES) for s in range(spec.num_stages))
+    return max(2 * (gather + agree), gather + agree + 5.0 + read)
+
+
+def fit_round_seconds(spec: RunSpec) -> RunSpec:
+    """``spec`` with ``training.outer.round_seconds`` raised, in whole minutes, to
+    ``needed_round_seconds`` when it is shorter (a larger model's rounds). Unchanged otherwise."""
+    o = spec.training.outer
+    needed = needed_round_seconds(spec)
+    if o.round_seconds >= needed:
+        return spec
+    seconds = 60.0 * math.ceil(needed / 60.0)
     training = spec.training.model_copy(update={"outer": o.model_copy(update={"round_seconds": seconds})})
     return spec.model_copy(update={"training": training})

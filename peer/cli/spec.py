@@ -156,8 +156,8 @@ def _fit_outer_round(run_spec):
     before, after = run_spec.training.outer.round_seconds, fitted.training.outer.round_seconds
     if after != before:
         click.echo(
-            f"training.outer.round_seconds {after:.0f} (not {before:.0f}): this model's contributions need "
-            "that long on a slow line (peer/net/timeouts.py)"
+            f"training.outer.round_seconds {after:.0f} (not {before:.0f}): a round must hold this model's "
+            "contributions, and a joiner's read of two members' states, on a 10 Mbit/s line (docs/network.md)"
         )
     return fitted
 

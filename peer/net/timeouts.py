@@ -42,9 +42,17 @@ OUTER_FETCHERS = 3  # an outer round's author serves its contribution to a group
 AGREE_RTTS = 12  # store this member's holding and read the others' (a few DHT hops each)
 
 
-def transfer_timeout(nbytes: float, link: Link = SLOW_LINK, *, floor: float = MIN_TIMEOUT_S) -> float:
+def transfer_seconds(nbytes: float, link: Link = SLOW_LINK) -> float:
     """Seconds for one request/response moving ``nbytes`` in all over ``link``."""
-    return min(MAX_TIMEOUT, max(floor, CONNECT_RTTS * link.rtt_s + nbytes / link.rate))
+    return CONNECT_RTTS * link.rtt_s + nbytes / link.rate
+
+
+def transfer_timeout(
+    nbytes: float, link: Link = SLOW_LINK, *, floor: float = MIN_TIMEOUT_S, ceiling: float = MAX_TIMEOUT
+) -> float:
+    """``transfer_seconds``, at least ``floor`` and at most ``ceiling`` (by default the longest a
+    stage request may ask for)."""
+    return min(ceiling, max(floor, transfer_seconds(nbytes, link)))
 
 
 def dht_wait_timeout(value_bytes: int, link: Link = SLOW_LINK) -> float:
@@ -64,7 +72,7 @@ def outer_round_times(
     each: the spec's values, lengthened to what an author serving its contribution to
     ``OUTER_FETCHERS`` members over ``link`` needs, and the DHT exchanges of the agreement.
     Every member computes the same. Raises RoundTooShort when they do not fit in the round."""
-    gather = max(gather_seconds, CONNECT_RTTS * link.rtt_s + OUTER_FETCHERS * contribution_bytes / link.rate)
+    gather = max(gather_seconds, transfer_seconds(OUTER_FETCHERS * contribution_bytes, link))
     agree = max(agree_seconds, AGREE_RTTS * link.rtt_s)
     if gather + agree >= round_seconds:
         raise RoundTooShort(
