@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 
 from peer.averaging.sparse import SparseConfig, encoded_size
-from peer.net.timeouts import outer_round_times
+from peer.net.timeouts import outer_round_times, transfer_timeout
 from protocol.spec import RunSpec
 
-__all__ = ["contribution_bytes", "fit_round_seconds", "needed_round_seconds"]
+__all__ = ["contribution_bytes", "fit_round_seconds", "needed_round_seconds", "state_read_seconds"]
 
 
 def contribution_bytes(spec: RunSpec, stage: int) -> int:
@@ -25,12 +25,18 @@ def contribution_bytes(spec: RunSpec, stage: int) -> int:
 JOIN_MATES = 2  # a joiner reads the round state of two members at once: they must serve the same bits
 
 
+def state_read_seconds(spec: RunSpec, stage: int, members: int) -> float:
+    """What reading ``members`` round states of ``stage`` at once needs on a slow line (they
+    share the reader's downlink); ``peer.node.outer_group`` reads with it."""
+    from peer.checkpoints.state_pull import state_byte_limit
+
+    return transfer_timeout(members * state_byte_limit(spec, stage, momentum=True), ceiling=math.inf)
+
+
 def needed_round_seconds(spec: RunSpec) -> float:
     """The shortest round that holds, on a slow line, gathering and agreeing on the largest
     stage's contributions twice over, and a joiner's read of two members' round states in the
     quiet part of a round (``peer.node.outer_group``: after gathering, agreeing and 5 s)."""
-    from peer.node.outer_group import state_read_seconds
-
     o = spec.training.outer
     largest = max(contribution_bytes(spec, s) for s in range(spec.num_stages))
     gather, agree = outer_round_times(math.inf, o.gather_seconds, o.agree_seconds, largest)

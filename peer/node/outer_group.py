@@ -16,13 +16,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import math
 import time
 from typing import Callable, Mapping, Optional, Sequence
 
 from protocol.records import PeerState
 
-__all__ = ["GroupState", "behind_group", "read_group_state", "state_digest", "state_read_seconds"]
+__all__ = ["GroupState", "behind_group", "read_group_state", "state_digest"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,17 +103,9 @@ def read_group_state(
     return GroupState(key[0], key[1], served[0][1], tuple(pid for pid, _ in served))
 
 
-def state_read_seconds(spec, stage: int, members: int) -> float:
-    """What reading ``members`` round states of ``stage`` at once needs on a slow line (they
-    share this peer's downlink): ``peer.net.timeouts``."""
-    from peer.checkpoints.state_pull import state_byte_limit
-    from peer.net.timeouts import transfer_timeout
-
-    return transfer_timeout(members * state_byte_limit(spec, stage, momentum=True), ceiling=math.inf)
-
-
 def _round_states(ctx, stage: int, mates) -> dict[tuple, list]:
     """(round, state digest) -> [(peer id, tensors)] of what each of ``mates`` serves."""
+    from peer.averaging.deadlines import state_read_seconds
     from peer.checkpoints.state_pull import pull_stage_state
 
     timeout = state_read_seconds(ctx.spec, stage, len(mates))
