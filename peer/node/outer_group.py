@@ -88,18 +88,27 @@ def read_group_state(
     mates = [p for p in mates if p.state == PeerState.ONLINE][:4]
     if not mates:
         return None
+    from peer.averaging.deadlines import state_read_seconds
+
     outer = ctx.spec.training.outer
     quiet = round_busy_s + 5.0  # the round applied, with a margin
+    needed = state_read_seconds(ctx.spec, stage, len(mates))
     for _ in range(3):  # up to three windows between rounds
         since = get_dht_time() % outer.round_seconds
         if since < quiet:
             time.sleep(quiet - since)
         window = int(get_dht_time() // outer.round_seconds)
-        groups = _round_states(ctx, stage, mates)
+        # A read that ends after the next round began is of no use: it is cut off there.
+        left = (window + 1) * outer.round_seconds - get_dht_time()
+        groups = _round_states(ctx, stage, mates, timeout=max(1.0, min(needed, left)))
         if int(get_dht_time() // outer.round_seconds) == window:
             break
     else:
-        refused("no round state read between two rounds")
+        refused(
+            f"no round state read between two rounds (three tries; {len(mates)} states of this stage may take "
+            f"up to {needed:.0f}s on a slow line, a round leaves {outer.round_seconds - quiet:.0f}s for it: "
+            "a spec written by `spec init` has rounds long enough)"
+        )
         return None
     agreed = [k for k, v in groups.items() if len(v) >= 2]
     alone = len(mates) == 1 and len(groups) == 1 and ctx.spec.trust.accept_untrusted_live_state
@@ -111,12 +120,9 @@ def read_group_state(
     return GroupState(key[0], key[1], served[0][1], tuple(pid for pid, _ in served))
 
 
-def _round_states(ctx, stage: int, mates) -> dict[tuple, list]:
+def _round_states(ctx, stage: int, mates, *, timeout: float) -> dict[tuple, list]:
     """(round, state digest) -> [(peer id, tensors)] of what each of ``mates`` serves."""
-    from peer.averaging.deadlines import state_read_seconds
     from peer.checkpoints.state_pull import pull_stage_state
-
-    timeout = state_read_seconds(ctx.spec, stage, len(mates))
 
     async def pull_all():
         pulls = [pull_stage_state(ctx.p2p, p.peer_id, ctx.spec, stage, momentum=True, timeout=timeout) for p in mates]
