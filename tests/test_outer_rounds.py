@@ -212,13 +212,3 @@ def test_a_member_reads_the_group_again_only_when_two_mates_or_a_mate_ahead_say_
     assert "only other member is at round 7" in why([(7, "c" * 16)])  # the one behind yields
     assert why([(7, "c" * 16)], lone=False) is None  # unless the spec takes no state from one peer
     assert why([]) is None
-
-
-def test_holds_group_bits_only_when_every_mate_announces_this_members_state():
-    from peer.node.outer_group import holds_group_bits
-
-    assert holds_group_bits(0, "a" * 16, [(0, "a" * 16), (0, "a" * 16)])
-    assert not holds_group_bits(0, "a" * 16, [])  # nobody to agree with: the join reads as before
-    assert not holds_group_bits(0, "a" * 16, [(0, "a" * 16), (3, "b" * 16)])  # one mate is ahead
-    assert not holds_group_bits(0, "a" * 16, [(0, "a" * 16), (0, "")])  # one has not announced yet
-    assert not holds_group_bits(0, "a" * 16, [(1, "a" * 16)])  # same bits claimed for another round

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from protocol.records import PeerState
 
-__all__ = ["GroupState", "behind_group", "holds_group_bits", "read_group_state", "state_digest"]
+__all__ = ["GroupState", "behind_group", "read_group_state", "state_digest"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,14 +38,6 @@ def state_digest(tensors) -> str:
         h.update(name.encode())
         h.update(tensors[name].contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def holds_group_bits(epoch: int, digest: str, mates: Sequence[tuple[int, str]]) -> bool:
-    """Whether every mate announces this member's own (round, base digest): peers that start a
-    run together hold the spec's init, and need not read it from each other (on a thin line a
-    model's state takes minutes). ``mates``: (round, digest) as their records announce it."""
-    announced = [(e, d) for e, d in mates if d]
-    return bool(announced) and len(announced) == len(mates) and all(a == (epoch, digest) for a in announced)
 
 
 def behind_group(

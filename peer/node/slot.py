@@ -122,7 +122,7 @@ class StageSlot:
         """Take the round state the group serves before training (``peer.node.outer_group``): a
         member that trained elsewhere would never hold the group's bits. After a round it missed,
         the optimizer reads it again (``resync``)."""
-        from peer.node.outer_group import behind_group, holds_group_bits, read_group_state
+        from peer.node.outer_group import behind_group, read_group_state
 
         ctx, stage = self.ctx, self.stage
 
@@ -137,35 +137,19 @@ class StageSlot:
 
             return read_group_state(ctx, stage, me, refused=refused, round_busy_s=opt.gather_s + opt.agree_s)
 
-        def mate_states() -> list[tuple[int, str]]:
+        def behind() -> Optional[str]:
             swarm = ctx.checkpoints().swarm
-            return [
+            mates = [
                 (p.epoch, p.state_digest)
                 for p in (swarm.snapshot() if swarm is not None else [])
                 if p.stage == stage and p.peer_id != me and p.state == PeerState.ONLINE
             ]
-
-        def behind() -> Optional[str]:
             return behind_group(
-                opt.history,
-                opt.local_epoch,
-                mate_states(),
-                lone_mate_trusted=ctx.spec.trust.accept_untrusted_live_state,
+                opt.history, opt.local_epoch, mates, lone_mate_trusted=ctx.spec.trust.accept_untrusted_live_state
             )
 
         opt.resync = lambda: read("resync")
         opt.behind = behind
-        if holds_group_bits(opt.local_epoch, opt.round_digest[:16], mate_states()):
-            ctx.event(
-                "outer_joined",
-                f"stage {stage}: the group holds this peer's bits (round {opt.local_epoch}, base "
-                f"{opt.round_digest[:16]}); nothing to read",
-                stage=stage,
-                epoch=opt.local_epoch,
-                digest=opt.round_digest,
-                sources=[],
-            )
-            return
         got = read("join")
         if got is None:
             return
