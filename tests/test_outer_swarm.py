@@ -109,9 +109,10 @@ def test_stage_groups_complete_rounds_and_hold_the_same_bits(tmp_path):
         shown = {p["peer_id"]: p["state_digest"] for st in view["stages"] for p in st["peers"]}
         assert all(len(shown.get(ids[n], "")) == 16 for n in ("a0", "a2", "b0", "b1")), shown
 
-        later = peers["a0"].wait_event(
-            "status", 120, lambda e: e.get("loss") is not None and e["microbatches"] > first_loss["microbatches"] + 50
-        )
+        # The latest loss, after the rounds above (not the first status 50 micro-batches on: the
+        # loss of a few micro-batches early in training is too noisy to compare).
+        later = peers["a0"].last_event("status")
+        assert later["microbatches"] > first_loss["microbatches"] + 50, (first_loss, later)
         assert later["loss"] < first_loss["loss"], (first_loss, later)
         cluster.track()
     finally:

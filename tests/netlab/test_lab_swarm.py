@@ -42,8 +42,9 @@ def test_a_2x2_swarm_across_five_broadband_hosts_trains_and_agrees(tmp_path):
             (r0, h0), (r1, h1) = json.loads(out.strip().splitlines()[-1]).values()
             assert r0 == r1 >= 3 and h0 == h1, (stage, r0, r1, h0, h1)
 
-        later = peers["a0"].wait_event(
-            "status", 300, lambda e: e.get("loss") is not None and e["microbatches"] > first["microbatches"] + 40
-        )
+        # The latest loss, after the rounds above (not the first status 40 micro-batches on: the
+        # loss of a few micro-batches early in training is too noisy to compare).
+        later = peers["a0"].last_event("status")
+        assert later["microbatches"] > first["microbatches"] + 40, (first, later)
         assert later["loss"] < first["loss"], (first, later)
         s.cluster.track()
