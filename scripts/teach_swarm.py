@@ -65,6 +65,11 @@ def run_side(args, spec: RunSpec, hf_dir: Path, work: Path, *, teacher: bool) ->
     if not tokens or rate is None:
         raise RuntimeError(f"no tokens trained; see the logs in {work}")
     soft_bytes = (last.get("bytes_received") or {}).get("teacher", 0)
+    # Per token that trained with soft targets: a micro-batch whose teacher had not answered in
+    # time trains on its labels and brings no soft-target bytes.
+    distilled = last.get("distilled") or 0
+    microbatches = last.get("microbatches") or 0
+    distilled_tokens = distilled * tokens / microbatches if microbatches else 0
     return dict(
         side="teacher" if teacher else "no_teacher",
         seconds=args.swarm_seconds,
@@ -73,7 +78,7 @@ def run_side(args, spec: RunSpec, hf_dir: Path, work: Path, *, teacher: bool) ->
         microbatches=last.get("microbatches"),
         distilled_microbatches=last.get("distilled"),
         soft_target_bytes=soft_bytes,
-        soft_target_bytes_per_token=soft_bytes / tokens,
+        soft_target_bytes_per_token=soft_bytes / distilled_tokens if distilled_tokens else None,
         trainer_loss=last.get("loss"),
     )
 
