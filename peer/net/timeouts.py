@@ -10,11 +10,11 @@ Two sources:
   deadlines must be the same on every member: they are a function of the spec alone).
 - **What calls to a peer were measured to take** (RFC 6298's retransmission timer: smoothed
   time plus four times its mean deviation, doubled after each expiry), once there is a
-  measurement: a far peer behind a slow line whose calls take longer than any guess gets
-  longer, and a call that expired gets twice as long next time.
+  measurement, in place of the size-based guess: a stage call gets what that peer's calls
+  took, and a call that expired gets twice as long next time.
 
-The configured request timeout stays the floor of a stage call: a busy peer on a fast link is
-not cut off sooner than today.
+The configured request timeout stays the floor of a stage call (a busy peer on a fast link is
+not cut off sooner than before), and every timeout here is a pure function of its inputs.
 """
 
 from __future__ import annotations
