@@ -212,3 +212,41 @@ def test_a_member_reads_the_group_again_only_when_two_mates_or_a_mate_ahead_say_
     assert "only other member is at round 7" in why([(7, "c" * 16)])  # the one behind yields
     assert why([(7, "c" * 16)], lone=False) is None  # unless the spec takes no state from one peer
     assert why([]) is None
+
+
+def test_a_group_that_holds_this_members_bits_gives_its_round_count_without_a_read():
+    from peer.node.outer_group import rounds_behind_on_same_bits
+
+    a, b, c = "a" * 16, "b" * 16, "c" * 16
+
+    def behind(mine, mates, lone=True):
+        return rounds_behind_on_same_bits(mine, mates, lone_mate_trusted=lone)
+
+    assert behind({0: a}, [(0, a), (0, a)]) == 0  # peers that start together from the init
+    assert behind({0: a}, [(3, a), (3, a)]) == 3  # rounds that applied nothing are counted
+    assert behind({0: a}, [(3, a)]) == 3  # the only mate, when the spec takes state from one peer
+    assert behind({0: a}, [(3, a)], lone=False) is None  # otherwise one mate proves nothing
+    assert behind({5: a, 6: b}, [(6, a)]) == 1  # a lagging record of a mate one round ahead
+    assert behind({5: a, 6: b}, [(7, b), (7, b)]) == 1
+    assert behind({5: a, 6: b}, [(6, b), (6, b)]) == 0  # in step
+    assert behind({5: a, 6: b}, [(5, b), (5, b)]) == 0  # the group counts behind: it recounts
+    assert behind({0: a}, [(2, c), (2, c)]) is None  # the group holds other bits: read
+    assert behind({0: a}, [(0, a), (0, c)]) is None  # two mates that disagree decide nothing
+    assert behind({0: a}, [(0, ""), (0, "")]) is None  # joiners announce no digest yet
+    assert behind({0: a}, []) is None
+
+
+def test_counting_rounds_as_the_group_keeps_the_bits_and_shifts_the_history():
+    from peer.averaging.outer import OuterOptimizer
+    from peer.model.llama import LlamaStage
+    from protocol.spec import preset_spec
+
+    spec = preset_spec("tiny", stages=2, training=dict(averaging="outer"))
+    torch.manual_seed(0)
+    opt = OuterOptimizer(spec, 1, LlamaStage.from_spec(spec, 1), net=None, event=lambda *a, **kw: None)
+    digest, base = opt.round_digest, opt.base.copy()
+    opt.count_rounds_as_group(3)
+    assert opt.local_epoch == 3 and opt.history == {3: digest[:16]}
+    assert opt.round_digest == digest and (opt.base == base).all()
+    opt.count_rounds_as_group(0)
+    assert opt.local_epoch == 3

@@ -210,6 +210,16 @@ class OuterOptimizer:
             why=why,
         )
 
+    def count_rounds_as_group(self, behind: int) -> None:
+        """Count ``behind`` more rounds without changing a bit: the group holds this member's bits
+        but counts rounds that applied nothing, or it joined late
+        (``peer.node.outer_group.rounds_behind_on_same_bits``)."""
+        if behind <= 0:
+            return
+        with self._lock:
+            self.local_epoch += behind
+            self.history = {r + behind: d for r, d in self.history.items()}
+
     def _remember(self) -> None:
         """Keep the last rounds' digests: the mates' records may lag this member by a round."""
         self.history[self.local_epoch] = self.round_digest[:16]

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from protocol.records import PeerState
 
-__all__ = ["GroupState", "behind_group", "read_group_state", "state_digest"]
+__all__ = ["GroupState", "behind_group", "read_group_state", "rounds_behind_on_same_bits", "state_digest"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +40,38 @@ def state_digest(tensors) -> str:
     return h.hexdigest()
 
 
+def _group_states(mates: Sequence[tuple[int, str]], lone_mate_trusted: bool) -> list[tuple[int, str]]:
+    """The (round, digest) pairs that stand for the group, highest first: what two mates
+    announce alike, or the only mate's when the spec accepts live state from one peer."""
+    announced = [(e, d) for e, d in mates if d]
+    counts: dict[tuple[int, str], int] = {}
+    for key in announced:
+        counts[key] = counts.get(key, 0) + 1
+    agreed = sorted((key for key, n in counts.items() if n >= 2), reverse=True)
+    if not agreed and len(mates) == 1 and announced and lone_mate_trusted:
+        agreed = announced
+    return agreed
+
+
+def rounds_behind_on_same_bits(
+    mine: Mapping[int, str], mates: Sequence[tuple[int, str]], *, lone_mate_trusted: bool
+) -> Optional[int]:
+    """How many rounds this member counts behind a group that holds its own bits, or None when
+    the group holds none of them (or there is no group to tell).
+
+    ``mine``: round -> base digest this member held after each recent round. Rounds that applied
+    nothing (a member alone with no progress, a group starting from the spec's init) leave the
+    bits as they were but are counted, so members with the same bits may count differently; and
+    a mate's record lags it. Either way nothing needs reading: the count is taken from the
+    group's. Peers that start a run together hold the spec's init and read nothing from each
+    other (on a thin line a small model's state takes minutes)."""
+    for e, d in _group_states(mates, lone_mate_trusted):
+        held = [r for r, digest in mine.items() if digest == d]
+        if held:
+            return max(0, e - max(held))
+    return None
+
+
 def behind_group(
     mine: Mapping[int, str], epoch: int, mates: Sequence[tuple[int, str]], *, lone_mate_trusted: bool
 ) -> Optional[str]:
@@ -52,11 +84,7 @@ def behind_group(
     its own, or of a round it held with other bits (one mate only: of a later round; at the same
     round two members that disagree, with nobody to decide, both keep theirs)."""
     announced = [(e, d) for e, d in mates if d]
-    counts: dict[tuple[int, str], int] = {}
-    for key in announced:
-        counts[key] = counts.get(key, 0) + 1
-    agreed = [key for key, n in counts.items() if n >= 2]
-    for e, d in sorted(agreed, reverse=True):
+    for e, d in _group_states(mates, lone_mate_trusted=False):
         if e > epoch:
             return f"the group is at round {e} (base {d}), this member at {epoch}"
         if e in mine and mine[e] != d:

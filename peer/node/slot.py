@@ -120,11 +120,14 @@ class StageSlot:
 
     def _join_outer_group(self, opt, me: str) -> None:
         """Take the round state the group serves before training (``peer.node.outer_group``): a
-        member that trained elsewhere would never hold the group's bits. After a round it missed,
-        the optimizer reads it again (``resync``)."""
-        from peer.node.outer_group import behind_group, read_group_state
+        member that trained elsewhere would never hold the group's bits. A group that already
+        holds this peer's bits (peers that start together from the spec's init or one checkpoint)
+        is joined by taking its round count, without a read. After a round it missed, the
+        optimizer reads the state again (``resync``)."""
+        from peer.node.outer_group import behind_group, read_group_state, rounds_behind_on_same_bits
 
         ctx, stage = self.ctx, self.stage
+        lone_mate_trusted = ctx.spec.trust.accept_untrusted_live_state
 
         def read(purpose: str):
             def refused(why: str) -> None:
@@ -137,19 +140,44 @@ class StageSlot:
 
             return read_group_state(ctx, stage, me, refused=refused, round_busy_s=opt.gather_s + opt.agree_s)
 
-        def behind() -> Optional[str]:
+        def mate_states() -> list[tuple[int, str]]:
             swarm = ctx.checkpoints().swarm
-            mates = [
+            return [
                 (p.epoch, p.state_digest)
                 for p in (swarm.snapshot() if swarm is not None else [])
                 if p.stage == stage and p.peer_id != me and p.state == PeerState.ONLINE
             ]
-            return behind_group(
-                opt.history, opt.local_epoch, mates, lone_mate_trusted=ctx.spec.trust.accept_untrusted_live_state
-            )
+
+        def behind() -> Optional[str]:
+            mates = mate_states()
+            skipped = rounds_behind_on_same_bits(opt.history, mates, lone_mate_trusted=lone_mate_trusted)
+            if skipped:
+                opt.count_rounds_as_group(skipped)
+                ctx.event(
+                    "outer_recounted",
+                    f"stage {stage}: the group holds this peer's bits {skipped} round(s) later; now at round "
+                    f"{opt.local_epoch}",
+                    stage=stage,
+                    epoch=opt.local_epoch,
+                    rounds=skipped,
+                )
+            return behind_group(opt.history, opt.local_epoch, mates, lone_mate_trusted=lone_mate_trusted)
 
         opt.resync = lambda: read("resync")
         opt.behind = behind
+        skipped = rounds_behind_on_same_bits(opt.history, mate_states(), lone_mate_trusted=lone_mate_trusted)
+        if skipped is not None:
+            opt.count_rounds_as_group(skipped)
+            ctx.event(
+                "outer_joined",
+                f"stage {stage}: the group holds this peer's bits (round {opt.local_epoch}, base "
+                f"{opt.round_digest[:16]}); nothing to read",
+                stage=stage,
+                epoch=opt.local_epoch,
+                digest=opt.round_digest,
+                sources=[],
+            )
+            return
         got = read("join")
         if got is None:
             return
