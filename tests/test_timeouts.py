@@ -4,7 +4,13 @@ import math
 
 import pytest
 
-from peer.averaging.deadlines import contribution_bytes, fit_round_seconds, needed_round_seconds
+from peer.averaging.deadlines import (
+    check_rounds_fit,
+    contribution_bytes,
+    fit_round_seconds,
+    join_read_seconds,
+    needed_round_seconds,
+)
 from peer.net.timeouts import (
     MIN_TIMEOUT_S,
     SLOW_LINK,
@@ -108,6 +114,40 @@ def test_round_seconds_fitted_to_the_model():
     gather, agree = outer_round_times(o.round_seconds, o.gather_seconds, o.agree_seconds, contribution_bytes(short, 0))
     assert 2 * (gather + agree) <= o.round_seconds
     assert needed_round_seconds(short) <= o.round_seconds < needed_round_seconds(short) + 60
-    # a joiner reads two members' states (weights and momentum, ~95 MB each) on the slow line
-    assert o.round_seconds >= 2 * 95e6 / SLOW_LINK.rate
+    # without outer momentum a joiner reads one member's weights (~48 MB) on the slow line
+    assert o.round_seconds >= 48e6 / SLOW_LINK.rate
     assert fitted.digest() != short.digest()
+    # with momentum, two members' weights and momentum (~96 MB each): longer rounds
+    with_momentum = short.model_copy(
+        update={"training": short.training.model_copy(update={"outer": short.training.outer.model_copy(
+            update={"outer_momentum": 0.9})})}
+    )  # fmt: skip
+    assert fit_round_seconds(with_momentum).training.outer.round_seconds >= 2 * 96e6 / SLOW_LINK.rate
+    assert join_read_seconds(with_momentum, 0) > 3 * join_read_seconds(short, 0)
+
+
+def test_a_spec_whose_rounds_cannot_carry_its_contributions_is_found_out():
+    fitted = preset_spec("tiny", stages=2, run_id="t", training=dict(averaging="outer"))
+    check_rounds_fit(fitted)  # spec init's rounds fit
+    check_rounds_fit(preset_spec("tiny", stages=2, run_id="t"))  # per_step: no rounds
+    short = preset_spec(
+        "tiny", stages=2, run_id="t", training=dict(averaging="outer", outer=dict(round_seconds=4.0, gather_seconds=1.0, agree_seconds=1.0))
+    )  # fmt: skip
+    with pytest.raises(RoundTooShort, match="raise training.outer.round_seconds above 6"):
+        check_rounds_fit(short)
+
+
+@pytest.mark.timeout(300)
+def test_a_peer_with_rounds_too_short_says_so_and_exits_before_it_joins(tmp_path, cluster):
+    from conftest import make_tiny_spec
+
+    spec_path = tmp_path / "short.toml"
+    make_tiny_spec(averaging="outer", outer=dict(round_seconds=4.0, gather_seconds=1.0, agree_seconds=1.0)).save(
+        spec_path
+    )
+    _, addr = cluster.bootstrap(spec_path=spec_path, timeout=120)
+    peer = cluster.peer("short", [addr], spec_path=spec_path, stage=0)
+    assert peer.popen.wait(timeout=180) == 1
+    said = "".join(peer.lines)
+    assert "this run's outer rounds are too short" in said and "round_seconds above 6" in said, said[-2000:]
+    assert not any(e.get("event") == "stage" for e in peer.events), said[-2000:]  # it never took a stage

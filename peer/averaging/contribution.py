@@ -9,8 +9,8 @@ At the round's deadline each member signs the set of contribution digests it hol
 ``Holding``). Members' views of the DHT differ, so "what I saw" is not agreement;
 ``agreed_set`` is: a deterministic function of the holdings, the same on every member that
 reads the same holdings. (A member that read other holdings computes another state, sees its
-state digest differ from the one its group announces, and loads a state that two members agree
-on: ``docs/churn.md``.)
+state digest differ from the one its group announces, and loads the state its group announces:
+``docs/churn.md``.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """An outer round long enough for a spec's model on a slow line: gathering and agreeing on its
 largest stage's contributions (``peer.net.timeouts.outer_round_times``), and a joiner reading
-two members' round states between two rounds."""
+the group's round state between two rounds (``peer.node.outer_group``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from peer.averaging.sparse import SparseConfig, encoded_size
 from peer.net.timeouts import outer_round_times, transfer_timeout
 from protocol.spec import RunSpec
 
-__all__ = ["contribution_bytes", "fit_round_seconds", "needed_round_seconds", "state_read_seconds"]
+__all__ = [
+    "check_rounds_fit",
+    "contribution_bytes",
+    "fit_round_seconds",
+    "join_read_seconds",
+    "needed_round_seconds",
+    "reads_momentum",
+    "state_read_seconds",
+]
 
 
 def contribution_bytes(spec: RunSpec, stage: int) -> int:
@@ -22,26 +30,47 @@ def contribution_bytes(spec: RunSpec, stage: int) -> int:
     return encoded_size(numel, SparseConfig(chunk=o.chunk, k=o.k, bits=o.bits))
 
 
-JOIN_MATES = 2  # a joiner reads the round state of two members at once: they must serve the same bits
+def reads_momentum(spec: RunSpec) -> bool:
+    """Whether a joiner needs the group's outer momentum: not with ``outer_momentum = 0`` (the
+    default), where the buffer never enters a step and the base weights are the whole state."""
+    return spec.training.outer.outer_momentum > 0
 
 
-def state_read_seconds(spec: RunSpec, stage: int, members: int) -> float:
+def state_read_seconds(spec: RunSpec, stage: int, members: int = 1, *, momentum: bool = False) -> float:
     """What reading ``members`` round states of ``stage`` at once needs on a slow line (they
-    share the reader's downlink); ``peer.node.outer_group`` reads with it."""
+    share the reader's downlink)."""
     from peer.checkpoints.state_pull import state_byte_limit
 
-    return transfer_timeout(members * state_byte_limit(spec, stage, momentum=True), ceiling=math.inf)
+    return transfer_timeout(members * state_byte_limit(spec, stage, momentum=momentum), ceiling=math.inf)
+
+
+def join_read_seconds(spec: RunSpec, stage: int) -> float:
+    """A joiner's read of ``stage``'s round state on a slow line: one member's base weights,
+    checked against the digest the group announces; with outer momentum, which no announced
+    digest covers, two members' weights and momentum, which must be the same bits."""
+    momentum = reads_momentum(spec)
+    return state_read_seconds(spec, stage, 2 if momentum else 1, momentum=momentum)
 
 
 def needed_round_seconds(spec: RunSpec) -> float:
     """The shortest round that holds, on a slow line, gathering and agreeing on the largest
-    stage's contributions twice over, and a joiner's read of two members' round states in the
+    stage's contributions twice over, and a joiner's read of the group's round state in the
     quiet part of a round (``peer.node.outer_group``: after gathering, agreeing and 5 s)."""
     o = spec.training.outer
     largest = max(contribution_bytes(spec, s) for s in range(spec.num_stages))
     gather, agree = outer_round_times(math.inf, o.gather_seconds, o.agree_seconds, largest)
-    read = max(state_read_seconds(spec, s, JOIN_MATES) for s in range(spec.num_stages))
+    read = max(join_read_seconds(spec, s) for s in range(spec.num_stages))
     return max(2 * (gather + agree), gather + agree + 5.0 + read)
+
+
+def check_rounds_fit(spec: RunSpec) -> None:
+    """Raise ``RoundTooShort`` when the spec's outer rounds cannot carry a stage's contributions
+    on a slow line: every member would fail its rounds alike, so a peer says so at start."""
+    if spec.training.averaging != "outer":
+        return
+    o = spec.training.outer
+    for stage in range(spec.num_stages):
+        outer_round_times(o.round_seconds, o.gather_seconds, o.agree_seconds, contribution_bytes(spec, stage))
 
 
 def fit_round_seconds(spec: RunSpec) -> RunSpec:

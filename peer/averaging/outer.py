@@ -17,7 +17,7 @@ import hashlib
 import logging
 import math
 import threading
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -134,12 +134,23 @@ class OuterOptimizer:
             offset += p.numel()
         return out
 
+    def flat_base_of(self, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """A served round state's base weights, flat float32 in this optimizer's order."""
+        return torch.cat([tensors[n].reshape(-1).float() for n in self.names]).numpy().copy()
+
+    def base_digest_of(self, tensors: Mapping[str, torch.Tensor]) -> str:
+        """The digest a member holding ``tensors`` as its base announces (``round_digest``)."""
+        return hashlib.sha256(self.flat_base_of(tensors).tobytes()).hexdigest()
+
     def adopt(self, round_: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Take the group's round state (base weights and outer momentum, as two members served
-        it): from here on this peer holds the group's bits. Its own progress since its last base
-        is dropped (after a missed round it may already be in the group's update)."""
-        base = torch.cat([tensors[n].reshape(-1).float() for n in self.names]).numpy().copy()
-        buffer = torch.cat([tensors[MOMENTUM_PREFIX + n].reshape(-1).float() for n in self.names]).numpy().copy()
+        """Take the group's round state (base weights, and outer momentum when the group serves
+        it; without, the buffer starts empty, as it does not enter a step with momentum 0): from
+        here on this peer holds the group's bits. Its own progress since its last base is dropped
+        (after a missed round it may already be in the group's update)."""
+        base = self.flat_base_of(tensors)
+        buffer = None
+        if all(MOMENTUM_PREFIX + n in tensors for n in self.names):
+            buffer = torch.cat([tensors[MOMENTUM_PREFIX + n].reshape(-1).float() for n in self.names]).numpy().copy()
         if self.worker is not None:  # training: the weights change in the worker's thread only
             self.worker.call(lambda: self._set_flat(base), timeout=60)
         else:
@@ -188,7 +199,7 @@ class OuterOptimizer:
 
     def catch_up(self, why: str = "a missed round") -> None:
         """After a missed round, or when the members' records show this member holds other bits:
-        adopt the round state two members serve when it is ahead of this member's (the others
+        adopt the group's round state (``peer.node.outer_group``) when it is ahead of this member's (the others
         applied a round it did not), or of its round with other bits; otherwise keep its own."""
         try:
             got = self.resync() if self.resync is not None else None
@@ -198,8 +209,7 @@ class OuterOptimizer:
         self._missed = False
         if got is None or got.round < self.local_epoch:
             return
-        base = torch.cat([got.tensors[n].reshape(-1).float() for n in self.names]).numpy()
-        if got.round == self.local_epoch and hashlib.sha256(base.tobytes()).hexdigest() == self.round_digest:
+        if got.round == self.local_epoch and self.base_digest_of(got.tensors) == self.round_digest:
             return
         self.adopt(got.round, got.tensors)
         self.event(

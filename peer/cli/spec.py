@@ -157,7 +157,7 @@ def _fit_outer_round(run_spec):
     if after != before:
         click.echo(
             f"training.outer.round_seconds {after:.0f} (not {before:.0f}): a round must hold this model's "
-            "contributions, and a joiner's read of two members' states, on a 10 Mbit/s line (docs/network.md)"
+            "contributions, and a joiner's read of the group's round state, on a 10 Mbit/s line (docs/network.md)"
         )
     return fitted
 

@@ -76,7 +76,7 @@ def outer_round_times(
     agree = max(agree_seconds, AGREE_RTTS * link.rtt_s)
     if gather + agree >= round_seconds:
         raise RoundTooShort(
-            f"an outer round of {round_seconds:.0f}s cannot carry contributions of {contribution_bytes / 1e6:.1f} MB: "
+            f"an outer round of {round_seconds:.0f}s cannot carry contributions of {contribution_bytes / 1e3:,.0f} kB: "
             f"serving them to {OUTER_FETCHERS} members at {link.rate * 8 / 1e6:.0f} Mbit/s (a 10 Mbit/s line with a "
             f"margin of two) takes {gather:.0f}s and agreeing {agree:.0f}s; raise training.outer.round_seconds "
             f"above {gather + agree:.0f}"

@@ -3,12 +3,17 @@
 A peer reads it when it joins a running group (it must hold the group's bits before its first
 round), after a round it missed (undecided or failed for it while the others may have
 applied it), and when the members' records show that it holds other bits than the group
-(``behind_group``: a join that was refused, a round it applied differently). Members serve
-(round, base weights, outer momentum) over the state RPC; a state is taken only when two of them
-serve it bit for bit (or the only member's, when the spec accepts live state from one peer), and
-only when read between two rounds: a state read while the group exchanges round r would miss
-r's update. The members are asked at once, so that on a thin link the read fits between two
-rounds (two tiny-preset states at 10 Mbit/s: 3 s at once, 6 s one after the other).
+(``behind_group``: a join that was refused, a round it applied differently). A group that
+holds this peer's bits already, at whatever round count, is joined without a read
+(``rounds_behind_on_same_bits``: peers that start together from the spec's init).
+
+What the group holds is what its members' records announce: (round, base digest) alike in two
+records, or the only mate's when the spec accepts live state from one peer. Members serve
+(round, base weights, outer momentum) over the state RPC. Without outer momentum (the default)
+a joiner reads the base weights from one member and checks them against that announcement; with
+momentum, which no record's digest covers, it asks every member at once and takes a state two
+of them serve bit for bit. A state is only taken when read between two rounds: one read while
+the group exchanges round r would miss r's update.
 """
 
 from __future__ import annotations
@@ -96,42 +101,70 @@ def behind_group(
 
 
 def read_group_state(
-    ctx, stage: int, me: str, *, refused: Callable[[str], None], round_busy_s: float
+    ctx,
+    stage: int,
+    me: str,
+    *,
+    refused: Callable[[str], None],
+    round_busy_s: float,
+    base_digest: Callable[[Mapping], str],
 ) -> Optional[GroupState]:
-    """The state two online members of ``stage`` serve identically (the highest round, when
-    several pairs agree), or None (``refused(why)`` is called when there were members to ask).
-    Read after the first ``round_busy_s`` of a round (its gathering and agreement)."""
+    """The group's round state, or None (``refused(why)`` is called when there were members to
+    ask). Read after the first ``round_busy_s`` of a round (its gathering and agreement), up to
+    three windows between rounds.
+
+    Without outer momentum (the default) the state is the base weights, read from one member
+    and taken when their digest (``base_digest``, what members announce) and round are what the
+    group announces (``_group_states``): on a thin line one copy costs half of two. With
+    momentum, which no announced digest covers, every member is asked at once and a state is
+    taken when two of them serve it bit for bit (the only member's, when the spec accepts live
+    state from one peer)."""
     from hivemind.utils import get_dht_time
 
+    from peer.averaging.deadlines import reads_momentum, state_read_seconds
+
     swarm = ctx.checkpoints().swarm
-    mates = [p for p in (swarm.snapshot() if swarm is not None else []) if p.stage == stage and p.peer_id != me]
-    mates = [p for p in mates if p.state == PeerState.ONLINE][:4]
+
+    def online_mates():
+        mates = [p for p in (swarm.snapshot() if swarm is not None else []) if p.stage == stage and p.peer_id != me]
+        return [p for p in mates if p.state == PeerState.ONLINE][:4]
+
+    mates = online_mates()
     if not mates:
         return None
-    from peer.averaging.deadlines import state_read_seconds
-
-    outer = ctx.spec.training.outer
+    outer, lone = ctx.spec.training.outer, ctx.spec.trust.accept_untrusted_live_state
+    momentum = reads_momentum(ctx.spec)
     quiet = round_busy_s + 5.0  # the round applied, with a margin
-    needed = state_read_seconds(ctx.spec, stage, len(mates))
-    for _ in range(3):  # up to three windows between rounds
+    needed = state_read_seconds(ctx.spec, stage, len(mates) if momentum else 1, momentum=momentum)
+    why = "no members to read from"
+    for attempt in range(3):  # up to three windows between rounds
         since = get_dht_time() % outer.round_seconds
         if since < quiet:
             time.sleep(quiet - since)
         window = int(get_dht_time() // outer.round_seconds)
         # A read that ends after the next round began is of no use: it is cut off there.
         left = (window + 1) * outer.round_seconds - get_dht_time()
-        groups = _round_states(ctx, stage, mates, timeout=max(1.0, min(needed, left)))
+        timeout = max(1.0, min(needed, left))
+        if momentum:
+            groups = _round_states(ctx, stage, mates, timeout=timeout, momentum=True)
+        else:
+            got, why = _one_checked_state(ctx, stage, online_mates(), attempt, timeout, lone, base_digest)
+            if got is None:
+                continue
         if int(get_dht_time() // outer.round_seconds) == window:
             break
+        why = "the read ended after the next round began"
     else:
         refused(
-            f"no round state read between two rounds (three tries; {len(mates)} states of this stage may take "
-            f"up to {needed:.0f}s on a slow line, a round leaves {outer.round_seconds - quiet:.0f}s for it: "
-            "a spec written by `spec init` has rounds long enough)"
+            f"no round state read between two rounds (three tries; the read may take up to {needed:.0f}s on a "
+            f"slow line, a round leaves {outer.round_seconds - quiet:.0f}s for it: a spec written by `spec init` "
+            f"has rounds long enough; last: {why})"
         )
         return None
+    if not momentum:
+        return got
     agreed = [k for k, v in groups.items() if len(v) >= 2]
-    alone = len(mates) == 1 and len(groups) == 1 and ctx.spec.trust.accept_untrusted_live_state
+    alone = len(mates) == 1 and len(groups) == 1 and lone
     if not agreed and not alone:
         refused(f"no two members serve the same round state ({len(groups)} different)")
         return None
@@ -140,12 +173,45 @@ def read_group_state(
     return GroupState(key[0], key[1], served[0][1], tuple(pid for pid, _ in served))
 
 
-def _round_states(ctx, stage: int, mates, *, timeout: float) -> dict[tuple, list]:
+def _one_checked_state(ctx, stage: int, mates, attempt: int, timeout: float, lone: bool, base_digest):
+    """(GroupState, None) read from one member that announces the group's state, checked against
+    it; or (None, why not). Each attempt asks the next such member."""
+    from peer.checkpoints.state_pull import pull_stage_state
+
+    group = _group_states([(p.epoch, p.state_digest) for p in mates], lone)
+    if not group:
+        return None, f"no two of {len(mates)} members announce the same round state"
+    epoch, digest = group[0]
+    holders = [p for p in mates if (p.epoch, p.state_digest) == (epoch, digest)]
+    source = holders[attempt % len(holders)]
+    try:
+        round_, tensors = ctx.loop.run(
+            pull_stage_state(ctx.p2p, source.peer_id, ctx.spec, stage, timeout=timeout), timeout + 10
+        )
+    except Exception as err:
+        ctx.event("outer_join_skip", f"stage {stage}: no round state from {source.peer_id[:16]}: {err}")
+        return None, f"{source.peer_id[:16]}: {err}"
+    full = base_digest(tensors)
+    if (round_, full[:16]) != (epoch, digest):
+        # The member may have applied a round since its record: taken if the group announces it now.
+        fresh = ctx.checkpoints().swarm.snapshot()
+        now = _group_states([(p.epoch, p.state_digest) for p in fresh if p.stage == stage and p.peer_id in
+                             {m.peer_id for m in mates}], lone)  # fmt: skip
+        if (round_, full[:16]) not in now:
+            why = f"{source.peer_id[:16]} served round {round_} base {full[:16]}, the group announces {epoch} {digest}"
+            ctx.event("outer_join_skip", f"stage {stage}: {why}")
+            return None, why
+    return GroupState(round_, full, tensors, (source.peer_id,)), None
+
+
+def _round_states(ctx, stage: int, mates, *, timeout: float, momentum: bool) -> dict[tuple, list]:
     """(round, state digest) -> [(peer id, tensors)] of what each of ``mates`` serves."""
     from peer.checkpoints.state_pull import pull_stage_state
 
     async def pull_all():
-        pulls = [pull_stage_state(ctx.p2p, p.peer_id, ctx.spec, stage, momentum=True, timeout=timeout) for p in mates]
+        pulls = [
+            pull_stage_state(ctx.p2p, p.peer_id, ctx.spec, stage, momentum=momentum, timeout=timeout) for p in mates
+        ]
         return await asyncio.gather(*pulls, return_exceptions=True)
 
     groups: dict[tuple, list] = {}

@@ -18,12 +18,14 @@ from typing import Optional
 
 import torch
 
+from peer.averaging.deadlines import check_rounds_fit
 from peer.base import LoopThread, Output
 from peer.base.config import OutputConfig, PeerConfig
 from peer.base.distrust import DistrustTally
 from peer.model.tensor_files import save_tensors
 from peer.net import WireCounters
 from peer.net.reach import Reachability
+from peer.net.timeouts import RoundTooShort
 from peer.node.checkpointing import CheckpointSide
 from peer.node.mover import Mover
 from peer.node.presence import PeerStatus, Presence
@@ -127,6 +129,10 @@ class Peer:
             trusted_keys=cfg.run.trusted_keys,
             report_ignored=lambda publisher, text: self.distrust.report(publisher, "spec", text),
         )
+        try:
+            check_rounds_fit(spec)
+        except RoundTooShort as err:  # every member would fail its rounds alike: said before it joins
+            raise SystemExit(f"this run's outer rounds are too short: {err}") from None
         self.swarm = SwarmDHT(self.dht, spec, self.identity)
         self.presence.peer_id = self.swarm.peer_id
         self.presence.swarm = self.swarm

@@ -138,7 +138,9 @@ class StageSlot:
                     why=why,
                 )
 
-            return read_group_state(ctx, stage, me, refused=refused, round_busy_s=opt.gather_s + opt.agree_s)
+            return read_group_state(
+                ctx, stage, me, refused=refused, round_busy_s=opt.gather_s + opt.agree_s, base_digest=opt.base_digest_of
+            )
 
         def mate_states() -> list[tuple[int, str]]:
             swarm = ctx.checkpoints().swarm
