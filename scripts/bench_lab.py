@@ -17,12 +17,14 @@ benchmark fails a profile more than 10% off what it claims. Needs root, ``ip``, 
     sudo .venv/bin/python scripts/bench_lab.py [--quick] > lab.jsonl
 
 ``--quick`` (the test runs it): tiny preset, outer mode, ``baseline`` and ``broadband`` plus the
-NAT run, 45 s each. Full: about 35 minutes on 2 cores.
+NAT run, 45 s each. Full: 33 minutes on 2 cores (2026-12-06). Each run also reports the share of
+the machine's CPU the swarm and the lab's userspace links used while measuring.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -63,6 +65,18 @@ def make_spec(preset: str, averaging: str):
     return preset_spec(preset, stages=2, run_id=f"bench-lab-{preset}-{averaging}", training=training)
 
 
+def cpu_seconds(pids) -> float:
+    """User and system CPU seconds the live processes among ``pids`` have used so far."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run_swarm(args, work: Path, preset: str, mode: str, profile, *, nat: bool = False) -> dict:
     """One swarm on ``profile``; with ``nat`` the stage-1 peers and trainer ``a1`` sit behind NATs."""
     work.mkdir(parents=True, exist_ok=True)
@@ -91,15 +105,24 @@ def run_swarm(args, work: Path, preset: str, mode: str, profile, *, nat: bool = 
             peers[name] = cluster.start(name, args_, command=hosts[name].exec_prefix() + SWARMTRAIN)
         for p in peers.values():
             p.wait_event("ready", READY_TIMEOUT)
+        # Where the machine's CPU went while measuring: the swarm's processes (with their p2pd
+        # daemons) and the lab's own userspace links (delay, jitter and loss).
+        wires, swarm = [p.pid for p in lab.procs], cluster.all_pids()
+        cpu = (cpu_seconds(wires), cpu_seconds(swarm))
         started = time.monotonic()
         while time.monotonic() - started < args.seconds:
             time.sleep(2.0)
             dead = [n for n, p in peers.items() if not p.alive()]
             if dead:
                 raise RuntimeError(f"{dead} exited early; see the logs in {work}")
+        capacity = (time.monotonic() - started) * (os.cpu_count() or 1)
+        shares = dict(
+            lab_links_cpu_share=(cpu_seconds(wires) - cpu[0]) / capacity,
+            swarm_cpu_share=(cpu_seconds(swarm) - cpu[1]) / capacity,
+        )
         graceful_stop(list(peers.values()))
         events = {n: list(p.events) for n, p in peers.items()}
-    return summarize(events, wire, mode, natted)
+    return {**summarize(events, wire, mode, natted), **shares}
 
 
 def summarize(events: dict[str, list[dict]], wire: Path, mode: str, natted: set) -> dict:

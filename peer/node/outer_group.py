@@ -29,6 +29,9 @@ from protocol.records import PeerState
 __all__ = ["GroupState", "behind_group", "read_group_state", "rounds_behind_on_same_bits", "state_digest"]
 
 
+RECORD_LAG_S = 10  # two of a peer's announce periods
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupState:
     round: int
@@ -182,25 +185,34 @@ def _one_checked_state(ctx, stage: int, mates, attempt: int, timeout: float, lon
     if not group:
         return None, f"no two of {len(mates)} members announce the same round state"
     epoch, digest = group[0]
-    holders = [p for p in mates if (p.epoch, p.state_digest) == (epoch, digest)]
+    # In peer id order, the next one on each try: a member serving other bits than it announces
+    # costs one try; when all three are spent the join is refused, and ``behind_group`` has the
+    # member read again after a round.
+    holders = sorted((p for p in mates if (p.epoch, p.state_digest) == (epoch, digest)), key=lambda p: p.peer_id)
     source = holders[attempt % len(holders)]
     try:
         round_, tensors = ctx.loop.run(
             pull_stage_state(ctx.p2p, source.peer_id, ctx.spec, stage, timeout=timeout), timeout + 10
         )
     except Exception as err:
-        ctx.event("outer_join_skip", f"stage {stage}: no round state from {source.peer_id[:16]}: {err}")
-        return None, f"{source.peer_id[:16]}: {err}"
+        why = f"{source.peer_id[:16]}: {err}"
+        ctx.event("outer_join_skip", f"stage {stage}: no round state from {why}", source=source.peer_id, why=why)
+        return None, why
     full = base_digest(tensors)
-    if (round_, full[:16]) != (epoch, digest):
-        # The member may have applied a round since its record: taken if the group announces it now.
-        fresh = ctx.checkpoints().swarm.snapshot()
-        now = _group_states([(p.epoch, p.state_digest) for p in fresh if p.stage == stage and p.peer_id in
-                             {m.peer_id for m in mates}], lone)  # fmt: skip
-        if (round_, full[:16]) not in now:
+    served, asked = (round_, full[:16]), {m.peer_id for m in mates}
+    # A member that applied a round since its record serves a later one: taken once the group's
+    # records announce it (members announce every few seconds).
+    waits = RECORD_LAG_S if round_ > epoch else 0
+    while served != (epoch, digest):
+        fresh = [(p.epoch, p.state_digest) for p in ctx.checkpoints().swarm.snapshot() if p.peer_id in asked]
+        if served in _group_states(fresh, lone):
+            break
+        if waits <= 0:
             why = f"{source.peer_id[:16]} served round {round_} base {full[:16]}, the group announces {epoch} {digest}"
-            ctx.event("outer_join_skip", f"stage {stage}: {why}")
+            ctx.event("outer_join_skip", f"stage {stage}: {why}", source=source.peer_id, why=why)
             return None, why
+        waits -= 1
+        time.sleep(1.0)
     return GroupState(round_, full, tensors, (source.peer_id,)), None
 
 
@@ -217,7 +229,8 @@ def _round_states(ctx, stage: int, mates, *, timeout: float, momentum: bool) -> 
     groups: dict[tuple, list] = {}
     for p, got in zip(mates, ctx.loop.run(pull_all(), timeout + 10)):
         if isinstance(got, BaseException):
-            ctx.event("outer_join_skip", f"stage {stage}: no round state from {p.peer_id[:16]}: {got}")
+            why = f"{p.peer_id[:16]}: {got}"
+            ctx.event("outer_join_skip", f"stage {stage}: no round state from {why}", source=p.peer_id, why=why)
             continue
         round_, tensors = got
         groups.setdefault((round_, state_digest(tensors)), []).append((p.peer_id, tensors))

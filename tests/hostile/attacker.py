@@ -29,6 +29,9 @@ Modes
   server that answers nothing.
 - ``fake-state``: an ``online`` record at ``--stage`` claiming epoch 2**30 (``--epoch same``: the
   group's own epoch) and a state server that answers with a backdoored stage state.
+- ``outer-fake-state``: the same state server, behind an ``online`` record that copies the
+  (round, base digest) ``--stage``'s outer-rounds members announce, from an identity ground so
+  that its peer id sorts before ``--target``'s (a joiner asks the holders in peer id order).
 - ``bad-backward``: a trainer's backward requests to ``--target`` (a stage-0 server) whose
   ``grad_outputs`` are scaled x1000 (finite), and every third one NaN.
 - ``outer-junk``: against ``--stage``'s outer rounds, one lie a round, in turn: a contribution
@@ -306,18 +309,27 @@ async def huge_epoch(dht, identity_key, peer_id: bytes, spec, stage, seconds):
 # --- lying records (8, 10, 11, 12) ------------------------------------------------------------
 
 
-def ground_identity(after: str):
-    """An identity whose peer id sorts after ``after``: ids are free, so grinding one is cheap."""
+def ground_identity(after: str = "", before: str = "\uffff"):
+    """An identity whose peer id sorts after ``after`` and before ``before``: ids are free, so
+    grinding one is cheap."""
     while True:
         identity = load_or_create_identity(None)
-        if str(identity.peer_id) > after:
+        if after < str(identity.peer_id) < before:
             return identity
 
 
-def store_online(dht, identity_key, spec, stage: int, *, epoch: int = 0, throughput: float = 1e9) -> bool:
+def store_online(
+    dht, identity_key, spec, stage: int, *, epoch: int = 0, throughput: float = 1e9, state_digest: str = ""
+) -> bool:
     owner = RSASignatureValidator(identity_key).local_public_key
     record = records.PeerInfo(
-        peer_id="", stage=stage, state="online", throughput=throughput, epoch=epoch, version="0.1.0"
+        peer_id="",
+        stage=stage,
+        state="online",
+        throughput=throughput,
+        epoch=epoch,
+        version="0.1.0",
+        state_digest=state_digest,
     ).to_record()
     key = records.peers_key(spec.run_id, spec.digest())
     return bool(dht.store(key, record, get_dht_time() + 10, subkey=owner))
@@ -407,6 +419,17 @@ async def fake_checkpoints(p2p, dht, identity_key, spec, stage, seconds):
     return [f"announced {stores} times"]
 
 
+def group_round_state(dht, spec, stage: int) -> tuple[int, str]:
+    """(round, base digest) the online outer-rounds members of ``stage`` announce (the highest)."""
+    found = dht.get(records.peers_key(spec.run_id, spec.digest()), latest=True)
+    states = [(0, "")]
+    for item in (found.value if found is not None and isinstance(found.value, dict) else {}).values():
+        value = item.value
+        if isinstance(value, dict) and value.get("stage") == stage and value.get("state") == "online":
+            states.append((int(value.get("epoch", 0)), str(value.get("state_digest", ""))))
+    return max(states)
+
+
 def group_epoch(dht, spec, stage: int) -> int:
     found = dht.get(records.peers_key(spec.run_id, spec.digest()), latest=True)
     epochs = []
@@ -417,7 +440,7 @@ def group_epoch(dht, spec, stage: int) -> int:
     return max(epochs, default=0)
 
 
-async def fake_state(p2p, dht, identity_key, spec, stage, seconds, same_epoch: bool):
+async def fake_state(p2p, dht, identity_key, spec, stage, seconds, same_epoch: bool, outer: bool = False):
     module = LlamaStage.from_spec(spec, stage)
     with torch.no_grad():
         for p in module.parameters():
@@ -446,13 +469,21 @@ async def fake_state(p2p, dht, identity_key, spec, stage, seconds, same_epoch: b
     await p2p.add_binary_stream_handler("swarmtrain.state", serve_state)
     deadline = time.monotonic() + seconds
     stores = 0
+    digest = ""
     while time.monotonic() < deadline:
-        if same_epoch:
+        if outer:  # the outer group's own (round, base digest), copied into this stranger's record
+            claimed["epoch"], digest = group_round_state(dht, spec, stage)
+        elif same_epoch:
             claimed["epoch"] = group_epoch(dht, spec, stage)
-        stores += store_online(dht, identity_key, spec, stage, epoch=claimed["epoch"], throughput=1.0)
+        if outer and not digest:
+            await asyncio.sleep(1.0)
+            continue
+        stores += store_online(
+            dht, identity_key, spec, stage, epoch=claimed["epoch"], throughput=1.0, state_digest=digest
+        )
         if stores == 1:
-            emit("attacking", epoch=claimed["epoch"])
-        await asyncio.sleep(2.0)
+            emit("attacking", epoch=claimed["epoch"], digest=digest)
+        await asyncio.sleep(0.5 if outer else 2.0)  # outer: keep up with the group's rounds
     return [f"announced {stores} times, last at epoch {claimed['epoch']}"]
 
 
@@ -706,7 +737,12 @@ def main() -> None:
     spec = load_spec(args.spec)
     # Joining the DHT with an identity of its own (the same RSA key signs its records and names
     # its libp2p peer id, as for any peer); what it then sends is its own.
-    identity = ground_identity(args.target) if args.mode == "fake-online" else load_or_create_identity(None)
+    if args.mode == "fake-online":
+        identity = ground_identity(after=args.target)
+    elif args.mode == "outer-fake-state":  # asked first by a joiner, which tries in peer id order
+        identity = ground_identity(before=args.target)
+    else:
+        identity = load_or_create_identity(None)
     key = identity.private_key
     run_id = records.averaging_run_id(spec.run_id, spec.digest(), args.stage)
     validators = [
@@ -745,9 +781,9 @@ def main() -> None:
         result = outer_junk(dht, identity, spec, args.stage, args.target, args.seconds)
     elif mode == "outer-poison":
         result = outer_poison(dht, identity, spec, args.stage, args.seconds)
-    elif mode in ("fake-state", "fake-state-same"):
-        same = mode == "fake-state-same"
-        result = loop.run_until_complete(fake_state(p2p, dht, key, spec, args.stage, args.seconds, same))
+    elif mode in ("fake-state", "fake-state-same", "outer-fake-state"):
+        same, outer = mode == "fake-state-same", mode == "outer-fake-state"
+        result = loop.run_until_complete(fake_state(p2p, dht, key, spec, args.stage, args.seconds, same, outer))
     else:
         raise SystemExit(f"unknown mode {mode}")
     counts: dict[str, int] = {}

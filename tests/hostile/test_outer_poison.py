@@ -7,7 +7,9 @@ direction at 10x) and claims 1e9 samples. The honest members must drop or clip e
 agreeing bit for bit (the test hashes the weights both serve over the state RPC), keep finite
 weights, and keep training. Then a liar (``outer-junk``) announces contributions in another
 member's name, claiming 2 GiB, or served with other bytes than it signed, and sends the
-round RPC malformed requests: the two honest members leave all of it out and agree."""
+round RPC malformed requests: the two honest members leave all of it out and agree. Last, a
+forger announces the group's round state and serves other weights: a joiner takes nothing
+from it and joins with the group's bits."""
 
 from __future__ import annotations
 
@@ -131,6 +133,30 @@ def test_a_poisoned_member_of_three_is_dropped_or_clipped(tmp_path):
             assert b0 is not None and b1 is not None and b0["digest"] == b1["digest"], (r, lie, b0, b1)
             assert b0["contributions"] == 2, (lie, b0)
         assert peers["b0"].alive() and peers["b1"].alive()
+
+        # A stranger whose record announces the group's round state and whose state server
+        # serves other weights: a joiner asks it first (its peer id sorts first), takes nothing
+        # from it, reads the group's weights from an honest member and holds the group's bits.
+        forger = cluster.start(
+            "forger",
+            ["outer-fake-state", "--initial-peers", addr, "--spec", str(spec_path), "--stage", "1",
+             "--target", min(ids["b0"], ids["b1"]), "--seconds", "400"],
+            command=[sys.executable, str(ATTACKER)],
+        )  # fmt: skip
+        forger_id = forger.wait_event("ready", 120)["peer_id"]
+        forger.wait_event("attacking", 120, lambda e: e["digest"] != "")
+        peers["b2"] = cluster.peer("b2", [addr], spec_path=spec_path, stage=1)
+        joined = peers["b2"].wait_event("outer_joined", 300)
+        cluster.track()
+        assert joined["sources"] and forger_id not in joined["sources"], (joined, forger_id)
+        assert set(joined["sources"]) <= {ids["b0"], ids["b1"]}, joined
+        asked = [e for e in peers["b2"].events if e.get("event") == "outer_join_skip"]
+        assert any(e["source"] == forger_id and "the group announces" in e["why"] for e in asked), asked
+        r = peers["b2"].wait_event("outer_round", 120)["round"]
+        peers["b0"].wait_event("outer_round", 60, lambda e: e["round"] >= r)
+        mine = {e["round"]: e["digest"] for e in peers["b2"].events if e.get("event") == "outer_round"}
+        theirs = {e["round"]: e["digest"] for e in peers["b0"].events if e.get("event") == "outer_round"}
+        assert mine[r] == theirs[r], (r, mine, theirs)
 
         after = peers["a0"].wait_event(
             "status", 120, lambda e: e.get("loss") is not None and e["microbatches"] > before["microbatches"] + 50
