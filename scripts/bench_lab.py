@@ -17,7 +17,7 @@ benchmark fails a profile more than 10% off what it claims. Needs root, ``ip``, 
     sudo .venv/bin/python scripts/bench_lab.py [--quick] > lab.jsonl
 
 ``--quick`` (the test runs it): tiny preset, outer mode, ``baseline`` and ``broadband`` plus the
-NAT run, 45 s each. Full: 33 minutes on 2 cores (2026-12-06). Each run also reports the share of
+NAT run, 45 s each. Full: 31-33 minutes on 2 cores (2026-12-06). Each run also reports the share of
 the machine's CPU the swarm and the lab's userspace links used while measuring.
 """
 
