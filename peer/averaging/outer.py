@@ -134,23 +134,24 @@ class OuterOptimizer:
             offset += p.numel()
         return out
 
-    def flat_base_of(self, tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
-        """A served round state's base weights, flat float32 in this optimizer's order."""
-        return torch.cat([tensors[n].reshape(-1).float() for n in self.names]).numpy().copy()
+    def flat_of(self, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> np.ndarray:
+        """A served round state's base weights (with ``prefix``: its ``prefix + name`` tensors, the
+        momentum), flat float32 in this optimizer's order."""
+        return torch.cat([tensors[prefix + n].reshape(-1).float() for n in self.names]).numpy().copy()
 
     def base_digest_of(self, tensors: Mapping[str, torch.Tensor]) -> str:
         """The digest a member holding ``tensors`` as its base announces (``round_digest``)."""
-        return hashlib.sha256(self.flat_base_of(tensors).tobytes()).hexdigest()
+        return hashlib.sha256(self.flat_of(tensors).tobytes()).hexdigest()
 
     def adopt(self, round_: int, tensors: dict[str, torch.Tensor]) -> None:
         """Take the group's round state (base weights, and outer momentum when the group serves
         it; without, the buffer starts empty, as it does not enter a step with momentum 0): from
         here on this peer holds the group's bits. Its own progress since its last base is dropped
         (after a missed round it may already be in the group's update)."""
-        base = self.flat_base_of(tensors)
+        base = self.flat_of(tensors)
         buffer = None
         if all(MOMENTUM_PREFIX + n in tensors for n in self.names):
-            buffer = torch.cat([tensors[MOMENTUM_PREFIX + n].reshape(-1).float() for n in self.names]).numpy().copy()
+            buffer = self.flat_of(tensors, MOMENTUM_PREFIX)
         if self.worker is not None:  # training: the weights change in the worker's thread only
             self.worker.call(lambda: self._set_flat(base), timeout=60)
         else:
