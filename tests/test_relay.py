@@ -46,12 +46,20 @@ def test_verdict_one_dial_back_is_enough_and_silence_tells_nothing():
     assert verdict([]).reachable is None
 
 
-def test_routes_follow_the_latest_snapshot():
+def test_routes_follow_each_sources_latest_read():
     routes = Routes()
-    routes.learn([("p1", "r1"), ("p2", ""), ("p3", "p3")])  # a peer is never its own relay
+    routes.learn("peers", [("p1", "r1"), ("p2", ""), ("p3", "p3")])  # a peer is never its own relay
     assert (routes.via("p1"), routes.via("p2"), routes.via("p3")) == ("r1", None, None)
-    routes.learn([("p2", "r2")])
+    routes.learn("peers", [("p2", "r2")])
     assert (routes.via("p1"), routes.via("p2")) == (None, "r2")
+    # A read of the teacher records keeps the stage peers' routes, and the reverse.
+    routes.learn("teachers", [("t1", "r1")])
+    assert (routes.via("p2"), routes.via("t1")) == ("r2", "r1")
+    routes.learn("peers", [])
+    assert (routes.via("p2"), routes.via("t1")) == (None, "r1")
+    routes.set("p9", "r9")
+    routes.learn("teachers", [])
+    assert (routes.via("p9"), routes.via("t1")) == ("r9", None)
 
 
 def test_a_relayed_peer_counts_less_until_measured():
@@ -92,7 +100,7 @@ class Trio:
         )
 
     def close(self):
-        ROUTES.learn([])
+        ROUTES.set(self.target, None)
         for p2p in (self.caller_p2p, self.target_p2p):
             self.loop.run(p2p.shutdown(), 30)
         self.loop.run(self.service.stop(), 30)

@@ -120,7 +120,7 @@ class SwarmDHT:
         """Live peers of this run; records that fail validation or whose signer is not the
         peer they describe are dropped."""
         peers = self._compatible(parse_peer_records(_get_value(self.dht, self.peers_key)))
-        ROUTES.learn((p.peer_id, p.via) for p in peers)  # every RPC of this process dials through it
+        ROUTES.learn("peers", ((p.peer_id, p.via) for p in peers))  # every RPC of this process dials through it
         return peers
 
     def _compatible(self, peers: list[records.PeerInfo]) -> list[records.PeerInfo]:
@@ -164,7 +164,7 @@ class SwarmDHT:
                 continue
             if records.protocol_compatible(info.version):
                 found.append(info)
-        ROUTES.learn((t.peer_id, t.via) for t in found)
+        ROUTES.learn("teachers", ((t.peer_id, t.via) for t in found))
         return sorted(found, key=lambda t: t.peer_id)
 
     def announce_teacher_bans(self, record: dict, ttl: float) -> bool:
