@@ -22,6 +22,10 @@ REACH = "swarmtrain.reach"  # ReachRequest -> ReachResponse: dial me back / rela
 RELAY = "swarmtrain.relay"  # Route, then any RPC's frames: a relay passes them on to a peer it relays for
 RELAYED = "swarmtrain.relayed"  # Route, then the RPC's frames: what a relayed peer receives from its relay
 
+# A state reply (``STATE``) that carries an outer-rounds member's momentum names each momentum
+# tensor as this prefix + the parameter's name (asked for with ``StateRequest.outer_momentum``).
+MOMENTUM_PREFIX = "outer_momentum/"
+
 # Framing.
 FRAME_HEADER_BYTES = 4
 END_OF_STREAM = 0xFFFFFFFF  # a length header with this value ends one side of a stream

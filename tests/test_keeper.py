@@ -355,7 +355,7 @@ def test_refused_live_state_joins_the_group_epoch_with_own_weights():
 
     import hivemind
 
-    from peer.averaging.optimizer import make_stage_optimizer
+    from peer.averaging.per_step import make_stage_optimizer
 
     spec = preset_spec("tiny", stages=2, trust=dict(accept_untrusted_live_state=False))
     dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])

@@ -148,23 +148,39 @@ class _InThread:
         return fn()
 
 
+class _ServedGroup:
+    """An outer group whose read returns ``served`` (the network faked; the decision is real)."""
+
+    def __init__(self, served):
+        self.served = served
+
+    def read(self, purpose, *, round_busy_s):
+        return self.served
+
+    def rounds_behind_on_same_bits(self, history):
+        return None
+
+    def behind(self, history, epoch):
+        return None
+
+
 def test_after_a_missed_round_a_member_takes_the_group_state_only_when_it_is_ahead():
+    from peer.averaging.flat import flat_of
+    from peer.averaging.group import RoundState
     from peer.averaging.outer import OuterOptimizer
-    from peer.checkpoints.state_pull import MOMENTUM_PREFIX
     from peer.model.llama import LlamaStage
-    from peer.node.outer_group import GroupState, state_digest
     from protocol.spec import preset_spec
 
     spec = preset_spec("tiny", stages=2, training=dict(averaging="outer"))
     torch.manual_seed(0)
     module, group = LlamaStage.from_spec(spec, 1), LlamaStage.from_spec(spec, 1)
     events = []
-    opt = OuterOptimizer(spec, 1, module, net=None, event=lambda name, text, **kw: events.append(name))
+    served = _ServedGroup(None)
+    opt = OuterOptimizer(spec, 1, module, net=None, group=served, event=lambda name, text, **kw: events.append(name))
     opt.worker = _InThread()
     tensors = {n: p.detach().clone() for n, p in group.named_parameters()}
-    tensors.update({MOMENTUM_PREFIX + n: torch.zeros_like(p) for n, p in group.named_parameters()})
-    served = GroupState(round=0, digest=state_digest(tensors), tensors=tensors, sources=("a", "b"))
-    opt.resync = lambda: served
+    base = flat_of(tensors, opt.names)
+    served.served = RoundState(round=0, base=base, momentum=np.zeros_like(base), sources=("a", "b"))
     mine = [p.detach().clone() for p in module.parameters()]
 
     opt._missed = True
@@ -172,7 +188,7 @@ def test_after_a_missed_round_a_member_takes_the_group_state_only_when_it_is_ahe
     assert not opt._missed and opt.local_epoch == 0 and "outer_resynced" not in events
     assert all(torch.equal(a, b) for a, b in zip(mine, module.parameters()))
 
-    served = dataclasses.replace(served, round=3)
+    served.served = dataclasses.replace(served.served, round=3)
     opt._missed = True
     opt.catch_up()
     assert opt.local_epoch == 3 and events[-1] == "outer_resynced"
@@ -182,11 +198,9 @@ def test_after_a_missed_round_a_member_takes_the_group_state_only_when_it_is_ahe
     # Same round, other bits (a join that was refused, a round applied differently): adopt.
     for p in module.parameters():
         p.data.add_(1.0)
-    opt._set_flat(opt._flat())
-    opt.base, opt.round_digest = opt._flat(), "other"
-    served = dataclasses.replace(served, round=3)
+    opt.base, opt.digest = opt.flat.read(), "other"
     opt.catch_up("records")
-    assert events[-1] == "outer_resynced" and opt.history[3] == opt.round_digest[:16]
+    assert events[-1] == "outer_resynced" and opt.history[3] == opt.digest[:16]
     assert all(torch.equal(p, group.get_parameter(n)) for n, p in module.named_parameters())
     n = len(events)
     opt.catch_up("records")  # the same bits already: nothing to do
@@ -194,7 +208,7 @@ def test_after_a_missed_round_a_member_takes_the_group_state_only_when_it_is_ahe
 
 
 def test_a_member_reads_the_group_again_only_when_two_mates_or_a_mate_ahead_say_so():
-    from peer.node.outer_group import behind_group
+    from peer.averaging.group import behind_group
 
     mine = {4: "a" * 16, 5: "b" * 16}
 
@@ -215,7 +229,7 @@ def test_a_member_reads_the_group_again_only_when_two_mates_or_a_mate_ahead_say_
 
 
 def test_a_group_that_holds_this_members_bits_gives_its_round_count_without_a_read():
-    from peer.node.outer_group import rounds_behind_on_same_bits
+    from peer.averaging.group import rounds_behind_on_same_bits
 
     a, b, c = "a" * 16, "b" * 16, "c" * 16
 
@@ -244,9 +258,9 @@ def test_counting_rounds_as_the_group_keeps_the_bits_and_shifts_the_history():
     spec = preset_spec("tiny", stages=2, training=dict(averaging="outer"))
     torch.manual_seed(0)
     opt = OuterOptimizer(spec, 1, LlamaStage.from_spec(spec, 1), net=None, event=lambda *a, **kw: None)
-    digest, base = opt.round_digest, opt.base.copy()
+    digest, base = opt.digest, opt.base.copy()
     opt.count_rounds_as_group(3)
     assert opt.local_epoch == 3 and opt.history == {3: digest[:16]}
-    assert opt.round_digest == digest and (opt.base == base).all()
+    assert opt.digest == digest and (opt.base == base).all()
     opt.count_rounds_as_group(0)
     assert opt.local_epoch == 3

@@ -9,7 +9,6 @@ with the spec's codec, and every member applies the same update. With
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import signal
@@ -20,15 +19,10 @@ from typing import Optional
 
 import hivemind
 import torch
-from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
-from peer.averaging import guards, wire_stats
 from peer.averaging.bounds import MAX_EPOCH, BoundedProgressTracker, update_scheduler_fast
 from peer.averaging.staleness import left_out_of_round, missed_round
-from peer.net.timeouts import transfer_timeout
-from protocol.codecs import gradient_compression
-from protocol.records import averaging_run_id
-from protocol.spec import RunSpec, TrainingSpec
+from protocol.spec import TrainingSpec
 
 log = logging.getLogger("swarmtrain.averaging")
 
@@ -126,6 +120,10 @@ class BoundedOptimizer(hivemind.Optimizer):
         # others may have applied the averaged update, this peer did not (see
         # _load_local_gradients_into_optimizer); it catches up from them at its next tick.
         self.missed_group_update = False
+        # Gradient averaging per epoch by outcome (averaged, failed, skipped, alone): hivemind
+        # 1.1.12 logs the outcome and moves on; these overrides count it for /metrics.
+        self.allreduce = {"averaged": 0, "failed": 0, "skipped": 0, "alone": 0}
+        self._fell_back = threading.local()
         with _keeping_sigint_handler():
             super().__init__(*args, **kwargs)
 
@@ -177,6 +175,31 @@ class BoundedOptimizer(hivemind.Optimizer):
         ):
             self._update_global_epoch(None)
 
+    def _count(self, outcome: str) -> None:
+        self.allreduce[outcome] += 1
+
+    def _begin_averaging_gradients(self, grad_scaler):
+        others = self.tracker.global_progress.num_peers > 1
+        began = super()._begin_averaging_gradients(grad_scaler)
+        if not began:
+            # Alone in the group: hivemind applies the local gradients. With others but no round
+            # started (an internal error, or the pre-scheduled group was used up): this epoch's
+            # update is local too.
+            self._count("skipped" if others else "alone")
+        return began
+
+    def _average_gradients_and_load_into_optimizer(self, maybe_step_control):
+        self._fell_back.value = False
+        try:
+            return super()._average_gradients_and_load_into_optimizer(maybe_step_control)
+        finally:
+            if maybe_step_control is None:
+                self._count("alone")  # hivemind: "Skipped averaging: there are no other peers"
+            elif self._fell_back.value:
+                self._count("failed")  # hivemind: "Averaging gradients failed ... local gradients"
+            else:
+                self._count("averaged")
+
     def _load_local_gradients_into_optimizer(self):
         """hivemind's fallback when a gradient round fails. In hivemind 1.1.12 it applies
         *zero* gradients, not the local ones: the round already moved the accumulators into
@@ -185,6 +208,7 @@ class BoundedOptimizer(hivemind.Optimizer):
         peer now holds other weights at the same epoch, and nothing but the next parameter
         averaging would reconcile them (or never, if it fails too). So remember it, and load
         the group's state at the next tick. Alone in the group there is nobody to differ from."""
+        self._fell_back.value = True
         if self.tracker.global_progress.num_peers > 1:
             self.missed_group_update = True
         super()._load_local_gradients_into_optimizer()
@@ -289,65 +313,3 @@ class BoundedOptimizer(hivemind.Optimizer):
                 self.grad_averager.reset_accumulated_grads_()
                 if not self.client_mode:
                     self.grad_averager.state_sharing_priority = self.local_epoch
-
-
-# Bytes per gradient value on the wire by codec (the 8-bit codecs' scales and PowerSGD's
-# factors are small beside these).
-WIRE_BYTES_PER_VALUE = {"none": 4, "fp16": 2, "uniform8bit": 1, "blockwise8bit": 1, "powersgd": 1}
-
-
-def make_stage_optimizer(
-    spec: RunSpec, stage: int, module: torch.nn.Module, dht: hivemind.DHT, *, verbose: bool = False
-) -> BoundedOptimizer:
-    wire_stats.install_from_env()  # opt-in byte counts for benchmarks; before the averagers fork
-    guards.install(max_weight=spec.training.target_batch_size)  # hostile parts; before the fork too
-    training, compression = spec.training, spec.compression
-    params = [p for p in module.parameters() if p.requires_grad]
-    grad_averager_factory = None
-    if compression.gradients == "powersgd":
-        # hivemind 1.1.12 has no PowerSGDGradientAverager.get_factory: the factory is any callable.
-        grad_averager_factory = functools.partial(PowerSGDGradientAverager, averager_rank=compression.powersgd_rank)
-    delayed = training.delay_optimizer_step
-    # With trusted checkpoints a joiner restores one near the group first; a group claiming
-    # to be further ahead than live state may be (trust.max_live_state_lag) is lying.
-    lead = spec.trust.max_live_state_lag if spec.trust.trusted_keys else MAX_EPOCH
-    # The spec's timings, lengthened to what this stage's bytes need on a slow line
-    # (peer.net.timeouts): an all-reduce sends and receives about the gradients' wire size, and
-    # a joiner downloads weights and the two Adam moments in float32.
-    numel = sum(p.numel() for p in params)
-    averaging_timeout = max(
-        training.averaging_timeout, transfer_timeout(2 * numel * WIRE_BYTES_PER_VALUE[compression.gradients])
-    )
-    load_state_timeout = max(30.0, averaging_timeout, transfer_timeout(3 * 4 * numel))
-    return BoundedOptimizer(
-        max_epoch_lead=lead,
-        dht=dht,
-        run_id=averaging_run_id(spec.run_id, spec.digest(), stage),
-        target_batch_size=training.target_batch_size,
-        batch_size_per_step=training.micro_batch_size,
-        params=params,
-        optimizer=lambda ps: make_torch_optimizer(ps, training),
-        scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(training)),
-        matchmaking_time=training.matchmaking_time,
-        averaging_timeout=averaging_timeout,
-        # A group member that starts its part of the all-reduce a few seconds late (it learns
-        # that the group reached the target at its next progress refresh, or after the request
-        # it is serving) is waited for, not dropped after matchmaking_time: a dropped part is a
-        # partial round in which the two sides apply different updates.
-        next_chunk_timeout=max(training.matchmaking_time, averaging_timeout / 2),
-        load_state_timeout=load_state_timeout,
-        delay_optimizer_step=delayed,
-        delay_grad_averaging=delayed and grad_averager_factory is None,
-        average_state_every=training.average_state_every,
-        grad_compression=gradient_compression(
-            compression.gradients, min_compressed_size=compression.min_compressed_size
-        ),
-        grad_averager_factory=grad_averager_factory,
-        state_averaging_compression=gradient_compression("fp16"),
-        load_state_compression=hivemind.compression.NoCompression(),
-        accept_live_state=spec.trust.accept_untrusted_live_state,
-        verbose=verbose,
-        tracker_opts=dict(
-            min_refresh_period=0.5, max_refresh_period=min(1.0, training.matchmaking_time), default_refresh_period=1.0
-        ),
-    )

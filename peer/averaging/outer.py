@@ -13,22 +13,24 @@ and the keeper signs (``round_state``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
-from typing import Callable, Mapping, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from hivemind.utils import get_dht_time
 
 from peer.averaging.contribution import NoQuorum
+from peer.averaging.flat import FlatParams, round_digest
+from peer.averaging.group import OuterGroup, RoundState
 from peer.averaging.outer_step import OuterNesterov
-from peer.averaging.rounds import RoundNet, run_round
+from peer.averaging.rounds import RoundNet, RoundResult, run_round
 from peer.averaging.sparse import SparseConfig, compress, encoded_size
-from peer.checkpoints.state_pull import MOMENTUM_PREFIX
+from peer.averaging.stage_optimizer import OptimizerFigures, StateSnapshot
 from peer.net.timeouts import outer_round_times
+from protocol.rpc import MOMENTUM_PREFIX
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.averaging")
@@ -55,9 +57,42 @@ def inner_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
 
 
+class RoundCounts:
+    """For /metrics: rounds by outcome, and what happened to the contributions of applied rounds."""
+
+    def __init__(self):
+        self.outcomes = {"applied": 0, "undecided": 0, "failed": 0}
+        self.contributions = {"used": 0, "clipped": 0, "dropped": 0}
+        self.dropped = {reason: 0 for reason in DROP_REASONS.values()}
+
+    def applied(self, result: RoundResult) -> None:
+        agg = result.aggregate
+        self.outcomes["applied"] += 1
+        self.contributions["used"] += len(agg.used)
+        self.contributions["clipped"] += len(agg.clipped)
+        self.contributions["dropped"] += len(agg.dropped)
+        self.dropped["not_agreed"] += max(0, result.announced - len(result.agreed))
+        for why in agg.dropped.values():
+            reason = drop_reason(why)
+            self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
 class OuterOptimizer:
-    def __init__(self, spec: RunSpec, stage: int, module: torch.nn.Module, net: RoundNet, *, event: Callable):
-        self.spec, self.stage, self.module, self.net, self.event = spec, stage, module, net, event
+    """The stage optimizer of outer rounds (``StageOptimizer``). ``group`` is the stage group as
+    this member sees and reads it (``peer.averaging.group.OuterGroup``); None: a member on its own
+    that never reads another's state (tests)."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        stage: int,
+        module: torch.nn.Module,
+        net: Optional[RoundNet],
+        *,
+        group: Optional[OuterGroup] = None,
+        event: Callable,
+    ):
+        self.spec, self.stage, self.module, self.net, self.group, self.event = spec, stage, module, net, group, event
         o = spec.training.outer
         self.config = SparseConfig(chunk=o.chunk, k=o.k, bits=o.bits)
         numel = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -67,28 +102,18 @@ class OuterOptimizer:
             o.round_seconds, o.gather_seconds, o.agree_seconds, encoded_size(numel, self.config)
         )
         self.outer = OuterNesterov(lr=o.outer_lr, momentum=o.outer_momentum)
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        self.flat = FlatParams(module)
+        self.params, self.names = self.flat.params, self.flat.names
         self.inner = inner_optimizer(spec, self.params)
-        self.base = self._flat()  # the round's starting weights: the same on every member
+        self.base = self.flat.read()  # the round's starting weights: the same on every member
         self.error = np.zeros_like(self.base)
         self.local_epoch = 0  # rounds applied
-        self.round_digest = hashlib.sha256(self.base.tobytes()).hexdigest()
+        self.digest = round_digest(self.base)
         self.samples = 0  # samples of inner steps since the last snapshot
-        # For /metrics: rounds by outcome, and contributions clipped or dropped in applied rounds.
-        self.outcomes = {"applied": 0, "undecided": 0, "failed": 0}
-        self.contributions = {"used": 0, "clipped": 0, "dropped": 0}
-        self.dropped = {reason: 0 for reason in DROP_REASONS.values()}
+        self.counts = RoundCounts()
         self.worker = None
-        # Reads the group's round state (``peer.node.outer_group``): set by the slot. Called after
-        # a round this member missed, while others may have applied it.
-        self.resync: Optional[Callable[[], Optional[object]]] = None
-        # Why this member holds other bits than its group (``peer.node.outer_group.behind_group``
-        # on its mates' records), or None: set by the slot, asked after every round.
-        self.behind: Optional[Callable[[], Optional[str]]] = None
-        self.history = {0: self.round_digest[:16]}  # round -> base digest (16 hex) after it
+        self.history = {0: self.digest[:16]}  # round -> base digest (16 hex) after it
         self._missed = False
-        self.last_load_state_error: Optional[str] = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -104,66 +129,137 @@ class OuterOptimizer:
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.inner.zero_grad(set_to_none=set_to_none)
 
-    def _flat(self) -> np.ndarray:
-        return torch.cat([p.detach().reshape(-1).float() for p in self.params]).numpy().copy()
+    def tick(self) -> None:
+        """Rounds run on their own thread: an idle worker has nothing to do here."""
 
-    def _set_flat(self, flat: np.ndarray) -> None:
-        offset = 0
-        with torch.no_grad():
-            for p in self.params:
-                n = p.numel()
-                p.copy_(torch.from_numpy(flat[offset : offset + n]).view_as(p))
-                offset += n
-
-    def round_state(self, momentum: bool = False) -> tuple[list[str], list[torch.Tensor], int]:
+    def round_state(self, momentum: bool = False) -> StateSnapshot:
         """(names, tensors, round) of the base weights, and with ``momentum`` the outer
         momentum as ``outer_momentum/<name>``: what the state RPC serves."""
         with self._lock:
             base, epoch = self.base.copy(), self.local_epoch
             buffer = self.outer.buffer.copy() if self.outer.buffer is not None else np.zeros_like(base)
-        names, tensors = list(self.names), self._unflat(base)
+        names, tensors = list(self.names), self.flat.split(base)
         if momentum:
             names += [MOMENTUM_PREFIX + n for n in self.names]
-            tensors += self._unflat(buffer)
+            tensors += self.flat.split(buffer)
         return names, tensors, epoch
 
-    def _unflat(self, flat: np.ndarray) -> list[torch.Tensor]:
-        out, offset = [], 0
-        for p in self.params:
-            out.append(torch.from_numpy(flat[offset : offset + p.numel()]).view_as(p).clone())
-            offset += p.numel()
-        return out
-
-    def flat_of(self, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> np.ndarray:
-        """A served round state's base weights (with ``prefix``: its ``prefix + name`` tensors, the
-        momentum), flat float32 in this optimizer's order."""
-        return torch.cat([tensors[prefix + n].reshape(-1).float() for n in self.names]).numpy().copy()
-
-    def base_digest_of(self, tensors: Mapping[str, torch.Tensor]) -> str:
-        """The digest a member holding ``tensors`` as its base announces (``round_digest``)."""
-        return hashlib.sha256(self.flat_of(tensors).tobytes()).hexdigest()
-
-    def adopt(self, round_: int, tensors: dict[str, torch.Tensor]) -> None:
+    def adopt(self, state: RoundState) -> None:
         """Take the group's round state (base weights, and outer momentum when the group serves
         it; without, the buffer starts empty, as it does not enter a step with momentum 0): from
         here on this peer holds the group's bits. Its own progress since its last base is dropped
         (after a missed round it may already be in the group's update)."""
-        base = self.flat_of(tensors)
-        buffer = None
-        if all(MOMENTUM_PREFIX + n in tensors for n in self.names):
-            buffer = self.flat_of(tensors, MOMENTUM_PREFIX)
+        base = state.base.copy()
         if self.worker is not None:  # training: the weights change in the worker's thread only
-            self.worker.call(lambda: self._set_flat(base), timeout=60)
+            self.worker.call(lambda: self.flat.write(base), timeout=60)
         else:
-            self._set_flat(base)
+            self.flat.write(base)
         with self._lock:
-            self.base, self.local_epoch = base, int(round_)
-            self.outer.buffer = buffer
+            self.base, self.local_epoch = base, int(state.round)
+            self.outer.buffer = None if state.momentum is None else state.momentum.copy()
             self.error = np.zeros_like(base)
             self.samples = 0
-            self.round_digest = hashlib.sha256(base.tobytes()).hexdigest()
+            self.digest = round_digest(base)
             self.history = {}
             self._remember()
+
+    # --- the group: joining, catching up --------------------------------------------------------
+
+    def join(self, restored_step: Optional[int] = None) -> None:
+        """Take the round state the group serves before training: a member that trained elsewhere
+        would never hold the group's bits. A group that already holds this member's bits (peers
+        that start together from the spec's init or one checkpoint) is joined by taking its round
+        count, without a read. Outer rounds start from the restored (or initial) weights: the
+        restored step is the checkpoint's, not a round count."""
+        if self.group is None:
+            return
+        skipped = self.group.rounds_behind_on_same_bits(self.history)
+        if skipped is not None:
+            self.count_rounds_as_group(skipped)
+            self.event(
+                "outer_joined",
+                f"stage {self.stage}: the group holds this peer's bits (round {self.local_epoch}, base "
+                f"{self.digest[:16]}); nothing to read",
+                stage=self.stage,
+                epoch=self.local_epoch,
+                digest=self.digest,
+                sources=[],
+            )
+            return
+        got = self.group.read("join", round_busy_s=self.gather_s + self.agree_s)
+        if got is None:
+            return
+        self.adopt(got)
+        self.event(
+            "outer_joined",
+            f"stage {self.stage}: joined the group at round state {got.round} (base {got.digest[:16]}, from "
+            f"{', '.join(pid[:16] for pid in got.sources)})",
+            stage=self.stage,
+            epoch=got.round,
+            digest=got.digest,
+            sources=list(got.sources),
+        )
+
+    def _why_behind(self) -> Optional[str]:
+        """Why this member holds other bits than its group (``OuterGroup.behind`` on its mates'
+        records), or None; a group that holds its bits at a later count is followed in count."""
+        if self.group is None:
+            return None
+        try:
+            skipped = self.group.rounds_behind_on_same_bits(self.history)
+            if skipped:
+                self.count_rounds_as_group(skipped)
+                self.event(
+                    "outer_recounted",
+                    f"stage {self.stage}: the group holds this peer's bits {skipped} round(s) later; now at round "
+                    f"{self.local_epoch}",
+                    stage=self.stage,
+                    epoch=self.local_epoch,
+                    rounds=skipped,
+                )
+            return self.group.behind(self.history, self.local_epoch)
+        except Exception as err:  # the DHT may be unreachable for a while: ask again next round
+            log.debug("stage %d: reading the members' records failed: %s", self.stage, err)
+            return None
+
+    def catch_up(self, why: str = "a missed round") -> None:
+        """After a missed round, or when the members' records show this member holds other bits:
+        adopt the group's round state when it is ahead of this member's (the others applied a
+        round it did not), or of its round with other bits; otherwise keep its own."""
+        try:
+            got = self.group.read("resync", round_busy_s=self.gather_s + self.agree_s) if self.group else None
+        except Exception as err:
+            log.warning("stage %d: reading the group's round state failed: %s", self.stage, err)
+            return
+        self._missed = False
+        if got is None or got.round < self.local_epoch:
+            return
+        if got.round == self.local_epoch and got.digest == self.digest:
+            return
+        self.adopt(got)
+        self.event(
+            "outer_resynced",
+            f"stage {self.stage}: took the group's round state {got.round} (base {self.digest[:16]}) after {why}",
+            epoch=got.round,
+            digest=self.digest,
+            why=why,
+        )
+
+    def count_rounds_as_group(self, behind: int) -> None:
+        """Count ``behind`` more rounds without changing a bit: the group holds this member's bits
+        but counts rounds that applied nothing, or it joined late
+        (``peer.averaging.group.rounds_behind_on_same_bits``)."""
+        if behind <= 0:
+            return
+        with self._lock:
+            self.local_epoch += behind
+            self.history = {r + behind: d for r, d in self.history.items()}
+
+    def _remember(self) -> None:
+        """Keep the last rounds' digests: the mates' records may lag this member by a round."""
+        self.history[self.local_epoch] = self.digest[:16]
+        for old in sorted(self.history)[:-8]:
+            del self.history[old]
 
     # --- rounds (a background thread) ------------------------------------------------------------
 
@@ -181,7 +277,7 @@ class OuterOptimizer:
             try:
                 self._round(round_)
             except Exception as err:  # a round that fails is skipped; the next one comes
-                self.outcomes["failed"] += 1
+                self.counts.outcomes["failed"] += 1
                 self._missed = True
                 log.exception("outer round %d failed", round_)
                 self.event(
@@ -191,54 +287,8 @@ class OuterOptimizer:
             if why:
                 self.catch_up(why)
 
-    def _why_behind(self) -> Optional[str]:
-        try:
-            return self.behind() if self.behind is not None else None
-        except Exception as err:  # the DHT may be unreachable for a while: ask again next round
-            log.debug("stage %d: reading the members' records failed: %s", self.stage, err)
-            return None
-
-    def catch_up(self, why: str = "a missed round") -> None:
-        """After a missed round, or when the members' records show this member holds other bits:
-        adopt the group's round state (``peer.node.outer_group``) when it is ahead of this member's (the others
-        applied a round it did not), or of its round with other bits; otherwise keep its own."""
-        try:
-            got = self.resync() if self.resync is not None else None
-        except Exception as err:
-            log.warning("stage %d: reading the group's round state failed: %s", self.stage, err)
-            return
-        self._missed = False
-        if got is None or got.round < self.local_epoch:
-            return
-        if got.round == self.local_epoch and self.base_digest_of(got.tensors) == self.round_digest:
-            return
-        self.adopt(got.round, got.tensors)
-        self.event(
-            "outer_resynced",
-            f"stage {self.stage}: took the group's round state {got.round} (base {self.round_digest[:16]}) after {why}",
-            epoch=got.round,
-            digest=self.round_digest,
-            why=why,
-        )
-
-    def count_rounds_as_group(self, behind: int) -> None:
-        """Count ``behind`` more rounds without changing a bit: the group holds this member's bits
-        but counts rounds that applied nothing, or it joined late
-        (``peer.node.outer_group.rounds_behind_on_same_bits``)."""
-        if behind <= 0:
-            return
-        with self._lock:
-            self.local_epoch += behind
-            self.history = {r + behind: d for r, d in self.history.items()}
-
-    def _remember(self) -> None:
-        """Keep the last rounds' digests: the mates' records may lag this member by a round."""
-        self.history[self.local_epoch] = self.round_digest[:16]
-        for old in sorted(self.history)[:-8]:
-            del self.history[old]
-
     def _round(self, round_: int) -> None:
-        snapshot = self.worker.call(self._flat, timeout=60)
+        snapshot = self.worker.call(self.flat.read, timeout=60)
         with self._lock:
             weight, self.samples = self.samples, 0
         delta = self.base - snapshot
@@ -256,7 +306,7 @@ class OuterOptimizer:
                 agree_s=self.agree_s,
             )
         except NoQuorum as err:
-            self.outcomes["undecided"] += 1
+            self.counts.outcomes["undecided"] += 1
             self._missed = True
             with self._lock:
                 self.samples += weight
@@ -267,38 +317,52 @@ class OuterOptimizer:
 
         def apply() -> None:
             # Progress made since the snapshot stays on top of the new base.
-            self._set_flat(new_base + (self._flat() - snapshot))
+            self.flat.write(new_base + (self.flat.read() - snapshot))
 
         self.worker.call(apply, timeout=60)
         with self._lock:
             self.base, self.local_epoch = new_base, self.local_epoch + 1
-            self.round_digest = hashlib.sha256(new_base.tobytes()).hexdigest()
+            self.digest = round_digest(new_base)
             self._remember()
+        self.counts.applied(result)
         agg = result.aggregate
-        self.outcomes["applied"] += 1
-        self.contributions["used"] += len(agg.used)
-        self.contributions["clipped"] += len(agg.clipped)
-        self.contributions["dropped"] += len(agg.dropped)
-        self.dropped["not_agreed"] += max(0, result.announced - len(result.agreed))
-        for why in agg.dropped.values():
-            reason = drop_reason(why)
-            self.dropped[reason] = self.dropped.get(reason, 0) + 1
         self.event(
             "outer_round",
             f"stage {self.stage}: round {round_} applied ({len(result.agreed)} contributions, "
-            f"{len(agg.clipped)} clipped, {len(agg.dropped)} dropped), base {self.round_digest[:16]}",
+            f"{len(agg.clipped)} clipped, {len(agg.dropped)} dropped), base {self.digest[:16]}",
             round=round_,
             epoch=self.local_epoch,
             contributions=len(result.agreed),
             clipped=len(agg.clipped),
             dropped=len(agg.dropped),
-            digest=self.round_digest,
+            digest=self.digest,
         )
+
+    # --- what others read, and leaving ------------------------------------------------------------
+
+    def figures(self) -> OptimizerFigures:
+        counts = self.counts
+        return OptimizerFigures(
+            epoch=self.local_epoch,
+            state_digest=self.digest[:16],
+            rounds=dict(counts.outcomes),
+            contributions=dict(counts.contributions),
+            dropped=dict(counts.dropped),
+        )
+
+    def resume_if_alone(self, others_online: bool) -> Optional[int]:
+        """Outer rounds keep no group progress records to outlive their members: nothing to resume."""
+        return None
+
+    def hand_back(self, *, partners: bool, budget: float, give_up: Callable[[], bool], event: Callable) -> None:
+        """Progress since the last round leaves with this peer: the group's rounds go on without it."""
 
     def shutdown(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self.net is None:
+            return
         try:
             self.net.run(self.net.stop(), 10)
         except Exception as err:

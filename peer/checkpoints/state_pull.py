@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import Mapping
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 from hivemind.p2p import P2P
@@ -15,7 +15,7 @@ from peer.model.llama import stage_param_shapes
 from peer.net import FrameError, RemoteError, call, join_tensors
 from protocol.codecs import TensorRejected, decode
 from protocol.messages_pb2 import StateRequest, StateResponse
-from protocol.rpc import CHUNK_BYTES, MAX_FRAMES, STATE, ErrorCode
+from protocol.rpc import CHUNK_BYTES, MAX_FRAMES, MOMENTUM_PREFIX, STATE, ErrorCode
 from protocol.spec import RunSpec
 
 
@@ -25,9 +25,6 @@ class StateRejected(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # pulling a stage's state (client of peer.pipeline.server's swarmtrain.state)
-
-
-MOMENTUM_PREFIX = "outer_momentum/"
 
 
 def expected_state(spec: RunSpec, stage: int, *, momentum: bool = False) -> dict[str, tuple[int, ...]]:
@@ -123,3 +120,30 @@ async def pull_stage_state(
         raise StateRejected(f"{peer_id}: malformed state ({err})") from None
     tensors = await asyncio.to_thread(check_stage_state, spec, stage, raw, source=peer_id, momentum=momentum)
     return int(head.epoch), tensors
+
+
+class StateReader:
+    """Reads one stage's state from other peers, from any thread: the calls run on the event loop
+    that owns ``p2p`` (``run(coroutine, timeout)``, the peer's ``LoopThread.run``)."""
+
+    def __init__(self, p2p: P2P, run: Callable, spec: RunSpec, stage: int):
+        self.p2p, self.run, self.spec, self.stage = p2p, run, spec, stage
+
+    def one(self, peer_id: str, *, timeout: float, momentum: bool = False) -> tuple[int, dict[str, torch.Tensor]]:
+        """(epoch, tensors) that ``peer_id`` serves; raises what ``pull_stage_state`` raises."""
+        pull = pull_stage_state(self.p2p, peer_id, self.spec, self.stage, timeout=timeout, momentum=momentum)
+        return self.run(pull, timeout + 10)
+
+    def each(
+        self, peer_ids: Sequence[str], *, timeout: float, momentum: bool = False
+    ) -> list[Union[tuple[int, dict[str, torch.Tensor]], BaseException]]:
+        """What each of ``peer_ids`` serves, read at once (an exception in the place of a failed read)."""
+
+        async def pull_all():
+            pulls = [
+                pull_stage_state(self.p2p, pid, self.spec, self.stage, momentum=momentum, timeout=timeout)
+                for pid in peer_ids
+            ]
+            return await asyncio.gather(*pulls, return_exceptions=True)
+
+        return self.run(pull_all(), timeout + 10)

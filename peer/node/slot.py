@@ -10,21 +10,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
 from typing import Callable, Optional, Sequence
 
 import hivemind
 from hivemind.p2p import P2P
+from hivemind.utils.crypto import RSAPrivateKey
 
-from peer.averaging import make_stage_optimizer
+from peer.averaging import StageOptimizer, make_stage_optimizer
+from peer.averaging.flat import FlatParams
+from peer.averaging.group import OuterGroup
+from peer.averaging.outer import OuterOptimizer
+from peer.averaging.rounds import RoundNet
 from peer.base import LoopThread
-from peer.checkpoints import CheckpointService, live_state_verdict
+from peer.checkpoints import CheckpointService
+from peer.checkpoints.state_pull import StateReader
 from peer.model.capacity import measure_stage_capacity
 from peer.model.llama import LlamaStage
 from peer.net import WireCounters
 from peer.pipeline import ServedInfo, StageServer, StageWorker
 from peer.pipeline.clipping import MicroBatchClip
-from protocol.records import PeerInfo, PeerState
+from protocol.records import PeerInfo
 from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.peer")
@@ -42,9 +47,10 @@ class SlotContext:
     loop: LoopThread
     counters: WireCounters
     event: Event
-    info: Callable[[], ServedInfo]
     checkpoints: Callable[[], CheckpointService]
+    records: Callable[[], Sequence[PeerInfo]]  # a fresh read of the swarm's peer records
     throughput: Optional[float] = None  # --throughput: announced instead of a measured figure
+    info: Optional[Callable[[], ServedInfo]] = None  # what the info RPC answers (the holder's)
 
 
 class NoStartingWeights(RuntimeError):
@@ -56,7 +62,7 @@ class StageSlot:
         self.ctx, self.stage, self.module = ctx, stage, module
         self.restored_step: Optional[int] = None
         self.capacity: Optional[float] = None
-        self.optimizer = None
+        self.optimizer: Optional[StageOptimizer] = None
         self.worker: Optional[StageWorker] = None
         self.server: Optional[StageServer] = None
         self._closed_epoch = 0
@@ -67,12 +73,8 @@ class StageSlot:
         slot = cls(ctx, stage, LlamaStage.from_spec(ctx.spec, stage))
         slot._restore(held_step)
         slot._measure_capacity()
-        outer = ctx.spec.training.averaging == "outer"
-        slot.optimizer = (
-            slot._outer_optimizer() if outer else make_stage_optimizer(ctx.spec, stage, slot.module, ctx.dht)
-        )
-        if not outer:  # outer rounds start from the restored (or initial) weights: no live state
-            slot._catch_up()
+        slot.optimizer = slot._make_optimizer()
+        slot.optimizer.join(slot.restored_step)
         # Micro-batch gradients are clipped against their running median unless the spec turns
         # clipping off (training.grad_clip = 0: exact updates, as the parity test needs).
         clip = MicroBatchClip() if ctx.spec.training.grad_clip > 0 else None
@@ -83,8 +85,7 @@ class StageSlot:
             clip=clip,
             distill=ctx.spec.distill,
         )
-        if outer:
-            slot.optimizer.attach(slot.worker)
+        slot.optimizer.attach(slot.worker)
         slot.server = StageServer(ctx.spec, stage, slot.worker, info=ctx.info, counters=ctx.counters)
         ctx.loop.run(slot.server.start(ctx.p2p), timeout=30)
         return slot
@@ -95,104 +96,33 @@ class StageSlot:
 
     # --- opening ---------------------------------------------------------------------------
 
-    def _outer_optimizer(self):
-        from hivemind.utils.crypto import RSAPrivateKey
-
-        from peer.averaging.outer import OuterOptimizer
-        from peer.averaging.rounds import RoundNet
-
-        ctx = self.ctx
+    def _make_optimizer(self) -> StageOptimizer:
+        ctx, stage = self.ctx, self.stage
+        if ctx.spec.training.averaging != "outer":
+            return make_stage_optimizer(ctx.spec, stage, self.module, ctx.dht, event=ctx.event)
+        me = ctx.p2p.peer_id.to_base58()
         net = RoundNet(
             ctx.dht,
             ctx.p2p,
             ctx.loop.run,
             run_id=ctx.spec.run_id,
             spec_digest=ctx.spec.digest(),
-            stage=self.stage,
+            stage=stage,
             key=RSAPrivateKey.process_wide(),  # the peer's identity (Identity.install_as_process_key)
-            peer_id=ctx.p2p.peer_id.to_base58(),
+            peer_id=me,
             counters=ctx.counters,
         )
         ctx.loop.run(net.start(), timeout=30)
-        opt = OuterOptimizer(ctx.spec, self.stage, self.module, net, event=ctx.event)
-        self._join_outer_group(opt, net.peer_id)
-        return opt
-
-    def _join_outer_group(self, opt, me: str) -> None:
-        """Take the round state the group serves before training (``peer.node.outer_group``): a
-        member that trained elsewhere would never hold the group's bits. A group that already
-        holds this peer's bits (peers that start together from the spec's init or one checkpoint)
-        is joined by taking its round count, without a read. After a round it missed, the
-        optimizer reads the state again (``resync``)."""
-        from peer.node.outer_group import behind_group, read_group_state, rounds_behind_on_same_bits
-
-        ctx, stage = self.ctx, self.stage
-        lone_mate_trusted = ctx.spec.trust.accept_untrusted_live_state
-
-        def read(purpose: str):
-            def refused(why: str) -> None:
-                ctx.event(
-                    f"outer_{purpose}_refused",
-                    f"stage {stage}: {why}; keeping this peer's weights",
-                    stage=stage,
-                    why=why,
-                )
-
-            return read_group_state(
-                ctx, stage, me, refused=refused, round_busy_s=opt.gather_s + opt.agree_s, base_digest=opt.base_digest_of
-            )
-
-        def mate_states() -> list[tuple[int, str]]:
-            swarm = ctx.checkpoints().swarm
-            return [
-                (p.epoch, p.state_digest)
-                for p in (swarm.snapshot() if swarm is not None else [])
-                if p.stage == stage and p.peer_id != me and p.state == PeerState.ONLINE
-            ]
-
-        def behind() -> Optional[str]:
-            mates = mate_states()
-            skipped = rounds_behind_on_same_bits(opt.history, mates, lone_mate_trusted=lone_mate_trusted)
-            if skipped:
-                opt.count_rounds_as_group(skipped)
-                ctx.event(
-                    "outer_recounted",
-                    f"stage {stage}: the group holds this peer's bits {skipped} round(s) later; now at round "
-                    f"{opt.local_epoch}",
-                    stage=stage,
-                    epoch=opt.local_epoch,
-                    rounds=skipped,
-                )
-            return behind_group(opt.history, opt.local_epoch, mates, lone_mate_trusted=lone_mate_trusted)
-
-        opt.resync = lambda: read("resync")
-        opt.behind = behind
-        skipped = rounds_behind_on_same_bits(opt.history, mate_states(), lone_mate_trusted=lone_mate_trusted)
-        if skipped is not None:
-            opt.count_rounds_as_group(skipped)
-            ctx.event(
-                "outer_joined",
-                f"stage {stage}: the group holds this peer's bits (round {opt.local_epoch}, base "
-                f"{opt.round_digest[:16]}); nothing to read",
-                stage=stage,
-                epoch=opt.local_epoch,
-                digest=opt.round_digest,
-                sources=[],
-            )
-            return
-        got = read("join")
-        if got is None:
-            return
-        opt.adopt(got.round, got.tensors)
-        ctx.event(
-            "outer_joined",
-            f"stage {stage}: joined the group at round state {got.round} (base {got.digest[:16]}, from "
-            f"{', '.join(pid[:16] for pid in got.sources)})",
-            stage=stage,
-            epoch=got.round,
-            digest=got.digest,
-            sources=list(got.sources),
+        group = OuterGroup(
+            ctx.spec,
+            stage,
+            me,
+            names=FlatParams(self.module).names,
+            records=ctx.records,
+            reader=StateReader(ctx.p2p, ctx.loop.run, ctx.spec, stage),
+            event=ctx.event,
         )
+        return OuterOptimizer(ctx.spec, stage, self.module, net, group=group, event=ctx.event)
 
     def _restore(self, held_step: Optional[int]) -> None:
         """Load the newest trusted checkpoint of the stage into the module before it serves
@@ -229,76 +159,10 @@ class StageSlot:
             seconds=round(capacity.seconds, 3),
         )
 
-    def _catch_up(self) -> None:
-        """Join the stage group at its current epoch, as far as the spec's trust policy allows.
-
-        - A restored checkpoint's step becomes this peer's epoch first, so that live state
-          older than the trusted checkpoint is never loaded over it (hivemind refuses state
-          from peers behind its local epoch).
-        - When the group is ahead, its live state (unsigned, from one peer of the group) is
-          loaded only if ``trust.accept_untrusted_live_state`` and, when the spec trusts
-          checkpoint keys, the group is at most ``trust.max_live_state_lag`` epochs ahead of
-          the restored checkpoint (or of the spec's init when there is none); see
-          ``peer.checkpoints.policy.live_state_verdict``.
-        - Otherwise the peer keeps its trusted weights (event ``live_state_refused`` says
-          why), takes the group's epoch number so that it trains in step with the group, and
-          stops accepting live state for this stage: its parameters converge through the
-          group's periodic parameter averaging, not by copying one untrusted peer.
-        """
-        opt, trust, event = self.optimizer, self.ctx.spec.trust, self.ctx.event
-        tracker = opt.tracker
-        if self.restored_step is not None and opt.local_epoch < self.restored_step:
-            opt.set_local_epoch(self.restored_step)
-        tracker.fetched_global_progress_this_epoch.wait(timeout=5.0)
-        group = tracker.global_epoch
-        load, why = live_state_verdict(
-            group_epoch=group,
-            local_epoch=opt.local_epoch,
-            trusted_step=self.restored_step,
-            has_trusted_keys=bool(trust.trusted_keys),
-            accept_untrusted=trust.accept_untrusted_live_state,
-            max_lag=trust.max_live_state_lag,
-        )
-        if load:
-            event(
-                "catch_up",
-                f"stage group is at epoch {group}: loading its state ({why})",
-                epoch=group,
-                restored_step=self.restored_step,
-            )
-            opt.load_state_from_peers()
-        elif group > opt.local_epoch:
-            weights = "checkpoint" if self.restored_step is not None else "initial"
-            event(
-                "live_state_refused",
-                f"not loading the stage group's live state: {why}; keeping the {weights} "
-                f"weights and joining at epoch {group}",
-                epoch=group,
-                restored_step=self.restored_step,
-                reason=why,
-            )
-            opt.accept_live_state = False
-            opt.set_local_epoch(group)
-
     def resume_if_group_gone(self, others_online: Sequence[PeerInfo]) -> Optional[int]:
-        """If this peer is the only one left on its stage, continue the stage's epoch count
-        with the weights it has (restored or initial); returns that epoch, or None.
-
-        The stage's previous peers may be gone while their training-progress records outlive
-        them (about a minute): the optimizer would count itself epochs behind, try to load
-        state from dead peers on every step and never step. Only done when the live-state
-        catch-up left this peer behind *and* the signed peer records show no other online
-        peer on the stage (``others_online``); the work lost is reported by the caller."""
-        opt, worker = self.optimizer, self.worker
-        if getattr(opt, "tracker", None) is None:  # outer rounds keep no hivemind progress records
-            return None
-        group = int(opt.tracker.global_epoch)
-        if group <= opt.local_epoch or others_online:
-            return None
-        worker.call(lambda: opt.set_local_epoch(group), timeout=60)
-        if opt.use_gradient_averaging and opt.grad_averager is not None:
-            worker.call(opt.grad_averager.reset_accumulated_grads_, timeout=60)
-        return group
+        """If this peer is the only one left on its stage, continue the stage's epoch count with
+        the weights it has (``StageOptimizer.resume_if_alone``); the epoch, or None."""
+        return self.optimizer.resume_if_alone(bool(others_online))
 
     # --- while serving ---------------------------------------------------------------------
 
@@ -309,35 +173,11 @@ class StageSlot:
             lambda: (self.epoch, {k: p.detach().clone() for k, p in worker.module.named_parameters()}), timeout=60
         )
 
-    def hand_back_gradients(self, *, partners: Sequence[PeerInfo], budget: float, give_up: Callable[[], bool]) -> None:
-        """Before leaving, let the stage group's next round take the samples this peer
-        accumulated, instead of dropping them; waits up to ``budget`` seconds."""
-        opt = self.optimizer
-        averager = getattr(opt, "grad_averager", None)
-        if averager is None or averager.local_samples_accumulated == 0 or self.worker is None:
-            return
-        # Alone in the stage group: nobody to hand the samples to. The progress tracker alone
-        # cannot tell: a peer that started seconds ago may not have fetched its partners'
-        # progress yet (the parity test's trainer left with its samples that way, and its
-        # partner waited for them forever), so the signed peer records count too.
-        if opt.tracker.global_progress.num_peers <= 1 and not partners:
-            return
-        samples, epoch = averager.local_samples_accumulated, opt.local_epoch
-        self.ctx.event(
-            "handing_back",
-            f"waiting up to {budget:.0f}s for stage {self.stage}'s averaging round to "
-            f"take {samples} accumulated samples",
-            samples=samples,
-            epoch=epoch,
-        )
-        deadline = time.monotonic() + budget
-        while time.monotonic() < deadline and opt.local_epoch == epoch and not give_up():
-            time.sleep(0.2)
-        self.ctx.event(
-            "handed_back" if opt.local_epoch != epoch else "hand_back_timeout",
-            f"epoch {opt.local_epoch}" + ("" if opt.local_epoch != epoch else ": samples dropped"),
-            epoch=opt.local_epoch,
-        )
+    def hand_back(self, *, partners: Sequence[PeerInfo], budget: float, give_up: Callable[[], bool]) -> None:
+        """Before leaving, let the stage group's next update take what this peer accumulated,
+        instead of dropping it; waits up to ``budget`` seconds."""
+        if self.optimizer is not None and self.worker is not None:
+            self.optimizer.hand_back(partners=bool(partners), budget=budget, give_up=give_up, event=self.ctx.event)
 
     # --- closing ---------------------------------------------------------------------------
 

@@ -297,9 +297,10 @@ class StageServer:
         """Runs in the worker thread, between requests and optimizer steps: the parameters and
         the epoch they belong to are read together. Distinct parameters only (a tied head is
         sent once, under the embedding's name), as in ``peer.model.llama.stage_param_shapes``."""
-        round_state = getattr(self.worker.optimizer, "round_state", None)
-        if round_state is not None:  # outer rounds: the round's base weights, the same on every member
-            return round_state(momentum=momentum)
+        optimizer = self.worker.optimizer
+        served = optimizer.round_state(momentum=momentum) if optimizer is not None else None
+        if served is not None:  # outer rounds: the round's base weights, the same on every member
+            return served
         params = dict(self.worker.module.named_parameters())
         epoch = int(self.info().epoch)
         return list(params), [p.detach().clone() for p in params.values()], epoch

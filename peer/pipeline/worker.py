@@ -199,11 +199,10 @@ class StageWorker:
                 future.set_exception(StageError(ErrorCode.BUSY, "stage is shutting down"))
 
     def _tick(self) -> None:
-        tick = getattr(self.optimizer, "tick", None)
-        if tick is None:
+        if self.optimizer is None:
             return
         try:
-            tick()
+            self.optimizer.tick()
         except Exception:
             log.exception("optimizer tick failed")
 
