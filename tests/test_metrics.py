@@ -3,16 +3,18 @@ averaging outcomes), then live peers of a real swarm scraped twice over HTTP."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import urllib.request
 from types import SimpleNamespace
 
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from peer.observe.metrics import AveragingObserver, PeerMetrics
-from peer.pipeline.routing import BanList
-from protocol.records import PeerInfo
+from peer.averaging.stage_optimizer import OptimizerFigures
+from peer.observe.metrics import PeerMetrics
+from peer.observe.snapshot import PeerSnapshot, StageFigures, TrainerFigures
+from protocol.records import PeerInfo, PeerState
 
 from conftest import dump_logs
 
@@ -41,75 +43,34 @@ def scrape(url: str) -> dict:
 # --- the collector, no network ----------------------------------------------------------------------
 
 
-class FakeOptimizer:
-    """The parts of hivemind.Optimizer that PeerMetrics reads or wraps."""
-
-    def __init__(self):
-        self.local_epoch = 0
-        self.last_load_state_error = None
-        self.tracker = SimpleNamespace(global_epoch=0, global_progress=SimpleNamespace(num_peers=1))
-        self.grad_averager = SimpleNamespace(local_samples_accumulated=0)
-
-    def _begin_averaging_gradients(self, grad_scaler):
-        return self.tracker.global_progress.num_peers > 1
-
-    def _average_gradients_and_load_into_optimizer(self, control):
-        if control == "fail":
-            self._load_local_gradients_into_optimizer()
-
-    def _load_local_gradients_into_optimizer(self):
-        pass
-
-    def round(self, control="ok"):
-        """What hivemind does per epoch: begin, then (if begun) average."""
-        if self._begin_averaging_gradients(None):
-            self._average_gradients_and_load_into_optimizer(control)
-
-
-def fake_peer():
-    trainer = SimpleNamespace(
-        stats=SimpleNamespace(tokens=0, samples=0, microbatches=0, retries=0, failures=0, loss_ema=None),
-        inflight={"x": 2},
-        bans=BanList(),
-    )
-    worker = SimpleNamespace(
-        stats=SimpleNamespace(
-            forward=0,
-            backward=0,
-            samples=0,
-            rejected=0,
-            discarded=0,
-            clipped=0,
-            compute_s=0.0,
-            throughput=0.0,
-            loss_ema=None,
-        ),
-        queue_depth=3,
-    )
-    spec = SimpleNamespace(run_id="r", num_stages=2, digest=lambda: "ab" * 32)
-    return SimpleNamespace(
-        spec=spec,
-        swarm=SimpleNamespace(peer_id="QmMe"),
+def snapshot(**changes) -> PeerSnapshot:
+    """A peer's snapshot as its main loop takes it: a trainer, a stage, an optimizer, the wire."""
+    base = dict(
+        peer_id="QmMe",
+        run_id="r",
+        digest="ab" * 32,
         started=time.time() - 5,
-        status=SimpleNamespace(stage=0, state="online"),
-        trainer=trainer,
-        worker=worker,
-        optimizer=FakeOptimizer(),
-        counters=SimpleNamespace(sent={"activations": 10}, received={}, rejected={}, busy={}),
-        distrust=SimpleNamespace(counts={"no_server": 2}),
-        peers=[
+        num_stages=2,
+        stage=0,
+        state=PeerState.ONLINE,
+        peers=(
             PeerInfo("QmMe", 0, "online", 1.0),
             PeerInfo("QmB", 1, "online", 1.0),
             PeerInfo("QmC", 1, "joining", 1.0),
-        ],
+        ),
+        trainer=TrainerFigures(inflight=2),
+        worker=StageFigures(queue_depth=3),
+        optimizer=OptimizerFigures(epoch=0, global_epoch=0, samples_accumulated=0, allreduce={}),
+        sent={"activations": 10},
+        distrusted={"no_server": 2},
     )
+    return PeerSnapshot(**{**base, **changes})
 
 
 def test_collector_reads_the_peer():
     m = PeerMetrics()
-    peer = fake_peer()
-    m.update(peer)
-    first = parse(generate_latest(m.registry).decode())
+    m.update(snapshot())
+    first = parse(generate_latest_of(m))
     assert value(first, "swarmtrain_tokens_total") == 0
     assert value(first, "swarmtrain_peers_online", stage=1) == 1
     assert value(first, "swarmtrain_state", state="online") == 1
@@ -118,22 +79,17 @@ def test_collector_reads_the_peer():
     assert value(first, "swarmtrain_records_distrusted_total", reason="no_server") == 2
     assert ("swarmtrain_loss", ()) not in first  # no loss yet: absent, not a made-up 0
 
-    opt = peer.optimizer
-    peer.trainer.stats.tokens, peer.trainer.stats.microbatches, peer.trainer.stats.loss_ema = 4096, 8, 4.5
-    opt.round()  # alone in the group
-    opt.local_epoch = 1
-    m.update(peer)
-    opt.tracker.global_progress.num_peers = 3
-    opt.round("ok")
-    opt.round("fail")
-    opt.local_epoch = 2
-    peer.trainer.bans.ban("QmB", time.monotonic())
-    opt.last_load_state_error = "TimeoutError: no peer answered"
-    m.update(peer)
-    opt.local_epoch = 7  # a catch-up
-    m.update(peer)
-    after = parse(generate_latest(m.registry).decode())
-    assert value(after, "swarmtrain_tokens_total") == 4096 and value(after, "swarmtrain_loss") == 4.5
+    trainer = TrainerFigures(tokens=4096, microbatches=8, loss_ema=4.5, inflight=2)
+    figures = OptimizerFigures(epoch=1, global_epoch=1, allreduce={"alone": 1})
+    m.update(snapshot(trainer=trainer, optimizer=figures))
+    banned = dataclasses.replace(trainer, banned=frozenset({"QmB"}), tokens=8192)
+    figures = OptimizerFigures(
+        epoch=2, global_epoch=2, allreduce={"alone": 1, "averaged": 1, "failed": 1}, load_state_error="Timeout"
+    )
+    m.update(snapshot(trainer=banned, optimizer=figures))
+    m.update(snapshot(trainer=banned, optimizer=dataclasses.replace(figures, epoch=7)))  # a catch-up
+    after = parse(generate_latest_of(m))
+    assert value(after, "swarmtrain_tokens_total") == 8192 and value(after, "swarmtrain_loss") == 4.5
     assert value(after, "swarmtrain_averaging_rounds_total") == 2
     assert value(after, "swarmtrain_catch_ups_total") == 1 and value(after, "swarmtrain_epoch") == 7
     assert value(after, "swarmtrain_step_seconds") >= 0
@@ -146,14 +102,39 @@ def test_collector_reads_the_peer():
     assert value(after, "swarmtrain_tokens_per_second") > 0
 
 
-def test_observer_leaves_unknown_optimizers_alone():
-    assert AveragingObserver().attach(SimpleNamespace(local_epoch=0)) is False
+def test_a_move_keeps_the_earlier_stages_allreduce_counts_and_counts_no_catch_up():
+    m = PeerMetrics()
+    m.update(snapshot(optimizer=OptimizerFigures(epoch=4, global_epoch=4, allreduce={"averaged": 3}), slot_serial=1))
+    # The new stage's optimizer counts from zero, at the new group's epoch: not a catch-up.
+    m.update(snapshot(optimizer=OptimizerFigures(epoch=9, global_epoch=9, allreduce={"alone": 1}), slot_serial=2))
+    scraped = parse(generate_latest_of(m))
+    assert value(scraped, "swarmtrain_allreduce_total", outcome="averaged") == 3
+    assert value(scraped, "swarmtrain_allreduce_total", outcome="alone") == 1
+    assert value(scraped, "swarmtrain_catch_ups_total") == 0 and value(scraped, "swarmtrain_epoch") == 9
+
+
+def test_outer_rounds_figures_are_exposed():
+    m = PeerMetrics()
+    figures = OptimizerFigures(
+        epoch=3, state_digest="ab" * 8, rounds={"applied": 3, "undecided": 1}, dropped={"opposed": 2}
+    )
+    m.update(snapshot(optimizer=figures))
+    scraped = parse(generate_latest_of(m))
+    assert value(scraped, "swarmtrain_outer_rounds_total", outcome="applied") == 3
+    assert value(scraped, "swarmtrain_outer_dropped_total", reason="opposed") == 2
+    assert ("swarmtrain_allreduce_total", (("outcome", "alone"),)) not in scraped  # per_step only
 
 
 def test_update_never_raises():
     m = PeerMetrics()
-    m.update(SimpleNamespace())  # a peer missing everything: metrics must not stop it
-    assert generate_latest(m.registry) == b""
+    m.update(SimpleNamespace())  # a snapshot missing everything: metrics must not stop a peer
+    assert generate_latest_of(m) == ""
+
+
+def generate_latest_of(metrics) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(metrics.values)
+    return generate_latest(registry).decode()
 
 
 # --- live peers ------------------------------------------------------------------------------------
@@ -242,6 +223,7 @@ def test_event_counts_serve_what_a_bootstrap_reported():
     import urllib.request
 
     from peer.observe.events import EventCounts
+    from peer.observe.prom import close_server, serve_metrics
 
     seen = []
     counts = EventCounts(lambda name, text, **fields: seen.append((name, text, fields)))
@@ -249,11 +231,12 @@ def test_event_counts_serve_what_a_bootstrap_reported():
     counts("state_rejected", "keeper: ...", peer_id="QmY")
     counts("checkpoint_signed", "keeper: signed", step=3)
     assert [s[0] for s in seen] == ["state_rejected", "state_rejected", "checkpoint_signed"]
-    port = counts.serve(0)
+    said = []
+    server = serve_metrics(counts, host="127.0.0.1", port=0, event=lambda name, text, **f: said.append(f))
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        text = urllib.request.urlopen(said[0]["url"], timeout=10).read().decode()
     finally:
-        counts.close()
+        close_server(server)
     scraped = parse(text)
     assert value(scraped, "swarmtrain_events_total", event="state_rejected") == 2
     assert value(scraped, "swarmtrain_events_total", event="checkpoint_signed") == 1

@@ -13,9 +13,14 @@ import torch
 from safetensors import safe_open
 
 from peer.base.config import ChurnConfig, PeerConfig
+from peer.base.distrust import DistrustTally
 from peer.model.llama import LlamaStage
 from peer.node import Peer
+from peer.node.holder import StageHolder
+from peer.node.mover import Mover
 from peer.node.presence import PeerStatus, Presence, TrainingFigures
+from peer.node.slot import SlotContext
+from peer.pipeline import StageWorker
 from protocol.records import PeerInfo, PeerState
 from protocol.spec import preset_spec
 
@@ -51,40 +56,69 @@ class Events:
         self.names.append(name)
 
 
-def fake_slot(stage: int, *, fail: bool = False):
-    if fail:
-        raise RuntimeError(f"stage {stage} cannot be opened")
+def fake_slot(stage: int):
     return SimpleNamespace(
         stage=stage, restored_step=None, epoch=7, capacity=50.0, worker=None, optimizer=None, closed=False
     )
 
 
+class FakeHolder:
+    """The stage holder with fake slots: opening a stage records it (or fails for ``fail_on``)."""
+
+    def __init__(self):
+        self.slot, self.open_stage = None, None
+        self.fail_on: set[int] = set()
+        self.opened: list[int] = []
+        self.closed: list[tuple[object, bool]] = []
+
+    def open(self, stage):
+        if stage in self.fail_on:
+            raise RuntimeError(f"stage {stage} cannot be opened")
+        self.slot, self.open_stage = fake_slot(stage), stage
+        self.opened.append(stage)
+        return self.slot
+
+    def close(self, *, for_move):
+        self.closed.append((self.open_stage, for_move))
+        self.open_stage = None
+
+    def hand_back(self, *, give_up):
+        pass
+
+    def resume_if_group_gone(self):
+        return None
+
+    def checkpoints_announced(self, stage):
+        return False
+
+
 @pytest.fixture
 def peer():
-    """A Peer whose slot opening and closing are fakes; everything else is its own code."""
+    """A Peer whose stage holder opens fake slots; its presence, mover and shutdown are its own."""
     p = Peer(PeerConfig(churn=ChurnConfig(rebalance_period=0.0)))
-    p.spec = preset_spec("tiny", stages=3)
     p.out = Events()
-    state = SimpleNamespace(open=None, fail_on=set(), opened=[], closed=[])
-
-    def open_slot(stage):
-        p.slot = fake_slot(stage, fail=stage in state.fail_on)
-        state.open = stage
-        state.opened.append(stage)
-
-    def close_slot(*, for_move):
-        state.closed.append((state.open, for_move))
-        state.open = None
-
-    p.open_slot, p.close_slot = open_slot, close_slot
-    p.hand_back_gradients = lambda: None
-    p.resume_if_group_gone = lambda: None
-    p.checkpoints_announced = lambda stage: False
-    p.swarm = FakeSwarm(open_stage=lambda: state.open)
-    p.presence.peer_id, p.presence.swarm = p.swarm.peer_id, p.swarm
-    open_slot(0)
+    spec = preset_spec("tiny", stages=3)
+    p.node = SimpleNamespace(spec=spec, peer_id="QmMe")
+    holder = p.holder = FakeHolder()
+    swarm = FakeSwarm(open_stage=lambda: holder.open_stage)
+    p.mover = Mover(
+        spec,
+        holder,
+        p.presence,
+        swarm,
+        p2p=None,
+        run=None,
+        distrust=DistrustTally(p.out.event),
+        event=p.out.event,
+        stopping=p.signals.stop,
+        give_up=lambda: False,
+        period=0.0,
+        cooldown=120.0,
+    )
+    p.presence.peer_id, p.presence.swarm = swarm.peer_id, swarm
+    holder.open(0)
     p.presence.update(stage=0, state=PeerState.ONLINE)
-    p.fake = state
+    p.swarm = swarm
     return p
 
 
@@ -92,7 +126,7 @@ def observe(peer) -> list[tuple[int, str, object]]:
     """Every status a reader of the peer (announcer, info RPC, metrics) could see, with the
     stage that was open at that moment."""
     seen: list[tuple[int, str, object]] = []
-    peer.presence.on_update = lambda status: seen.append((status.stage, str(status.state), peer.fake.open))
+    peer.presence.on_update = lambda status: seen.append((status.stage, str(status.state), peer.holder.open_stage))
     return seen
 
 
@@ -106,7 +140,7 @@ def test_a_move_never_shows_online_at_a_stage_that_is_not_open(peer):
             assert stage == open_stage, (stage, state, open_stage, seen)
     assert seen[0] == (2, "joining", 0)  # one update: the target and 'joining' together
     assert seen[-1] == (2, "online", 2)
-    assert peer.fake.closed == [(0, True)] and peer.fake.opened == [0, 2]
+    assert peer.holder.closed == [(0, True)] and peer.holder.opened == [0, 2]
     assert "moved" in peer.out.names
 
 
@@ -135,13 +169,13 @@ def test_announcer_racing_a_move_never_announces_online_at_an_unopened_stage(pee
 
 
 def test_a_failed_open_goes_back_and_is_never_online_at_the_target(peer):
-    peer.fake.fail_on = {2}
+    peer.holder.fail_on = {2}
     seen = observe(peer)
     assert not peer.mover.move_to(2, recovery=False)
     assert peer.status == PeerStatus(stage=0, state=PeerState.ONLINE, throughput=1.0)
     assert ("move_failed" in peer.out.names) and "moved" not in peer.out.names
     assert not [s for s in seen if s[0] == 2 and s[1] == "online"]
-    assert peer.fake.opened == [0, 0]  # the failed open of 2 raised before it was recorded
+    assert peer.holder.opened == [0, 0]  # the failed open of 2 raised before it was recorded
 
 
 def test_presence_updates_are_whole_snapshots():
@@ -194,10 +228,15 @@ def test_a_failing_announce_is_logged_not_raised():
     assert presence.announce() is False
 
 
-def test_served_info_follows_the_status(peer):
-    peer.presence.update(state=PeerState.JOINING, throughput=12.5)
-    info = peer._served_info()
+def test_served_info_follows_the_status():
+    presence = Presence("QmMe", "0.1.0", 0.0, period=1.0)
+    context = SlotContext(None, None, None, None, None, None, checkpoints=None, records=list)
+    holder = StageHolder(context, ckpt=None, presence=presence)
+    holder.slot = fake_slot(0)
+    presence.update(state=PeerState.JOINING, throughput=12.5)
+    info = holder.served_info()
     assert (info.state, info.throughput, info.epoch) == (PeerState.JOINING, 12.5, 7)
+    assert holder.ctx.info == holder.served_info  # what the stage's info RPC answers
 
 
 def test_shutdown_announces_leaving_and_saves_tied_weights_once(peer, tmp_path):
@@ -208,16 +247,17 @@ def test_shutdown_announces_leaving_and_saves_tied_weights_once(peer, tmp_path):
     )
     out = tmp_path / "final" / "stage.safetensors"
     peer.config = PeerConfig(final_state=str(out))
-    peer.slot = SimpleNamespace(
-        stage=0, epoch=3, worker=SimpleNamespace(module=module, stats=SimpleNamespace(loss_ema=None))
-    )
-    peer._shutdown()
+    worker = StageWorker(module, is_last=True)
+    peer.holder.slot = SimpleNamespace(stage=0, epoch=3, worker=worker, optimizer=None)
+    try:
+        peer._shutdown()
+    finally:
+        worker.shutdown()
     assert peer.swarm.announced[-1][:2] == (0, "leaving")
-    assert peer.fake.closed[-1] == (0, False)  # a shutdown waits for the group's pending update
+    assert peer.holder.closed[-1] == (0, False)  # a shutdown waits for the group's pending update
     with safe_open(str(out), "pt") as f:
         names = set(f.keys())
         assert f.metadata()["epoch"] == "3"
         embed = f.get_tensor("model.embed_tokens.weight")
     assert names == set(module.state_dict()) - {"lm_head.weight"}  # the tied head once, under the embedding
     assert torch.equal(embed, module.model.embed_tokens.weight.detach())
-    assert "stopped" in peer.out.names

@@ -8,11 +8,14 @@ real wire. The teachers are models this module trains (or builds) and exports wi
 - a student trained on the distillation term alone, from a teacher that always puts its mass on
   one token, learns to predict that token;
 - of three teachers of the same weights, the one that returns wrong targets is caught by the
-  trainer's spot checks and banned, and the ban shows in the DHT (``status``).
+  trainer's spot checks and banned, and the ban shows in the DHT (``status``);
+- one trainer uses a teacher and a stage peer that both serve through the bootstrap's relay:
+  reading the teacher records never drops the stage peer's route, nor the reverse.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from pathlib import Path
@@ -57,9 +60,10 @@ def write_spec(tmp_path, **distill):
     return spec, path
 
 
-def start_teacher(cluster, name, hf, spec_path, maddr, *, command=None):
+def start_teacher(cluster, name, hf, spec_path, maddr, *, command=None, extra=()):
     args = ["teach", "--model", str(hf), "--spec", str(spec_path), "--initial-peers", maddr]
     args += ["--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1", "--announce-period", "2", "--log-json"]
+    args += list(extra)
     proc = cluster.start(name, args, command=command)
     return proc, proc.wait_event("ready", 120)["peer_id"]
 
@@ -213,3 +217,33 @@ def test_the_spot_check_bans_the_teacher_that_returns_wrong_targets(cluster, tmp
         assert not [e for e in trainer.events if e.get("event") == "teacher_banned" and e["peer_id"] in honest]
     finally:
         observer.close()
+
+
+def undialable() -> list[str]:
+    """Options that make a node on loopback one that others cannot dial: it announces a port
+    nothing listens on, so the relay's dial-back fails and it serves through the relay, as a
+    node behind a home router does."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return ["--announce-maddrs", f"/ip4/127.0.0.1/tcp/{port}"]
+
+
+def test_one_trainer_uses_a_relayed_teacher_and_a_relayed_stage_peer(cluster, tmp_path, teachers, text_data):
+    spec, spec_path = write_spec(tmp_path, weight=0.5, temperature=1.0, k=8, spot_check=0.0)
+    boot, maddr = cluster.bootstrap(spec_path=spec_path)
+    boot_id = maddr.rsplit("/", 1)[-1]
+    teacher, _ = start_teacher(cluster, "teacher", teachers["trained"], spec_path, maddr, extra=undialable())
+    assert teacher.wait_event("relayed", 5)["via"] == boot_id
+    last = cluster.peer("s1", [maddr], spec_path=spec_path, stage=1, extra=undialable())
+    assert last.wait_event("relayed", 120)["via"] == boot_id
+    last.wait_event("ready", 120)
+    first = cluster.peer("s0", [maddr], spec_path=spec_path, stage=0, data=str(text_data), extra=["--max-steps", "40"])
+    # The trainer reads the teacher records every 2 s and the peer records every second: over the
+    # run each read happens many times, and every micro-batch needs both relayed peers.
+    done = first.wait_event("stopped", 400)
+    assert done is not None, dump_logs(cluster)
+    status = first.last_event("status")
+    assert status["microbatches"] >= 40 and status["distilled"] >= 30, (status, dump_logs(cluster))
+    assert status["retries"] == 0, (status, dump_logs(cluster))  # never dialled directly, never banned
+    assert not [e for e in first.events if e.get("event") == "teacher_banned"]

@@ -100,6 +100,24 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class BootstrapConfig:
+    """``swarmtrain bootstrap``: a DHT node others dial first, with a persistent identity."""
+
+    network: NetworkConfig = field(default_factory=lambda: NetworkConfig(host_maddrs=DEFAULT_BOOTSTRAP_MADDRS))
+    spec: Any = None  # protocol.spec.RunSpec published under its run id (and needed by the keeper)
+    spec_signing_key: Optional[str] = None  # a private key file: signs the published spec
+    keeper: Optional[KeeperConfig] = None  # run the keeper here
+    dashboard: Optional[tuple[str, int]] = None  # (host, port) of the run's web dashboard
+    relay: bool = True  # answer reachability checks and relay for peers nobody can dial
+    output: OutputConfig = field(default_factory=OutputConfig)
+    refresh_period: float = 30.0  # seconds between publishing the spec again
+    max_seconds: Optional[float] = None
+
+
+DEFAULT_BOOTSTRAP_IDENTITY = "~/.swarmtrain/bootstrap.id"
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     """``swarmtrain teach``: a frozen model serving soft targets to one run's trainers."""
 

@@ -15,7 +15,7 @@ import click  # noqa: E402
 from peer import __version__
 from peer.base.config import (
     DEFAULT_BOOTSTRAP_MADDRS,
-    DEFAULT_HOST_MADDRS,
+    BootstrapConfig,
     CheckpointConfig,
     ChurnConfig,
     DataConfig,
@@ -23,7 +23,6 @@ from peer.base.config import (
     NetworkConfig,
     OutputConfig,
     PeerConfig,
-    RunConfig,
 )
 from peer.cli.checkpoint import checkpoint, keygen
 from peer.cli.observe import dashboard, status
@@ -39,11 +38,14 @@ from peer.cli.options import (
     keeper_options,
     load_spec_option,
     maddrs,
+    network_config,
+    printing,
     raise_fd_limit,
-    read_keys,
     rebalance_period_for,
+    relaying,
+    run_config,
     setup_logging,
-    spec_or_run,
+    which_run,
     with_metrics,
 )
 from peer.cli.spec import spec
@@ -97,16 +99,7 @@ def demo(seconds, stages, peers_per_stage, preset, workdir, json_summary):
 
 @main.command()
 @initial
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="The run spec (TOML).")
-@click.option("--run", "run_id", help="Join by run id: the spec is read from the DHT.")
-@click.option("--spec-digest", help="Pin the spec by its whole digest (64 hex digits) when joining by --run.")
-@click.option(
-    "--trusted-key",
-    "trusted_key_paths",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Or join by --run taking the spec that this public key signed (the keeper's keeper.pub); repeatable.",
-)
+@which_run
 @click.option(
     "--data",
     type=click.Path(exists=True),
@@ -124,21 +117,7 @@ def demo(seconds, stages, peers_per_stage, preset, workdir, json_summary):
 @click.option("--status-every", type=float, default=OutputConfig.status_every, show_default=True)
 @click.option("--request-timeout", type=float, default=NetworkConfig.request_timeout, show_default=True)
 @click.option("--client-mode", is_flag=True, help="Do not accept inbound connections (behind NAT without relays).")
-@click.option(
-    "--relay/--no-relay",
-    "use_relay",
-    default=NetworkConfig.use_relay,
-    show_default=True,
-    help="When others cannot dial this peer (a home router, no port forwarding), serve its stage "
-    "through a relay. --no-relay: say so and go on unrelayed.",
-)
-@click.option(
-    "--trusted-relay",
-    "relays",
-    multiple=True,
-    help="A relay's multiaddr (repeatable): who checks whether others can dial this peer and relays "
-    "for it. Default: the initial peers.",
-)
+@relaying
 @click.option(
     "--rebalance-period",
     type=click.FloatRange(min=0.0),
@@ -178,8 +157,7 @@ def demo(seconds, stages, peers_per_stage, preset, workdir, json_summary):
 )
 @keeper_options
 @with_metrics
-@click.option("--log-json", is_flag=True, help="JSON lines instead of the status line.")
-@click.option("-v", "--verbose", is_flag=True)
+@printing
 def run(
     initial_peers,
     spec_path,
@@ -219,10 +197,18 @@ def run(
     """Join a swarm as a peer: serve a stage and train on local data."""
     from peer.base.procs import start_reaper
 
-    if not initial_peers:
-        raise click.UsageError("--initial-peers is required (the bootstrap's multiaddr)")
-    spec = spec_or_run(spec_path, run_id)
-    trusted_keys = read_keys(trusted_key_paths)  # before anything starts: a bad key file is a usage error
+    network = network_config(
+        initial_peers,
+        host_maddrs,
+        announce_maddrs,
+        identity,
+        client_mode=client_mode,
+        use_relay=use_relay,
+        relays=list(relays),
+        announce_period=announce_period,
+        request_timeout=request_timeout,
+    )
+    run_spec = run_config(spec_path, run_id, spec_digest, trusted_key_paths)
     if stage != "auto" and not stage.isdigit():
         raise click.UsageError("--stage must be 'auto' or a stage index")
     check_keeper(keeper, signing_key, checkpoint_dir)
@@ -241,18 +227,8 @@ def run(
         request_timeout=max(KeeperConfig.request_timeout, request_timeout),
     )
     config = PeerConfig(
-        network=NetworkConfig(
-            initial_peers=list(initial_peers),
-            host_maddrs=list(host_maddrs) or DEFAULT_HOST_MADDRS,
-            announce_maddrs=list(announce_maddrs),
-            identity=identity,
-            client_mode=client_mode,
-            use_relay=use_relay,
-            relays=list(relays),
-            announce_period=announce_period,
-            request_timeout=request_timeout,
-        ),
-        run=RunConfig(spec=spec, run_id=run_id, spec_digest=spec_digest, trusted_keys=trusted_keys),
+        network=network,
+        run=run_spec,
         data=DataConfig(path=data, suffixes=list(data_suffixes) or None),
         churn=ChurnConfig(
             stage=None if stage == "auto" else int(stage),
@@ -314,8 +290,7 @@ def run(
     help="Tell peers whether others can dial them, and forward streams to peers behind routers nobody can dial.",
 )
 @with_metrics
-@click.option("--log-json", is_flag=True)
-@click.option("-v", "--verbose", is_flag=True)
+@printing
 def bootstrap(
     host_maddrs,
     announce_maddrs,
@@ -357,24 +332,23 @@ def bootstrap(
     start_reaper()
     from peer.node.bootstrap import run_bootstrap
 
-    keeper_config = build_keeper_config(keeper, signing_key, checkpoint_dir, keeper_every, keeper_keep, eval_data)
-    exit_now(
-        run_bootstrap(
+    config = BootstrapConfig(
+        network=NetworkConfig(
+            initial_peers=list(initial_peers),
             host_maddrs=list(host_maddrs) or DEFAULT_BOOTSTRAP_MADDRS,
             announce_maddrs=list(announce_maddrs),
             identity=identity,
-            initial_peers=list(initial_peers),
-            spec=spec,
-            log_json=log_json,
-            max_seconds=max_seconds,
-            keeper=keeper_config,
-            spec_signing_key=signing_key,
             announce_period=announce_period,
-            dashboard=(dashboard_host, dashboard_port) if dashboard_port is not None else None,
-            metrics=(metrics_host, metrics_port) if metrics_port is not None else None,
-            relay=relay,
-        )
+        ),
+        spec=spec,
+        spec_signing_key=signing_key,
+        keeper=build_keeper_config(keeper, signing_key, checkpoint_dir, keeper_every, keeper_keep, eval_data),
+        dashboard=(dashboard_host, dashboard_port) if dashboard_port is not None else None,
+        relay=relay,
+        output=OutputConfig(log_json=log_json, metrics_port=metrics_port, metrics_host=metrics_host),
+        max_seconds=max_seconds,
     )
+    exit_now(run_bootstrap(config))
 
 
 def entry() -> None:

@@ -11,7 +11,7 @@ from typing import Optional, Type
 
 import click
 
-from peer.base.config import KeeperConfig, OutputConfig
+from peer.base.config import DEFAULT_HOST_MADDRS, KeeperConfig, NetworkConfig, OutputConfig, RunConfig
 from protocol.spec import RunSpec, SpecError, load_spec
 
 
@@ -105,48 +105,113 @@ identity = click.option(
 initial = click.option("--initial-peers", multiple=True, help="Multiaddr of a bootstrap or any peer; repeatable.")
 
 
-def keeper_options(fn):
-    """Options of the keeper (peer.checkpoints.keeper), shared by `run` and `bootstrap`."""
-    for opt in reversed(
-        [
-            click.option(
-                "--keeper",
-                is_flag=True,
-                help="Be the keeper: periodically pull every stage's state, check it "
-                "and sign it as a checkpoint (needs --signing-key, --checkpoint-dir).",
-            ),
-            click.option(
-                "--signing-key",
-                type=click.Path(exists=True, dir_okay=False),
-                help="The keeper's private key (swarmtrain keygen); the spec must trust its public key. A "
-                "bootstrap also signs the spec it publishes with it, for peers that join with --trusted-key.",
-            ),
-            click.option(
-                "--every",
-                "keeper_every",
-                type=click.FloatRange(min=1.0),
-                default=KeeperConfig.every,
-                show_default=True,
-                help="Seconds between keeper rounds.",
-            ),
-            click.option(
-                "--keep",
-                "keeper_keep",
-                type=click.IntRange(min=1),
-                default=KeeperConfig.keep,
-                show_default=True,
-                help="Signed checkpoints kept per stage.",
-            ),
-            click.option(
-                "--eval-data",
-                type=click.Path(exists=True),
-                default=None,
-                help="Held-out text for the keeper's loss check (default: the Python standard library).",
-            ),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
+def stacked(*options):
+    """One decorator of several click options, in the order given (as --help lists them)."""
+
+    def apply(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+# Which run a node joins: `run` and `teach`.
+which_run = stacked(
+    click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="The run spec (TOML)."),
+    click.option("--run", "run_id", help="Or join by run id: the spec is read from the DHT."),
+    click.option("--spec-digest", help="Pin the spec by its whole digest (64 hex digits) when joining by --run."),
+    click.option(
+        "--trusted-key",
+        "trusted_key_paths",
+        multiple=True,
+        type=click.Path(exists=True, dir_okay=False),
+        help="Or join by --run taking the spec that this public key signed (the keeper's keeper.pub); repeatable.",
+    ),
+)
+
+# Serving from behind a home router: `run` and `teach`.
+relaying = stacked(
+    click.option(
+        "--relay/--no-relay",
+        "use_relay",
+        default=NetworkConfig.use_relay,
+        show_default=True,
+        help="When others cannot dial this node (a home router, no port forwarding), serve through a "
+        "relay. --no-relay: say so and go on unrelayed.",
+    ),
+    click.option(
+        "--trusted-relay",
+        "relays",
+        multiple=True,
+        help="A relay's multiaddr (repeatable): who checks whether others can dial this node and relays "
+        "for it. Default: the initial peers.",
+    ),
+)
+
+# What every long-running node prints.
+printing = stacked(
+    click.option("--log-json", is_flag=True, help="JSON lines instead of the status line."),
+    click.option("-v", "--verbose", is_flag=True),
+)
+
+
+def run_config(spec_path, run_id, spec_digest, trusted_key_paths) -> RunConfig:
+    """``which_run``'s options, checked: exactly one of --spec and --run, readable keys."""
+    spec = spec_or_run(spec_path, run_id)
+    trusted_keys = read_keys(trusted_key_paths)  # before anything starts: a bad key file is a usage error
+    return RunConfig(spec=spec, run_id=run_id, spec_digest=spec_digest, trusted_keys=trusted_keys)
+
+
+def network_config(initial_peers, host_maddrs, announce_maddrs, identity, **more) -> NetworkConfig:
+    if not initial_peers:
+        raise click.UsageError("--initial-peers is required (the bootstrap's multiaddr)")
+    return NetworkConfig(
+        initial_peers=list(initial_peers),
+        host_maddrs=list(host_maddrs) or DEFAULT_HOST_MADDRS,
+        announce_maddrs=list(announce_maddrs),
+        identity=identity,
+        **more,
+    )
+
+
+# Options of the keeper (peer.checkpoints.keeper), shared by `run` and `bootstrap`.
+keeper_options = stacked(
+    click.option(
+        "--keeper",
+        is_flag=True,
+        help="Be the keeper: periodically pull every stage's state, check it "
+        "and sign it as a checkpoint (needs --signing-key, --checkpoint-dir).",
+    ),
+    click.option(
+        "--signing-key",
+        type=click.Path(exists=True, dir_okay=False),
+        help="The keeper's private key (swarmtrain keygen); the spec must trust its public key. A "
+        "bootstrap also signs the spec it publishes with it, for peers that join with --trusted-key.",
+    ),
+    click.option(
+        "--every",
+        "keeper_every",
+        type=click.FloatRange(min=1.0),
+        default=KeeperConfig.every,
+        show_default=True,
+        help="Seconds between keeper rounds.",
+    ),
+    click.option(
+        "--keep",
+        "keeper_keep",
+        type=click.IntRange(min=1),
+        default=KeeperConfig.keep,
+        show_default=True,
+        help="Signed checkpoints kept per stage.",
+    ),
+    click.option(
+        "--eval-data",
+        type=click.Path(exists=True),
+        default=None,
+        help="Held-out text for the keeper's loss check (default: the Python standard library).",
+    ),
+)
 
 
 def rebalance_period_for(period, stage) -> float:
@@ -201,7 +266,7 @@ def read_keys(paths) -> tuple[str, ...]:
     return tuple(keys)
 
 
-metrics_options = [
+with_metrics = stacked(
     click.option(
         "--metrics-port",
         type=click.IntRange(0, 65535),
@@ -214,10 +279,4 @@ metrics_options = [
         show_default=True,
         help="Address for --metrics-port (0.0.0.0 to let another machine scrape it).",
     ),
-]
-
-
-def with_metrics(fn):
-    for opt in reversed(metrics_options):
-        fn = opt(fn)
-    return fn
+)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from peer.base.config import DEFAULT_HOST_MADDRS, NetworkConfig, OutputConfig, RunConfig, TeacherConfig
+from peer.base.config import NetworkConfig, OutputConfig, TeacherConfig
 from peer.cli.options import (
     announce,
     exit_now,
@@ -12,10 +12,13 @@ from peer.cli.options import (
     identity,
     initial,
     maddrs,
+    network_config,
+    printing,
     raise_fd_limit,
-    read_keys,
+    relaying,
+    run_config,
     setup_logging,
-    spec_or_run,
+    which_run,
     with_metrics,
 )
 
@@ -29,16 +32,7 @@ from peer.cli.options import (
     help="A local Hugging Face causal LM directory (config.json, *.safetensors) that speaks the run's vocabulary.",
 )
 @initial
-@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), help="The run spec (TOML).")
-@click.option("--run", "run_id", help="Or the run id: the spec is read from the DHT.")
-@click.option("--spec-digest", help="Pin the spec by its whole digest (64 hex digits) when joining by --run.")
-@click.option(
-    "--trusted-key",
-    "trusted_key_paths",
-    multiple=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="Or take the run's spec that this public key signed; repeatable.",
-)
+@which_run
 @maddrs
 @announce
 @identity
@@ -53,19 +47,9 @@ from peer.cli.options import (
 @click.option("--max-seconds", type=float, default=None, help="Stop after this long.")
 @click.option("--announce-period", type=float, default=NetworkConfig.announce_period, show_default=True)
 @click.option("--status-every", type=float, default=OutputConfig.status_every, show_default=True)
-@click.option(
-    "--relay/--no-relay",
-    "use_relay",
-    default=NetworkConfig.use_relay,
-    show_default=True,
-    help="When others cannot dial this teacher (a home router), serve through a relay.",
-)
-@click.option(
-    "--trusted-relay", "relays", multiple=True, help="A relay's multiaddr (repeatable; default: the initial peers)."
-)
+@relaying
 @with_metrics
-@click.option("--log-json", is_flag=True, help="JSON lines instead of the status line.")
-@click.option("-v", "--verbose", is_flag=True)
+@printing
 def teach(
     model_dir,
     initial_peers,
@@ -96,10 +80,17 @@ def teach(
     """
     from peer.base.procs import start_reaper
 
-    if not initial_peers:
-        raise click.UsageError("--initial-peers is required (the bootstrap's multiaddr)")
-    spec = spec_or_run(spec_path, run_id)
-    trusted_keys = read_keys(trusted_key_paths)
+    network = network_config(
+        initial_peers,
+        host_maddrs,
+        announce_maddrs,
+        identity,
+        use_relay=use_relay,
+        relays=list(relays),
+        announce_period=announce_period,
+    )
+    run_spec = run_config(spec_path, run_id, spec_digest, trusted_key_paths)
+    spec = run_spec.spec
     if spec is not None and spec.distill is None:
         raise click.UsageError(
             f"run {spec.run_id!r} does not distill: its spec has no [distill] section (swarmtrain spec init --distill)"
@@ -111,16 +102,8 @@ def teach(
 
     config = TeacherConfig(
         model_dir=model_dir,
-        network=NetworkConfig(
-            initial_peers=list(initial_peers),
-            host_maddrs=list(host_maddrs) or DEFAULT_HOST_MADDRS,
-            announce_maddrs=list(announce_maddrs),
-            identity=identity,
-            use_relay=use_relay,
-            relays=list(relays),
-            announce_period=announce_period,
-        ),
-        run=RunConfig(spec=spec, run_id=run_id, spec_digest=spec_digest, trusted_keys=trusted_keys),
+        network=network,
+        run=run_spec,
         output=OutputConfig(
             log_json=log_json, status_every=status_every, metrics_port=metrics_port, metrics_host=metrics_host
         ),

@@ -7,24 +7,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+from peer.base.distrust import DistrustTally
 from peer.net.rpc import printable
+from peer.node.holder import StageHolder
+from peer.node.presence import Presence
 from peer.pipeline.client import call_info
 from peer.swarm.balancing import RebalancePolicy, overclaims, without_unproven
 from peer.swarm.churn import EmptyStages, StageEpochs, check_move, epochs_lost, next_check_delay
+from peer.swarm.view import SwarmView
 from protocol.records import ACTIVE_STATES, PeerInfo, PeerState
-
-if TYPE_CHECKING:
-    from peer.node.peer import Peer
+from protocol.spec import RunSpec
 
 log = logging.getLogger("swarmtrain.peer")
 
 
 class Mover:
-    def __init__(self, peer: "Peer", *, period: float, cooldown: float):
-        self.peer, self.period, self.policy = peer, period, RebalancePolicy(cooldown_s=cooldown)
+    """``holder``: the stage it swaps; ``presence``: this peer's status and the swarm's records;
+    ``swarm``: a fresh read before a move; ``p2p`` and ``run`` (a ``LoopThread.run``): the info
+    requests that prove a stage's other peers; ``stopping``: set when the peer shuts down;
+    ``give_up()``: stop waiting to hand gradients back (a second Ctrl-C)."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        holder: StageHolder,
+        presence: Presence,
+        swarm: SwarmView,
+        *,
+        p2p,
+        run: Callable,
+        distrust: DistrustTally,
+        event: Callable,
+        stopping: threading.Event,
+        give_up: Callable[[], bool],
+        period: float,
+        cooldown: float,
+    ):
+        self.spec, self.holder, self.presence, self.swarm = spec, holder, presence, swarm
+        self.p2p, self.run, self.distrust, self.event = p2p, run, distrust, event
+        self.stopping, self.give_up = stopping, give_up
+        self.period, self.policy = period, RebalancePolicy(cooldown_s=cooldown)
         # When this peer last joined or moved (the policy's cool-down), when it next looks for
         # a move, and the highest epoch seen per stage (work lost on a recovery).
         self.last_move_at: Optional[float] = None
@@ -46,19 +72,17 @@ class Mover:
     def maybe_move(self) -> None:
         """Every ~--rebalance-period seconds: move to another stage if the policy names this
         peer (a clear throughput gain, or a stage whose peers are all gone)."""
-        peer, presence = self.peer, self.peer.presence
-        if peer.swarm is None:
-            return
+        presence, num_stages = self.presence, self.spec.num_stages
         snapshot = presence.peers
         if snapshot is not self._last_snapshot:
             self._last_snapshot = snapshot
             self._report_overclaims(snapshot)
         self._stage_epochs.observe(snapshot)
         if any(p.peer_id == presence.peer_id for p in snapshot):  # a read that found the swarm
-            self._empty_stages.observe(snapshot, peer.spec.num_stages, time.monotonic())
+            self._empty_stages.observe(snapshot, num_stages, time.monotonic())
         if self._next_check_at is None or time.monotonic() < self._next_check_at:
             return
-        if peer.stop_event.is_set() or presence.status.state != PeerState.ONLINE:
+        if self.stopping.is_set() or presence.status.state != PeerState.ONLINE:
             return
         self._schedule()
         # A candidate's turn to refill an empty stage comes two check periods after the
@@ -67,7 +91,7 @@ class Mover:
         here = dict(my_peer_id=presence.peer_id, my_stage=presence.status.stage)
         planned = check_move(
             snapshot,
-            peer.spec.num_stages,
+            num_stages,
             now=time.monotonic(),
             last_move_at=self.last_move_at,
             policy=self.policy,
@@ -79,7 +103,7 @@ class Mover:
         # Records may be a few seconds old: decide again on a fresh read right before moving,
         # so that a move planned on stale records never empties a stage.
         try:
-            fresh = peer.swarm.snapshot()
+            fresh = self.swarm.snapshot()
         except Exception as err:
             log.warning("not moving: the fresh snapshot failed: %s", err)
             return
@@ -87,7 +111,7 @@ class Mover:
         fresh = self._proven(fresh, presence.status.stage)
         confirmed = check_move(
             fresh,
-            peer.spec.num_stages,
+            num_stages,
             now=time.monotonic(),
             last_move_at=self.last_move_at,
             policy=self.policy,
@@ -96,7 +120,7 @@ class Mover:
             **turns,
         )
         if confirmed.target is None:
-            peer.out.event(
+            self.event(
                 "move_cancelled",
                 f"not moving to stage {planned.target}: {confirmed.why}",
                 to=planned.target,
@@ -106,8 +130,8 @@ class Mover:
         self.move_to(confirmed.target, recovery=confirmed.recovery)
 
     def _report_overclaims(self, snapshot: Sequence[PeerInfo]) -> None:
-        for peer_id, claimed, counted in overclaims(snapshot, self.peer.spec.num_stages):
-            self.peer.distrust.report(
+        for peer_id, claimed, counted in overclaims(snapshot, self.spec.num_stages):
+            self.distrust.report(
                 peer_id,
                 "claim_capped",
                 f"peer {peer_id} announces {claimed:.3g} samples/s; balancing counts {counted:.3g} "
@@ -120,19 +144,19 @@ class Mover:
         """The snapshot without the records of this stage's other peers that do not answer an
         info request as servers of this spec and stage (within 5 s): a move out of the stage
         is only made to peers that exist."""
-        peer, me = self.peer, self.peer.presence.peer_id
+        me = self.presence.peer_id
         mates = [p for p in snapshot if p.stage == stage and p.peer_id != me and p.state in ACTIVE_STATES]
         if not mates:
             return snapshot
-        digest = peer.spec.digest()
+        digest = self.spec.digest()
 
         async def ask_all():
             return await asyncio.gather(
-                *(call_info(peer.p2p, p.peer_id, digest, timeout=5.0) for p in mates), return_exceptions=True
+                *(call_info(self.p2p, p.peer_id, digest, timeout=5.0) for p in mates), return_exceptions=True
             )
 
         try:
-            answers = peer.loop.run(ask_all(), timeout=15)
+            answers = self.run(ask_all(), timeout=15)
         except Exception as err:  # our own loop failed: nobody is proven, nobody moves
             answers = [err] * len(mates)
         proven = set()
@@ -144,7 +168,7 @@ class Mover:
             else:
                 proven.add(p.peer_id)
                 continue
-            self.peer.distrust.report(
+            self.distrust.report(
                 p.peer_id,
                 "no_server",
                 f"peer {p.peer_id} announces stage {stage} but does not answer as its server ({why}): not counted",
@@ -158,11 +182,11 @@ class Mover:
 
         The trainer keeps going: it routes the old stage to its other peers while this one
         closes it, and the new stage to this peer once it is open. Returns True if moved."""
-        peer, presence = self.peer, self.peer.presence
+        holder, presence, event = self.holder, self.presence, self.event
         old, started = presence.status.stage, time.monotonic()
         reason = "recovery" if recovery else "rebalance"
         last_seen = self._stage_epochs.last(target)
-        peer.out.event(
+        event(
             "moving",
             f"moving from stage {old} to stage {target} ({reason})",
             **{"from": old, "to": target, "reason": reason},
@@ -170,40 +194,40 @@ class Mover:
         if not recovery:
             # The old group's next round may take this peer's accumulated samples; a recovery
             # does not wait: the pipeline is stalled until the empty stage is back.
-            peer.hand_back_gradients()
+            holder.hand_back(give_up=self.give_up)
         # Announced at the target as 'joining', in one update: routers stop sending the old
         # stage's work here and send none of the new stage's yet, and the balancing policy of
         # every other peer counts this peer at the target (nobody else moves to refill it).
         presence.update(stage=target, state=PeerState.JOINING)
         presence.announce()
-        peer.close_slot(for_move=True)
+        holder.close(for_move=True)
         closed = time.monotonic()
         try:
-            peer.open_slot(target)
-            if recovery and peer.slot.restored_step is None and peer.checkpoints_announced(target):
+            holder.open(target)
+            if recovery and holder.slot.restored_step is None and holder.checkpoints_announced(target):
                 # The stage's signed checkpoint exists but this try failed (a broken transfer):
                 # one more try before restarting a whole stage from the spec's init.
-                peer.out.event(
+                event(
                     "restore_retry",
                     f"stage {target} has signed checkpoints but none could be loaded; trying once more",
                     stage=target,
                 )
-                peer.close_slot(for_move=False)
-                peer.open_slot(target)
+                holder.close(for_move=False)
+                holder.open(target)
         except Exception as err:
             log.exception("opening stage %d failed", target)
-            peer.out.event(
+            event(
                 "move_failed",
                 f"could not open stage {target} ({type(err).__name__}: {err}); going back to stage {old}",
                 **{"from": old, "to": target, "reason": f"{type(err).__name__}: {err}"},
             )
             presence.update(stage=old)
             presence.announce()
-            peer.open_slot(old)
+            holder.open(old)
             target = old
         if recovery and target != old:
             # The group's progress records outlive its peers: the epoch they had reached.
-            group_epoch = peer.resume_if_group_gone()
+            group_epoch = holder.resume_if_group_gone()
             seen = [e for e in (last_seen, group_epoch) if e is not None]
             last_seen = max(seen) if seen else None
         presence.update(state=PeerState.ONLINE)
@@ -211,9 +235,9 @@ class Mover:
         self.last_move_at = time.monotonic()
         if target == old:
             return False
-        slot = peer.slot
+        slot = holder.slot
         seconds = time.monotonic() - started
-        peer.out.event(
+        event(
             "moved",
             f"now serving stage {target} (was {old}, {reason}) after {seconds:.1f}s, at epoch "
             f"{slot.epoch}"
@@ -236,7 +260,7 @@ class Mover:
                 if slot.restored_step is not None
                 else "the spec's initialisation (no trusted checkpoint)"
             )
-            peer.out.event(
+            event(
                 "recovered",
                 f"stage {target} had no peer left: restored from {source}; "
                 + (

@@ -85,7 +85,11 @@ class Presence:
 
     def record(self, status: Optional[PeerStatus] = None) -> PeerInfo:
         status = status or self._status
-        figures = self.figures()
+        try:
+            figures = self.figures()
+        except Exception as err:  # the record still says where this peer is and in what state
+            log.warning("reading the live figures for the record failed: %s", err)
+            figures = TrainingFigures()
         return PeerInfo(
             peer_id=self.peer_id,
             stage=status.stage,

@@ -1,17 +1,16 @@
-"""What a running peer tells its user: the periodic status line and the first-contribution
-event. Read-only: both read the peer's public view (``status``, ``worker``, ``trainer``)."""
+"""What a running peer tells its user and the swarm about its training: the periodic status line,
+the first-contribution event and the live figures of its record. Read-only: each reads one
+``PeerSnapshot`` (``Peer.snapshot``)."""
 
 from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from peer.node.presence import TrainingFigures
+from peer.observe.snapshot import PeerSnapshot
 from protocol.records import MAX_LOSS as MAX_RECORD_LOSS
-
-if TYPE_CHECKING:
-    from peer.node.peer import Peer
 
 
 class FirstContribution:
@@ -22,84 +21,77 @@ class FirstContribution:
     def __init__(self):
         self.done = False
 
-    def check(self, peer: "Peer") -> None:
+    def check(self, snap: PeerSnapshot, event: Callable) -> None:
         if self.done:
             return
-        served = peer.worker.stats.samples if peer.worker is not None else 0
-        trained = peer.trainer.stats.microbatches if peer.trainer is not None else 0
+        served = snap.worker.samples if snap.worker is not None else 0
+        trained = snap.trainer.microbatches if snap.trainer is not None else 0
         if served or trained:
             self.done = True
-            seconds = time.time() - peer.started
-            peer.out.event(
+            seconds = time.time() - snap.started
+            event(
                 "contributing",
                 f"first contribution {seconds:.1f}s after start",
                 seconds=round(seconds, 3),
                 served_samples=served,
                 trained_microbatches=trained,
-                stage=peer.status.stage,
+                stage=snap.stage,
             )
 
 
-def print_status(peer: "Peer") -> None:
-    per_stage = peer.presence.online_per_stage(peer.spec.num_stages)
-    stage, epoch, worker = peer.status.stage, peer.epoch, peer.worker
-    t = peer.trainer.stats if peer.trainer is not None else None
+def print_status(snap: PeerSnapshot, event: Callable) -> None:
+    per_stage = snap.online_per_stage()
+    t, worker = snap.trainer, snap.worker
     elapsed = max(1e-6, time.monotonic() - t.started) if t else 1.0
     tok_s = t.tokens / elapsed if t else 0.0
-    loss = t.loss_ema if t else (worker.stats.loss_ema if worker is not None else None)
-    served = (worker.stats.backward + (worker.stats.forward if worker.is_last else 0)) if worker is not None else 0
-    sent = sum(peer.counters.sent.values())
-    teaching = getattr(peer, "teaching", None)
-    teachers = len(teaching.client.usable()) if teaching is not None else None
+    loss = snap.loss
+    served = worker.served if worker is not None else 0
+    sent = sum(snap.sent.values())
+    teachers = snap.teaching.usable if snap.teaching is not None else None
     text = (
-        f"stage {stage} | epoch {epoch} | "
+        f"stage {snap.stage} | epoch {snap.epoch} | "
         + (f"step {t.microbatches} | " if t else "")
         + (f"loss {loss:.3f} | " if loss is not None else "")
         + (f"{tok_s:,.0f} tok/s | " if t else "")
         + (f"teachers {teachers}, distilled {t.distilled} | " if teachers is not None and t else "")
         + f"served {served} | peers/stage {per_stage} | sent {sent / 1e6:.1f} MB"
     )
-    peer.out.event(
+    event(
         "status",
         text,
-        stage=stage,
-        epoch=epoch,
+        stage=snap.stage,
+        epoch=snap.epoch,
         microbatches=t.microbatches if t else 0,
         loss=loss,
         tokens=t.tokens if t else 0,
         tokens_per_s=tok_s,
         peers_per_stage=per_stage,
-        samples_accumulated=worker.stats.samples if worker is not None else 0,
+        samples_accumulated=worker.samples if worker is not None else 0,
         served=served,
         retries=t.retries if t else 0,
         distilled=t.distilled if t else 0,
         teachers=teachers,
-        bytes_sent=dict(peer.counters.sent),
-        bytes_received=dict(peer.counters.received),
+        bytes_sent=dict(snap.sent),
+        bytes_received=dict(snap.received),
     )
 
 
-def training_figures(peer: "Peer") -> TrainingFigures:
-    """The live figures of a peer's record: epoch, loss, and its trainer's work."""
-    trainer, worker = peer.trainer, peer.worker
-    loss = None
-    if trainer is not None and trainer.stats.loss_ema is not None:
-        loss = float(trainer.stats.loss_ema)
-    elif worker is not None and worker.stats.loss_ema is not None:
-        loss = float(worker.stats.loss_ema)
+def training_figures(snap: PeerSnapshot) -> TrainingFigures:
+    """The live figures of a peer's record: epoch, loss, the round state's digest (outer rounds)
+    and its trainer's work."""
+    loss = snap.loss
     if loss is not None and not (math.isfinite(loss) and 0.0 <= loss <= MAX_RECORD_LOSS):
         loss = None  # the record's schema would refuse it, and the peer would vanish from the swarm
-    optimizer = getattr(peer.slot, "optimizer", None)
-    digest = str(getattr(optimizer, "round_digest", ""))[:16]  # outer rounds only
-    if trainer is None:
-        return TrainingFigures(epoch=peer.epoch, loss=loss, state_digest=digest)
-    stats = trainer.stats
-    elapsed = max(1e-6, time.monotonic() - stats.started)
+    digest = snap.optimizer.state_digest if snap.optimizer is not None else ""
+    t = snap.trainer
+    if t is None:
+        return TrainingFigures(epoch=snap.epoch, loss=loss, state_digest=digest)
+    elapsed = max(1e-6, time.monotonic() - t.started)
     return TrainingFigures(
-        epoch=peer.epoch,
-        loss=loss,
-        tokens=stats.tokens,
-        samples_per_s=stats.samples / elapsed,
+        epoch=snap.epoch,
+        loss=float(loss) if loss is not None else None,
+        tokens=t.tokens,
+        samples_per_s=t.samples / elapsed,
         has_data=True,
         state_digest=digest,
     )

@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily
 
-PREFIX = "swarmtrain"
+from peer.observe.prom import PREFIX
 
-__all__ = ["EventCounts", "close_server"]
+__all__ = ["EventCounts"]
 
 
 class EventCounts:
     """For a node with no training to measure (the bootstrap and its keeper): wraps an
     ``Output.event`` and counts the events it reports, served as ``swarmtrain_events_total{event}``
-    (``checkpoint_signed``, ``keeper_refused``, ``state_rejected``, ``keeper_skip``...)."""
+    (``checkpoint_signed``, ``keeper_refused``, ``state_rejected``, ``keeper_skip``...); it is the
+    collector ``serve_metrics`` serves."""
 
     def __init__(self, event):
         self._event = event
         self.counts: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.server = None
 
     def __call__(self, name: str, text: str, **fields) -> None:
         with self._lock:
@@ -39,19 +38,3 @@ class EventCounts:
 
     def describe(self):
         return []
-
-    def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(self)
-        self.server, _ = start_http_server(port, addr=host, registry=registry)
-        return self.server.server_address[1]
-
-    def close(self) -> None:
-        self.server = close_server(self.server)
-
-
-def close_server(server) -> None:
-    """Stop a ``start_http_server`` server (None: nothing to stop); returns None."""
-    if server is not None:
-        server.shutdown()
-        server.server_close()

@@ -1,15 +1,12 @@
 """Metrics of teachers: a trainer's requests, spot checks and bans (read from its
-``TeacherClient``), the last stage's distilled micro-batches, and a teacher peer's own figures
-(``swarmtrain teach --metrics-port``: ``TeacherMetrics``)."""
+``TeacherClient``), the last stage's distilled micro-batches, and the names of a teacher peer's
+own figures (``swarmtrain teach --metrics-port``: ``peer.observe.metrics.TeacherMetrics``)."""
 
 from __future__ import annotations
 
-import time
+from peer.observe.snapshot import PeerSnapshot
 
-from peer.base import Output
-from peer.base.config import OutputConfig
-
-__all__ = ["TEACHER_METRICS", "TeacherMetrics", "read_teaching"]
+__all__ = ["TEACHER_METRICS", "read_teaching"]
 
 TEACHER_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     # a trainer of a run that distills
@@ -39,71 +36,20 @@ TEACHER_METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-def read_teaching(peer, put) -> None:
+def read_teaching(snap: PeerSnapshot, put) -> None:
     """A training peer's teacher figures (nothing when its run does not distill)."""
-    worker = peer.worker
-    if worker is not None and getattr(worker, "is_last", False):
-        put("stage_distilled", worker.stats.distilled)
-    side = getattr(peer, "teaching", None)
-    if side is None:
+    if snap.worker is not None and snap.worker.is_last:
+        put("stage_distilled", snap.worker.distilled)
+    teaching = snap.teaching
+    if teaching is None:
         return
-    client = side.client
-    for outcome, n in dict(client.stats.requests).items():
+    for outcome, n in teaching.requests.items():
         put("teacher_requests", n, outcome)
-    for result, n in dict(client.stats.spot_checks).items():
+    for result, n in teaching.spot_checks.items():
         put("teacher_spot_checks", n, result)
-    put("teachers_banned", len(client.banned))
-    put("teachers_suspended", len(client.suspended))
-    put("teachers_online", len(client.usable()))
-    put("no_teacher_microbatches", client.stats.no_teacher)
-    if peer.trainer is not None:
-        put("distilled_microbatches", peer.trainer.stats.distilled)
-
-
-class TeacherMetrics:
-    """``/metrics`` of a teacher peer: its own figures, the bytes it moved, refused requests."""
-
-    def __init__(self):
-        from peer.observe.metrics import PeerMetrics
-
-        self._metrics = PeerMetrics()
-
-    @classmethod
-    def start(cls, config: OutputConfig, out: Output) -> "TeacherMetrics":
-        metrics = cls()
-        try:
-            port = metrics._metrics.serve(config.metrics_port, host=config.metrics_host)
-        except OSError as err:
-            raise SystemExit(f"--metrics-port {config.metrics_port}: cannot listen on {config.metrics_host}: {err}")
-        url = f"http://{config.metrics_host}:{port}/metrics"
-        out.event("metrics", f"Prometheus metrics at {url}", port=port, url=url)
-        return metrics
-
-    def update(self, teacher) -> None:
-        values: dict = {}
-
-        def put(name: str, value, *labels) -> None:
-            if value is not None:
-                values.setdefault(name, {})[tuple(str(x) for x in labels)] = float(value)
-
-        put("up_seconds", time.time() - teacher.started)
-        stats = teacher.server.stats
-        put("teacher_answered_requests", stats.requests)
-        put("teacher_answered_tokens", stats.tokens)
-        put("teacher_batches", stats.batches)
-        put("teacher_expired", stats.expired)
-        put("teacher_queue_depth", teacher.server.queued)
-        put("teacher_throughput", teacher.throughput)
-        counters = teacher.counters
-        for kind, n in list(counters.sent.items()):
-            put("sent_bytes", n, kind)
-        for kind, n in list(counters.received.items()):
-            put("received_bytes", n, kind)
-        for rpc, n in list(counters.rejected.items()):
-            put("requests_rejected", n, rpc)
-        for rpc, n in list(counters.busy.items()):
-            put("requests_busy", n, rpc)
-        self._metrics.set_values(values)
-
-    def close(self) -> None:
-        self._metrics.close()
+    put("teachers_banned", teaching.banned)
+    put("teachers_suspended", teaching.suspended)
+    put("teachers_online", teaching.usable)
+    put("no_teacher_microbatches", teaching.no_teacher)
+    if snap.trainer is not None:
+        put("distilled_microbatches", snap.trainer.distilled)

@@ -58,7 +58,8 @@ class BanList:
         self._failures.pop(peer_id, None)
 
     def banned(self, now: float) -> set[str]:
-        return {peer_id for peer_id, until in self._until.items() if until > now}
+        # Read from other threads too (a peer's snapshot): a copy of the items first, in one step.
+        return {peer_id for peer_id, until in list(self._until.items()) if until > now}
 
     # Peer ids are free to make: the table must not grow with every id ever banned.
     MAX_ENTRIES = 4096

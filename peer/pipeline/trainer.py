@@ -70,6 +70,15 @@ class NoPeerForStage(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class LocalStage:
+    """The stage this peer serves itself and its worker: one value, replaced whole when the peer
+    opens, moves or closes its stage, so a reader never sees one stage with another's worker."""
+
+    stage: int
+    worker: StageWorker
+
+
 class Trainer:
     def __init__(
         self,
@@ -78,8 +87,7 @@ class Trainer:
         my_peer_id: str,
         *,
         snapshot: Callable[[], Sequence[PeerInfo]],
-        local_stage: Optional[int] = None,
-        local_worker: Optional[StageWorker] = None,
+        local: Optional[LocalStage] = None,
         request_timeout: float = 30.0,
         max_inflight: Optional[int] = None,
         wait_for_peers: float = 60.0,
@@ -94,7 +102,9 @@ class Trainer:
         self.soft_targets = soft_targets
         self.digest = spec.digest()
         self.snapshot = snapshot
-        self.local_stage, self.local_worker = local_stage, local_worker
+        # Swapped by the peer's main thread on a move, read here on the event loop: read it once
+        # per use (``local = self.local``), never twice.
+        self.local: Optional[LocalStage] = local
         self.request_timeout = request_timeout
         self.max_inflight = max_inflight or spec.num_stages + 1
         self.wait_for_peers = wait_for_peers
@@ -127,9 +137,9 @@ class Trainer:
                 continue  # our own stage is served by the local worker, never over the network
             out.append((p.peer_id, announced_prior(p.throughput, bool(p.via)), self.inflight.get(p.peer_id, 0)))
         out = [(p, self.ema.get(p, prior), load) for p, prior, load in capped_priors(out, self.ema.known())]
-        if stage == self.local_stage and self.local_worker is not None:
-            rate = self.local_worker.stats.throughput
-            out.append((LOCAL, self.ema.get(LOCAL, rate), self.local_worker.queue_depth))
+        local = self.local
+        if local is not None and local.stage == stage:
+            out.append((LOCAL, self.ema.get(LOCAL, local.worker.stats.throughput), local.worker.queue_depth))
         return out
 
     async def _pick(self, stage: int, exclude: Sequence[str] = ()) -> str:
@@ -203,7 +213,12 @@ class Trainer:
             self.inflight[peer] -= 1
 
     async def _local(self, stage, mb_id, backward, named, soft: Optional[SoftTargets] = None):
-        worker = self.local_worker
+        local = self.local
+        if local is None or local.stage != stage:
+            # The peer moved (or is closing) its stage since this hop was routed here: a failure
+            # like any other peer's, retried on another peer of the stage.
+            raise RemoteError(ErrorCode.BUSY, f"this peer no longer serves stage {stage} itself")
+        worker = local.worker
         deadline = time.monotonic() + self.request_timeout
         try:
             if backward:
