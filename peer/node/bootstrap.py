@@ -34,7 +34,9 @@ def run_bootstrap(config: BootstrapConfig) -> int:
 
             event = EventCounts(out.event)  # the keeper's signatures, refusals and rejected states
             o = config.output
-            stack.callback(close_server, serve_metrics(event, host=o.metrics_host, port=o.metrics_port, event=out.event))
+            stack.callback(
+                close_server, serve_metrics(event, host=o.metrics_host, port=o.metrics_port, event=out.event)
+            )
         node = stack.enter_context(
             joined(
                 config.network,
@@ -87,7 +89,9 @@ def _spec_signing_key(config: BootstrapConfig):
 def _say_ready(node: Joined, out: Output, spec_key) -> None:
     maddrs, spec = visible_maddrs(node.dht), node.spec
     if out.as_json:
-        out.event("ready", "bootstrap ready", peer_id=node.peer_id, maddrs=maddrs, digest=spec.digest() if spec else None)
+        out.event(
+            "ready", "bootstrap ready", peer_id=node.peer_id, maddrs=maddrs, digest=spec.digest() if spec else None
+        )
         return
     print(f"[swarmtrain] bootstrap {node.peer_id} is up (identity {node.identity.path}). Peers join with:", flush=True)
     for m in maddrs:

@@ -218,25 +218,7 @@ class Trainer:
             # The peer moved (or is closing) its stage since this hop was routed here: a failure
             # like any other peer's, retried on another peer of the stage.
             raise RemoteError(ErrorCode.BUSY, f"this peer no longer serves stage {stage} itself")
-        worker = local.worker
-        deadline = time.monotonic() + self.request_timeout
-        try:
-            if backward:
-                grad = await asyncio.wrap_future(
-                    worker.backward(mb_id, named["grad_outputs"], named.get("inputs"), deadline=deadline)
-                )
-                return 0.0, ({} if grad is None else {"grad_inputs": grad})
-            if "labels" in named:
-                pair = (soft.ids, soft.logprobs) if soft is not None else None
-                result = await asyncio.wrap_future(
-                    worker.forward(mb_id, named["inputs"], named["labels"], deadline=deadline, soft=pair)
-                )
-                grad = result.grad_inputs
-                return result.label_loss, ({} if grad is None else {"grad_inputs": grad})
-            out = await asyncio.wrap_future(worker.forward(mb_id, named["inputs"]))
-            return 0.0, {"outputs": out}
-        except StageError as err:
-            raise RemoteError(err.code, str(err)) from None
+        return await local_hop(local.worker, mb_id, backward, named, soft, time.monotonic() + self.request_timeout)
 
     async def _with_retries(self, stage: int, first: Optional[str], attempt_fn):
         """Run attempt_fn(peer) until it succeeds, moving to another peer after a failure."""
@@ -381,3 +363,24 @@ class Trainer:
                 task.cancel()
             if pending:
                 log.info("%d in-flight micro-batches abandoned at shutdown", len(pending))
+
+
+async def local_hop(worker: StageWorker, mb_id: str, backward: bool, named, soft: Optional[SoftTargets], deadline):
+    """One forward or backward on this peer's own stage worker, answered as a remote stage would."""
+    try:
+        if backward:
+            grad = await asyncio.wrap_future(
+                worker.backward(mb_id, named["grad_outputs"], named.get("inputs"), deadline=deadline)
+            )
+            return 0.0, ({} if grad is None else {"grad_inputs": grad})
+        if "labels" in named:
+            pair = (soft.ids, soft.logprobs) if soft is not None else None
+            result = await asyncio.wrap_future(
+                worker.forward(mb_id, named["inputs"], named["labels"], deadline=deadline, soft=pair)
+            )
+            grad = result.grad_inputs
+            return result.label_loss, ({} if grad is None else {"grad_inputs": grad})
+        out = await asyncio.wrap_future(worker.forward(mb_id, named["inputs"]))
+        return 0.0, {"outputs": out}
+    except StageError as err:
+        raise RemoteError(err.code, str(err)) from None

@@ -313,25 +313,9 @@ def resolve_spec(
     while True:
         published = fetch_specs(dht, run_id)
         specs = {spec.digest(): spec for _, spec in published}
-        if pinned_digest is not None:
-            if pinned_digest.lower() in specs:
-                return chosen(pinned_digest.lower())
-        elif trusted_keys:
-            signed = {d: fps for d, fps in fetch_spec_signers(dht, run_id, trusted_keys).items() if d in specs}
-            if len(signed) == 1:
-                return chosen(next(iter(signed)))
-            if len(signed) > 1:
-                raise SpecError(
-                    f"run {run_id!r} has {len(signed)} specs signed by trusted keys "
-                    f"({', '.join(d[:16] for d in signed)}); pass --spec-digest to choose one"
-                )
-        elif len(specs) == 1:
-            return next(iter(specs.values()))
-        elif len(specs) > 1:
-            raise SpecError(
-                f"run {run_id!r} has {len(specs)} different published specs ({', '.join(d[:16] for d in specs)}); "
-                "pass --spec-digest to choose one or --spec FILE"
-            )
+        digest = _chosen_digest(dht, run_id, specs, pinned_digest, trusted_keys)
+        if digest is not None:
+            return chosen(digest)
         if time.monotonic() > deadline:
             if pinned_digest is not None:
                 what = f"with digest {pinned_digest}"
@@ -345,6 +329,29 @@ def resolve_spec(
                 + (" and --signing-key?" if trusted_keys and pinned_digest is None else "?")
             )
         time.sleep(1.0)
+
+
+def _chosen_digest(
+    dht: hivemind.DHT, run_id: str, specs: dict[str, RunSpec], pinned_digest: Optional[str], trusted_keys
+) -> Optional[str]:
+    """The digest of the spec to take among ``specs`` (published under ``run_id``), None while
+    there is none yet; SpecError when several qualify."""
+    if pinned_digest is not None:
+        return pinned_digest.lower() if pinned_digest.lower() in specs else None
+    if trusted_keys:
+        signed = {d: fps for d, fps in fetch_spec_signers(dht, run_id, trusted_keys).items() if d in specs}
+        if len(signed) > 1:
+            raise SpecError(
+                f"run {run_id!r} has {len(signed)} specs signed by trusted keys "
+                f"({', '.join(d[:16] for d in signed)}); pass --spec-digest to choose one"
+            )
+        return next(iter(signed)) if signed else None
+    if len(specs) > 1:
+        raise SpecError(
+            f"run {run_id!r} has {len(specs)} different published specs ({', '.join(d[:16] for d in specs)}); "
+            "pass --spec-digest to choose one or --spec FILE"
+        )
+    return next(iter(specs)) if specs else None
 
 
 def resolve_run_spec(

@@ -725,6 +725,38 @@ def outer_junk(dht, identity, spec, stage: int, target: str, seconds: float) -> 
     return results
 
 
+def run_mode(args, spec, identity, dht, p2p, loop) -> list:
+    """The attack ``args.mode`` names, run to its end; what each of its attempts got."""
+    key, target, stage, seconds = identity.private_key, args.target, args.stage, args.seconds
+    mode = args.mode
+    fake_state_modes = ("fake-state", "fake-state-same", "outer-fake-state")
+    attacks = {
+        "huge-dtype": lambda: huge_dtype(p2p, spec, target, stage, seconds),
+        "short-8bit": lambda: short_8bit(p2p, spec, target, stage, seconds),
+        "burst": lambda: burst(p2p, spec, target, stage, seconds),
+        "slow-streams": lambda: slow_streams(p2p, spec, target, stage, seconds),
+        "huge-epoch": lambda: huge_epoch(dht, key, p2p.peer_id.to_bytes(), spec, stage, seconds),
+        "fake-online": lambda: fake_online(dht, key, spec, stage, seconds),
+        "preclaim": lambda: preclaim(p2p, dht, key, spec, target, stage, seconds),
+        "fake-spec": lambda: fake_spec(dht, identity, spec, seconds),
+        "fake-checkpoints": lambda: fake_checkpoints(p2p, dht, key, spec, stage, seconds),
+        "bad-backward": lambda: bad_backward(p2p, spec, target, seconds),
+    }
+    if mode in attacks:
+        return loop.run_until_complete(attacks[mode]())
+    if mode.startswith("fake-stage-") or mode == "error-escape":
+        which = "escape" if mode == "error-escape" else mode.rsplit("-", 1)[1]
+        return loop.run_until_complete(fake_stage(p2p, dht, key, spec, which, seconds))
+    if mode == "outer-junk":
+        return outer_junk(dht, identity, spec, stage, target, seconds)
+    if mode == "outer-poison":
+        return outer_poison(dht, identity, spec, stage, seconds)
+    if mode in fake_state_modes:
+        same, outer = mode == "fake-state-same", mode == "outer-fake-state"
+        return loop.run_until_complete(fake_state(p2p, dht, key, spec, stage, seconds, same, outer))
+    raise SystemExit(f"unknown mode {mode}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode")
@@ -743,7 +775,6 @@ def main() -> None:
         identity = ground_identity(before=args.target)
     else:
         identity = load_or_create_identity(None)
-    key = identity.private_key
     run_id = records.averaging_run_id(spec.run_id, spec.digest(), args.stage)
     validators = [
         *records.run_validators(spec.run_id, spec.digest()),
@@ -753,39 +784,7 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     p2p = loop.run_until_complete(dht.replicate_p2p())
     emit("ready", peer_id=p2p.peer_id.to_base58())
-    mode = args.mode
-    if mode == "huge-dtype":
-        result = loop.run_until_complete(huge_dtype(p2p, spec, args.target, args.stage, args.seconds))
-    elif mode == "short-8bit":
-        result = loop.run_until_complete(short_8bit(p2p, spec, args.target, args.stage, args.seconds))
-    elif mode == "burst":
-        result = loop.run_until_complete(burst(p2p, spec, args.target, args.stage, args.seconds))
-    elif mode == "slow-streams":
-        result = loop.run_until_complete(slow_streams(p2p, spec, args.target, args.stage, args.seconds))
-    elif mode.startswith("fake-stage-") or mode == "error-escape":
-        which = "escape" if mode == "error-escape" else mode.rsplit("-", 1)[1]
-        result = loop.run_until_complete(fake_stage(p2p, dht, key, spec, which, args.seconds))
-    elif mode == "huge-epoch":
-        result = loop.run_until_complete(huge_epoch(dht, key, p2p.peer_id.to_bytes(), spec, args.stage, args.seconds))
-    elif mode == "fake-online":
-        result = loop.run_until_complete(fake_online(dht, key, spec, args.stage, args.seconds))
-    elif mode == "preclaim":
-        result = loop.run_until_complete(preclaim(p2p, dht, key, spec, args.target, args.stage, args.seconds))
-    elif mode == "fake-spec":
-        result = loop.run_until_complete(fake_spec(dht, identity, spec, args.seconds))
-    elif mode == "fake-checkpoints":
-        result = loop.run_until_complete(fake_checkpoints(p2p, dht, key, spec, args.stage, args.seconds))
-    elif mode == "bad-backward":
-        result = loop.run_until_complete(bad_backward(p2p, spec, args.target, args.seconds))
-    elif mode == "outer-junk":
-        result = outer_junk(dht, identity, spec, args.stage, args.target, args.seconds)
-    elif mode == "outer-poison":
-        result = outer_poison(dht, identity, spec, args.stage, args.seconds)
-    elif mode in ("fake-state", "fake-state-same", "outer-fake-state"):
-        same, outer = mode == "fake-state-same", mode == "outer-fake-state"
-        result = loop.run_until_complete(fake_state(p2p, dht, key, spec, args.stage, args.seconds, same, outer))
-    else:
-        raise SystemExit(f"unknown mode {mode}")
+    result = run_mode(args, spec, identity, dht, p2p, loop)
     counts: dict[str, int] = {}
     for r in result:
         counts[r] = counts.get(r, 0) + 1
