@@ -23,16 +23,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
-
-import teach_sim  # noqa: E402
-from teach_swarm import bench_swarm  # noqa: E402
-
-from peer.teach.model import TeacherModel  # noqa: E402
-from protocol.spec import RunSpec, preset_spec  # noqa: E402
-
-from bench_common import default_text_data, emit, machine, say, sigterm_as_interrupt  # noqa: E402
+from peer.dev.bench import teach_sim
+from peer.dev.bench.common import default_text_data, emit, eval_batches, machine, say, sigterm_as_interrupt
+from peer.dev.bench.teach_swarm import bench_swarm
+from peer.teach.model import TeacherModel
+from protocol.spec import RunSpec, preset_spec
 
 BENCH = "teach"
 SPEEDUP_GOAL = 1.3
@@ -198,7 +193,7 @@ def main(argv=None) -> int:
         )
         emit(BENCH, "teacher_training", preset=args.teacher_preset, **trained)
     teacher = TeacherModel.load(hf_dir, spec)
-    batches = teach_sim.eval_batches(spec, heldout)
+    batches = eval_batches(spec, heldout, suffixes=None)
     emit(
         BENCH,
         "teacher",

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Churn benchmark, side by side in one run: the same swarm with and without churn.
 
 Both runs: a bootstrap and STAGES x PEERS_PER_STAGE peers (pinned stages, one torch thread
@@ -33,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import os
 import platform
 import random
@@ -45,29 +43,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from peer.data import fixed_batch, stdlib_text_path  # noqa: E402
-from peer.data.tokenizer import load_tokenizer  # noqa: E402
-from peer.dev.launcher import Cluster, Proc  # noqa: E402
-from peer.model.llama import build_stages, causal_lm_loss, chain_forward  # noqa: E402
-from protocol.spec import RunSpec, preset_spec  # noqa: E402
+from peer.data import stdlib_text_path
+from peer.dev.bench.common import emit, eval_batches, eval_loss, make_spec, say, sigterm_as_interrupt
+from peer.dev.launcher import Cluster, Proc
+from protocol.spec import RunSpec
 
 BENCH = "churn"
 READY_TIMEOUT = 300.0
-
-
-def say(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def emit(metric: str, **fields) -> dict:
-    record = {"bench": BENCH, "metric": metric, **fields}
-    print(json.dumps(record, default=lambda v: round(v, 6) if isinstance(v, float) else str(v)), flush=True)
-    return record
 
 
 # --- the swarm's throughput, from every peer's status events -------------------------------------
@@ -120,20 +104,7 @@ def recovery_seconds(
     return None, baseline
 
 
-# --- held-out loss of the final weights --------------------------------------------------------
-
-
-@torch.no_grad()
-def eval_loss(spec: RunSpec, stage_files: list[Path], batches: list[torch.Tensor]) -> Optional[float]:
-    from safetensors.torch import load_file
-
-    if any(not f.is_file() for f in stage_files):
-        return None
-    stages = build_stages(spec)
-    for stage, path in zip(stages, stage_files):
-        stage.load_state_dict(load_file(str(path)))
-        stage.eval()
-    return sum(float(causal_lm_loss(chain_forward(stages, b), b)) for b in batches) / len(batches)
+# --- the final weights ------------------------------------------------------------------------
 
 
 def final_epoch(path: Path) -> int:
@@ -271,6 +242,7 @@ class Run:
         stage_files = [finals[k][1] if k in finals else Path("/nonexistent") for k in range(self.spec.num_stages)]
         held_out = eval_loss(self.spec, stage_files, self.args.eval_batches)
         result = emit(
+            BENCH,
             "run",
             run=self.name,
             seconds=end - start,
@@ -286,6 +258,7 @@ class Run:
             p = replacement.proc
             contributing, ready = p.last_event("contributing"), p.last_event("ready")
             emit(
+                BENCH,
                 "join",
                 run=self.name,
                 peer=p.name,
@@ -297,6 +270,7 @@ class Run:
             )
             recovered, baseline = recovery_seconds(series, victim.killed_at, end)
             emit(
+                BENCH,
                 "recovery",
                 run=self.name,
                 killed=victim.proc.name,
@@ -340,23 +314,14 @@ def main() -> int:
     if args.quick:
         args.seconds, args.peers_per_stage = 90.0, 2
 
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    sigterm_as_interrupt()
     torch.set_num_threads(1)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-churn-"))
-    spec = preset_spec("tiny", stages=args.stages, run_id="benchchurn")
+    spec = make_spec("tiny", "benchchurn", stages=args.stages)
     spec_path = workdir / "spec.toml"
     workdir.mkdir(parents=True, exist_ok=True)
     spec.save(spec_path)
-    tokenizer = load_tokenizer(spec.tokenizer)
-    args.eval_batches = [
-        fixed_batch(
-            args.data, tokenizer, seq_len=spec.training.seq_len, batch_size=32, seed=424242 + i, suffixes=[".py"]
-        )
-        for i in range(4)
-    ]
+    args.eval_batches = eval_batches(spec, args.data, suffixes=[".py"])
 
     n = args.stages * args.peers_per_stage
     n_kills = max(1, round(n * args.kill_fraction))
@@ -368,6 +333,7 @@ def main() -> int:
     for t in slots:
         kills.append(max(t, kills[-1] + 20.0) if kills else t)
     emit(
+        BENCH,
         "config",
         seconds=args.seconds,
         stages=args.stages,
@@ -392,6 +358,7 @@ def main() -> int:
             run.cluster.close()
     steady, churn = results["no_churn"], results["churn"]
     emit(
+        BENCH,
         "churn_vs_steady",
         tokens_per_s_ratio=churn["tokens_per_s"] / max(steady["tokens_per_s"], 1e-9),
         final_loss_ratio=(

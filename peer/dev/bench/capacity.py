@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """How much the capacity a peer announces (peer.model.capacity) depends on what else runs on the
 machine, side by side in one run: each stage of the tiny preset measured by one process
 alone, then by ``--procs`` processes measuring at the same time.
@@ -19,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]  # the checkout whose peer package the workers import
 
 WORKER = """
 import json, sys, torch

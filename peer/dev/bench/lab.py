@@ -30,26 +30,22 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import netlab  # noqa: E402
-from bench_swarm import graceful_stop  # noqa: E402
-
-from peer.averaging.wire_stats import ENV as WIRE_STATS_ENV  # noqa: E402
-from peer.averaging.wire_stats import read_totals  # noqa: E402
-from peer.dev.launcher import SWARMTRAIN, Cluster  # noqa: E402
-from protocol.spec import preset_spec  # noqa: E402
-
-from bench_common import (  # noqa: E402
+from peer.averaging.wire_stats import ENV as WIRE_STATS_ENV
+from peer.averaging.wire_stats import read_totals
+from peer.dev import lab as netlab
+from peer.dev.bench.common import (
     check_choices,
     default_text_data,
     emit,
+    graceful_stop,
     machine,
+    make_spec,
     say,
     sigterm_as_interrupt,
     status_points,
     steady_rate,
 )
+from peer.dev.launcher import SWARMTRAIN, Cluster
 
 BENCH = "lab"
 BASELINE = netlab.Profile("baseline", up_mbit=10000.0, down_mbit=10000.0)
@@ -60,9 +56,9 @@ GOAL_UTILIZATION = 0.8  # outer mode, small preset, broadband
 GOAL_NAT_FIRST_S = 30.0  # a NATed peer's first contribution on broadband
 
 
-def make_spec(preset: str, averaging: str):
-    training = dict(averaging=averaging, outer=OUTER) if averaging == "outer" else dict(averaging=averaging)
-    return preset_spec(preset, stages=2, run_id=f"bench-lab-{preset}-{averaging}", training=training)
+def lab_spec(preset: str, averaging: str):
+    outer = OUTER if averaging == "outer" else None
+    return make_spec(preset, f"bench-lab-{preset}-{averaging}", averaging=averaging, outer=outer)
 
 
 def cpu_seconds(pids) -> float:
@@ -81,7 +77,7 @@ def run_swarm(args, work: Path, preset: str, mode: str, profile, *, nat: bool = 
     """One swarm on ``profile``; with ``nat`` the stage-1 peers and trainer ``a1`` sit behind NATs."""
     work.mkdir(parents=True, exist_ok=True)
     spec_path = work / "spec.toml"
-    make_spec(preset, mode).save(spec_path)
+    lab_spec(preset, mode).save(spec_path)
     wire = work / "wire"
     natted = {"b0", "b1", "a1"} if nat else set()
     extra = ["--status-every", "1", "--max-seconds", f"{args.seconds + 240:.0f}", "--threads", "1"]

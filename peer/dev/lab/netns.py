@@ -1,32 +1,6 @@
-"""The network lab: volunteers behind home routers and on thin, far links, on one machine.
-
-A ``Lab`` makes Linux network namespaces: one switch (a bridge, the "internet"), one per host,
-and one router per host behind NAT. Each host's uplink is a link profile:
-
-- ``lan``: a veth pair into the bridge, ``tbf`` at 1 Gbit/s each way, no added delay (kernel
-  only: the round-trip is the kernel's, well under 1 ms);
-- ``broadband``: 50 Mbit/s down, 10 up, 20 ms each way, 0.1% loss each way;
-- ``far``: 10 Mbit/s each way, 75 ms each way with 5 ms jitter, 1% loss each way.
-
-A shaped link is two TAP devices (one in the host or its router, one a port of the bridge)
-joined by a ``netlab_wire.py`` process that adds the delay, jitter and loss (this kernel has no
-``netem``), with ``tbf`` shaping the rate on each TAP's egress. A host behind NAT sits on a
-private LAN behind its router namespace, whose uplink is the profile's link; the router
-masquerades and drops every connection that does not start inside (no port forwarding).
-
-Addresses: the switch's subnet is 10.77.0.0/24, the LAN behind router i 192.168.<i>.0/24, only
-on interfaces the lab creates inside its own namespaces; nothing outside them is addressed.
-Every namespace name starts with ``stl<pid>-`` (the pid of the process that made it), so a lab
-left behind by a killed process is found and removed by name (``netlab.py cleanup``), and
-``Lab.close`` (also on failure and Ctrl-C) kills every process it started by pid and deletes
-every namespace it made.
-
-    sudo .venv/bin/python scripts/netlab.py check --profile broadband   # measures a profile
-    sudo .venv/bin/python scripts/netlab.py cleanup                     # removes stale labs
-
-Needs root, ``ip`` and ``tc`` (iproute2) and ``nft`` (nftables); ``missing()`` says what is not
-there, for tests to skip with the reason.
-"""
+"""The network lab's namespaces, links and processes: a ``Lab`` of ``Host``s on one switch, each on
+its profile's link, optionally behind a NAT router of its own (the package ``peer.dev.lab`` says
+how), and the removal of labs left by a killed process."""
 
 from __future__ import annotations
 
@@ -42,10 +16,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from peer.base.procs import alive
+from peer.dev.lab.profiles import PROFILES, Profile
 
-HERE = Path(__file__).resolve().parent
-WIRE = HERE / "netlab_wire.py"
-PROBE = HERE / "netlab_probe.py"
+# Run by path with this Python: standard library only, so nothing but the file is needed.
+WIRE = Path(__file__).with_name("wire.py")
+PROBE = Path(__file__).with_name("probe.py")
 PREFIX = "stl"
 SWITCH_NET = "10.77.0"
 # A home router: masquerade out of wan0, nothing from outside gets in (no port forwarding).
@@ -69,33 +44,6 @@ table inet filter {
   }
 }
 """
-TOLERANCE = 0.10  # a profile whose measured round-trip or rate is further off fails its check
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    up_mbit: float
-    down_mbit: float
-    delay_ms: float = 0.0  # one way
-    jitter_ms: float = 0.0
-    loss: float = 0.0  # probability, each way
-
-    @property
-    def kernel_only(self) -> bool:
-        return not (self.delay_ms or self.jitter_ms or self.loss)
-
-    @property
-    def rtt_ms(self) -> float:
-        """Round-trip to a host on ``lan`` (which adds nothing)."""
-        return 2 * self.delay_ms
-
-
-PROFILES = {
-    "lan": Profile("lan", 1000.0, 1000.0),
-    "broadband": Profile("broadband", up_mbit=10.0, down_mbit=50.0, delay_ms=20.0, loss=0.001),
-    "far": Profile("far", up_mbit=10.0, down_mbit=10.0, delay_ms=75.0, jitter_ms=5.0, loss=0.01),
-}
 
 
 def missing() -> Optional[str]:
@@ -300,7 +248,7 @@ class Lab:
 
     def close(self) -> None:
         for proc in reversed(self.procs):
-            _kill_group(proc)
+            kill_group(proc)
         for ns in reversed(self.namespaces):
             for pid in sh("ip", "netns", "pids", ns, check=False).stdout.split():
                 try:  # a process some child started inside the namespace and left behind
@@ -331,7 +279,7 @@ class Lab:
         )
         ready = proc.stdout.readline()
         if '"ready"' not in ready:
-            _kill_group(proc)
+            kill_group(proc)
             raise RuntimeError(f"the echo on {host.name}:{port} did not start (rc {proc.poll()})")
         return proc
 
@@ -343,7 +291,7 @@ class Lab:
                 self.run(a, self.probe(a, ["ping", "--to", b.public_addr, "--port", str(port), "--count", "30"]))
             )
         finally:
-            _kill_group(echo)
+            kill_group(echo)
         tcp = a.profile.kernel_only and b.profile.kernel_only
         sink = self.spawn(
             b.ns,
@@ -364,7 +312,7 @@ class Lab:
         return {"rtt_ms": pings["median_ms"], "ping_lost": pings["lost"], "rate": json.loads(out), "tcp": tcp}
 
 
-def _kill_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
+def kill_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
     if proc.poll() is not None:
         return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
@@ -377,72 +325,3 @@ def _kill_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
-
-
-def check_profile(name: str, *, seconds: float = 3.0) -> dict:
-    """Measure a profile against a ``lan`` host in a fresh lab: the round-trip and the rate each
-    way, compared with what the profile claims (a rate after the profile's loss)."""
-    profile = PROFILES[name]
-    with Lab() as lab:
-        host, ref = lab.add_host("h", profile), lab.add_host("ref", "lan")
-        up, down = lab.measure(host, ref, seconds=seconds), lab.measure(ref, host, seconds=seconds, port=5301)
-    delivered = 1 - profile.loss
-    want_up, want_down = profile.up_mbit * delivered, profile.down_mbit * delivered
-    rtt = up["rtt_ms"]
-    rtt_ok = rtt is not None and (
-        rtt <= 1.0 if profile.kernel_only else abs(rtt - profile.rtt_ms) <= TOLERANCE * profile.rtt_ms
-    )
-    up_ok = abs(up["rate"]["mbit"] - want_up) <= TOLERANCE * want_up
-    down_ok = abs(down["rate"]["mbit"] - want_down) <= TOLERANCE * want_down
-    return dict(
-        profile=name,
-        claimed=dict(
-            up_mbit=profile.up_mbit,
-            down_mbit=profile.down_mbit,
-            rtt_ms=profile.rtt_ms,
-            loss=profile.loss,
-            jitter_ms=profile.jitter_ms,
-        ),
-        measured=dict(
-            up_mbit=up["rate"]["mbit"], down_mbit=down["rate"]["mbit"], rtt_ms=rtt, rtt_down_ms=down["rtt_ms"]
-        ),
-        ok=bool(rtt_ok and up_ok and down_ok),
-        rtt_ok=rtt_ok,
-        up_ok=up_ok,
-        down_ok=down_ok,
-    )
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("check", help="measure link profiles; exit 1 if one is more than 10%% off")
-    c.add_argument("--profile", action="append", choices=sorted(PROFILES), help="default: all")
-    c.add_argument("--seconds", type=float, default=3.0)
-    sub.add_parser("cleanup", help="remove the namespaces of labs whose process is gone")
-    args = ap.parse_args(argv)
-    why = missing()
-    if why:
-        print(f"netlab: {why}", file=sys.stderr)
-        return 2
-    if args.cmd == "cleanup":
-        for ns in cleanup_stale():
-            print(f"removed {ns}")
-        return 0
-    signal.signal(signal.SIGTERM, _interrupt)  # a killed check still removes its lab
-    ok = True
-    for name in args.profile or sorted(PROFILES):
-        result = check_profile(name, seconds=args.seconds)
-        print(json.dumps(result), flush=True)
-        ok &= result["ok"]
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

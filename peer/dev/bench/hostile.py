@@ -29,22 +29,19 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+import torch
+from hivemind.compression import deserialize_torch_tensor
 
-import torch  # noqa: E402
-from hivemind.compression import deserialize_torch_tensor  # noqa: E402
+from peer.data import stdlib_text_path
+from peer.dev.bench.common import emit, machine, make_spec, say, sigterm_as_interrupt, status_points, steady_rate
+from peer.dev.launcher import SWARMTRAIN, Cluster
+from peer.model.llama import LlamaStage, causal_lm_loss
+from peer.pipeline.clipping import grad_norm
+from peer.pipeline.server import Limits
+from protocol.codecs import encode
+from protocol.spec import preset_spec
 
-from peer.data import stdlib_text_path  # noqa: E402
-from peer.dev.launcher import SWARMTRAIN, Cluster  # noqa: E402
-from peer.model.llama import LlamaStage, causal_lm_loss  # noqa: E402
-from peer.pipeline.clipping import grad_norm  # noqa: E402
-from peer.pipeline.server import Limits  # noqa: E402
-from protocol.codecs import encode  # noqa: E402
-from protocol.spec import preset_spec  # noqa: E402
-
-from bench_common import emit, machine, say, sigterm_as_interrupt, status_points, steady_rate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[3]  # this checkout: the code under test, and its git repository
 
 # The last commit before the hostile-peer defences (the house issue's last commit).
 DEFAULT_BASE = "4860bf6"
@@ -138,12 +135,7 @@ def base_worktree(base: str, where: Path) -> Path:
 
 def swarm_rate(code: Path, seconds: float, workdir: Path) -> dict:
     """tokens/s of a 2x2 tiny swarm running the code at ``code``."""
-    spec = preset_spec(
-        "tiny",
-        stages=2,
-        run_id="benchhostile",
-        training=dict(target_batch_size=32, matchmaking_time=2.0, averaging_timeout=15.0),
-    )
+    spec = make_spec("tiny", "benchhostile", target_batch_size=32, matchmaking_time=2.0, averaging_timeout=15.0)
     workdir.mkdir(parents=True, exist_ok=True)
     spec_path = workdir / "spec.toml"
     spec.save(spec_path)

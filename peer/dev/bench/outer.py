@@ -37,13 +37,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from outer_sim import ATTACKS, RunResult, run_outer, run_per_step  # noqa: E402
-
-from protocol.spec import preset_spec  # noqa: E402
-
-from bench_common import check_choices, default_text_data, emit, eval_batches, machine, say, sigterm_as_interrupt  # noqa: E402
+from peer.dev.bench.common import (
+    check_choices,
+    default_text_data,
+    emit,
+    eval_batches,
+    machine,
+    make_spec,
+    say,
+    sigterm_as_interrupt,
+)
+from peer.dev.bench.outer_sim import ATTACKS, RunResult, run_outer, run_per_step
+from protocol.spec import RunSpec
 
 BENCH = "outer"
 LOSS_GOAL_PCT = 3.0
@@ -51,18 +56,13 @@ POISON_GOAL_PCT = 2.0
 BYTES_GOAL = 100.0
 
 
-def make_spec(args, averaging: str, seed: int = 0):
+def outer_spec(args, averaging: str, seed: int = 0) -> RunSpec:
+    """The outer benchmark's spec: ``--preset`` in 2 stages, this averaging mode, the outer round's
+    timings and, where given, its compression and outer optimizer."""
     outer = dict(round_seconds=args.round_seconds, gather_seconds=args.gather_seconds, agree_seconds=args.agree_seconds)
-    for name in ("chunk", "k", "bits", "outer_lr", "outer_momentum"):  # the spec's defaults unless given
-        if getattr(args, name) is not None:
-            outer[name] = getattr(args, name)
-    return preset_spec(
-        args.preset,
-        stages=2,
-        run_id=f"bench-outer-{averaging}",
-        seed=seed,
-        training=dict(averaging=averaging, outer=outer),
-    )
+    # The spec's defaults unless given.
+    outer.update(chunk=args.chunk, k=args.k, bits=args.bits, outer_lr=args.outer_lr, outer_momentum=args.outer_momentum)
+    return make_spec(args.preset, f"bench-outer-{averaging}", seed=seed, averaging=averaging, outer=outer)
 
 
 def _row(mode: str, seed: int, r: RunResult, **extra) -> dict:
@@ -111,7 +111,7 @@ def _spread(values: list[float]) -> dict:
 def bench_sim(args) -> None:
     torch.set_num_threads(1)
     data, suffixes = args.data, [args.data_suffix] if args.data_suffix else None
-    spec_ps, batches = make_spec(args, "per_step"), None
+    spec_ps, batches = outer_spec(args, "per_step"), None
     batches = eval_batches(spec_ps, data, suffixes=suffixes, batches=args.eval_batches)
     steps = args.rounds * args.inner_steps
     common = dict(members=args.members, eval_batches=batches)
@@ -119,14 +119,14 @@ def bench_sim(args) -> None:
     def per_step(seed, **kw):
         say(f"per_step seed {seed} {kw or ''}")
         return _timed(
-            run_per_step, make_spec(args, "per_step", seed), data, suffixes, steps=steps, seed=seed, **common, **kw
+            run_per_step, outer_spec(args, "per_step", seed), data, suffixes, steps=steps, seed=seed, **common, **kw
         )
 
     def outer(seed, **kw):
         say(f"outer seed {seed} {kw or ''}")
         return _timed(
             run_outer,
-            make_spec(args, "outer", seed),
+            outer_spec(args, "outer", seed),
             data,
             suffixes,
             rounds=args.rounds,
@@ -181,7 +181,7 @@ def bench_sim(args) -> None:
         goal=BYTES_GOAL,
         meets_goal=bpt["none"] / bpt["outer"] >= BYTES_GOAL,
         config=dict(
-            **make_spec(args, "outer").training.outer.model_dump(), inner_steps=args.inner_steps, members=args.members
+            **outer_spec(args, "outer").training.outer.model_dump(), inner_steps=args.inner_steps, members=args.members
         ),
     )
 
@@ -279,9 +279,9 @@ def main(argv=None) -> int:
         if args.only in (None, "sim"):
             bench_sim(args)
         if args.only in (None, "swarm"):
-            from outer_swarm import bench_swarm
+            from peer.dev.bench.outer_swarm import bench_swarm
 
-            bench_swarm(args, work)
+            bench_swarm(args, work, {mode: outer_spec(args, mode) for mode in ("per_step", "outer")})
     except KeyboardInterrupt:
         say("interrupted: every process was stopped")
         return 130
