@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""``python -m peer.dev.bench.swarm`` (peer/dev/bench/swarm.py), from any directory."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's peer package
+
+from peer.dev.bench.swarm import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
