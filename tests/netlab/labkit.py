@@ -8,19 +8,15 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from peer.dev import lab as netlab
+from peer.dev.launcher import SWARMTRAIN
 
-import netlab  # noqa: E402
-
-from peer.dev.launcher import SWARMTRAIN  # noqa: E402
-
-from conftest import TrackedCluster, assert_all_gone, dump_logs, make_tiny_spec, write_text_data  # noqa: E402
+from conftest import TrackedCluster, assert_all_gone, dump_logs, make_tiny_spec, write_text_data
 
 # 30 s rounds: a joiner reads its group's round state between two rounds, and on a 10 Mbit/s uplink
 # the 5 s a 20 s round leaves (after 6 s gathering, 4 s agreeing and 5 s of margin) is too short.

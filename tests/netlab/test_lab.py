@@ -1,4 +1,4 @@
-"""The network lab itself (scripts/netlab.py): profiles deliver what they claim, a host behind
+"""The network lab itself (peer/dev/lab): profiles deliver what they claim, a host behind
 NAT dials out but nobody dials in, and every namespace and process it made is gone afterwards,
 also when the process that made it was killed. Needs root, iproute2 and nftables: without
 them each test skips and says why (``.ci/run`` installs them, so in CI they run)."""
@@ -10,18 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+from peer.base.procs import alive
+from peer.dev import lab as netlab
 
-import netlab  # noqa: E402
-
-from peer.base.procs import alive  # noqa: E402
-
-from labkit import lab_marks  # noqa: E402
+from labkit import lab_marks
 
 pytestmark = lab_marks(300)
 
@@ -36,7 +31,7 @@ def _ping(lab, src, dst, port: int, count: int = 10) -> dict:
             ),
         )
     finally:
-        netlab._kill_group(echo)
+        netlab.kill_group(echo)
     return json.loads(out)
 
 
@@ -77,7 +72,7 @@ def test_close_removes_every_namespace_and_process():
 
 def test_a_lab_left_by_a_killed_process_is_removed_by_name():
     code = (
-        f"import sys; sys.path.insert(0, {str(SCRIPTS)!r}); import netlab, time; "
+        "from peer.dev import lab as netlab; import time; "
         "lab = netlab.Lab(); lab.add_host('x', 'broadband'); print('up', flush=True); time.sleep(600)"
     )
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)

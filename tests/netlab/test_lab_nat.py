@@ -11,13 +11,7 @@ members of stage 1 complete rounds together, both contributions in each, with th
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "scripts"))
-
-from labkit import assert_rounds_agree, lab_marks, lab_swarm  # noqa: E402
+from labkit import assert_rounds_agree, lab_marks, lab_swarm
 
 pytestmark = lab_marks(900)
 

@@ -10,10 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "scripts"))
+from labkit import assert_rounds_agree, lab_marks, lab_swarm
 
-from labkit import assert_rounds_agree, lab_marks, lab_swarm  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 pytestmark = lab_marks(900)
 

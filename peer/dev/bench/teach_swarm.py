@@ -1,4 +1,5 @@
-"""bench_teach.py's second part: tokens/s of a real swarm with and without a teacher online.
+"""The second part of ``peer.dev.bench.teach``: tokens/s of a real swarm with and without a teacher
+online.
 
 Per side: a bootstrap and 2 stages x 1 peer, each its own process with one torch thread; the
 stage-0 peer trains on its data for ``--swarm-seconds``. Both sides run the same spec (with its
@@ -13,28 +14,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench_swarm import graceful_stop, peer_args
-
+from peer.dev.bench.common import emit, graceful_stop, peer_args, say, status_points, steady_rate
 from peer.dev.launcher import Cluster
 from protocol.spec import RunSpec
-
-from bench_common import emit, say, status_points, steady_rate
 
 BENCH = "teach"
 READY_TIMEOUT = 180.0
 WARMUP_S = 10.0
 
 
-class _Args:  # what bench_swarm.peer_args reads
-    def __init__(self, data_suffix):
-        self.data_suffix = data_suffix
-
-
 def run_side(args, spec: RunSpec, hf_dir: Path, work: Path, *, teacher: bool) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     spec_path = work / "spec.toml"
     spec.save(spec_path)
-    extra = peer_args(_Args(args.data_suffix), seconds=args.swarm_seconds + 120)
+    extra = peer_args(args.data_suffix, seconds=args.swarm_seconds + 120)
     with Cluster(work, env={"OMP_NUM_THREADS": "1"}) as cluster:
         _boot, maddr = cluster.bootstrap(spec_path=spec_path, timeout=READY_TIMEOUT)
         if teacher:

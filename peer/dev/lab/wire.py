@@ -1,13 +1,13 @@
 """One shaped link of the network lab: delay, jitter and loss between two TAP devices.
 
 This kernel has no ``netem``, so the lab's links add delay, jitter and loss here, in user
-space; ``tbf`` on each TAP device's egress (set by ``netlab.py``) shapes the rate in the kernel,
+space; ``tbf`` on each TAP device's egress (set by ``netns.py``) shapes the rate in the kernel,
 before a frame reaches this process, as a link serialises frames at its rate before they
 propagate. Each direction is a FIFO: a frame leaves ``delay`` +- ``jitter`` (uniform) after it
 arrived, but never before the frame ahead of it (a real link does not reorder), and is dropped
 with probability ``loss``.
 
-    ip netns exec HOST_NS python netlab_wire.py --a eth0 --b-ns /run/netns/SW --b p-h1 \\
+    ip netns exec HOST_NS python wire.py --a eth0 --b-ns /run/netns/SW --b p-h1 \\
         --a-to-b 20,0,0.001 --b-to-a 20,0,0.001 --seed 1
 
 ``--a`` is a persistent TAP device in the namespace the process starts in, ``--b`` one in the

@@ -1,6 +1,6 @@
 """Training with and without a teacher, in one process, with the code the peers run.
 
-``bench_teach.py`` compares the held-out loss of a student trained on the same tokens with and
+``peer.dev.bench.teach`` compares the held-out loss of a student trained on the same tokens with and
 without a teacher's soft targets. Swarms would spend most of two cores on the network stack; here
 the student's stages are chained in one process (as ``peer.dev.local_train`` does, with the
 same optimizer, schedule and per-stage clipping), and everything that decides the weights is what
@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from peer.averaging.optimizer import lr_lambda, make_torch_optimizer
-from peer.data import PackedDataset, fixed_batch
+from peer.data import PackedDataset
 from peer.data.files import discover_files
 from peer.data.tokenizer import load_tokenizer
 from peer.dev.local_train import train_local
@@ -51,14 +51,6 @@ def split_corpus(data: str, suffixes: Optional[Sequence[str]], workdir: Path) ->
         if not target.exists():
             target.symlink_to(path.resolve())
     return train, heldout
-
-
-def eval_batches(spec: RunSpec, heldout: Path, *, batches: int = 4, batch_size: int = 32) -> list[torch.Tensor]:
-    tokenizer = load_tokenizer(spec.tokenizer)
-    return [
-        fixed_batch(heldout, tokenizer, seq_len=spec.training.seq_len, batch_size=batch_size, seed=424242 + i)
-        for i in range(batches)
-    ]
 
 
 @torch.no_grad()

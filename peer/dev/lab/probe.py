@@ -1,9 +1,9 @@
 """Measurement endpoints of the network lab, run inside its hosts: round-trips and rates.
 
-    netlab_probe.py echo  --bind IP --port P --seconds S         UDP echo; prints {"ready": true} once bound
-    netlab_probe.py ping  --to IP --port P --count N             prints {"rtt_ms": [...]}
-    netlab_probe.py sink  --bind IP --port P --seconds S [--tcp] prints {"bytes": .., "seconds": ..}
-    netlab_probe.py send  --to IP --port P --seconds S --mbit R [--tcp]
+    probe.py echo  --bind IP --port P --seconds S         UDP echo; prints {"ready": true} once bound
+    probe.py ping  --to IP --port P --count N             prints {"rtt_ms": [...]}
+    probe.py sink  --bind IP --port P --seconds S [--tcp] prints {"bytes": .., "seconds": ..}
+    probe.py send  --to IP --port P --seconds S --mbit R [--tcp]
 
 A UDP ``send`` paces datagrams at ``--mbit`` (the lab asks for more than the link's rate, so
 the link's shaper decides what arrives); a TCP ``send`` writes as fast as the socket takes.

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks in scripts/: JSON output, steady-state rates, held-out loss.
+"""Helpers shared by the benchmarks of ``peer.dev.bench``: JSON output, the benchmarks' specs,
+peer options and graceful stops, steady-state rates, held-out loss.
 
 Every benchmark prints one JSON object per measurement on stdout and its progress on stderr,
 so that ``bench_x.py > results.jsonl`` keeps only the figures.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -19,7 +22,7 @@ import torch
 from peer.data import fixed_batch
 from peer.data.tokenizer import load_tokenizer
 from peer.model.llama import build_stages, causal_lm_loss, chain_forward
-from protocol.spec import RunSpec
+from protocol.spec import RunSpec, preset_spec
 
 
 def say(*parts) -> None:
@@ -40,6 +43,62 @@ def check_choices(parser, values, allowed, what: str) -> None:
     for v in values:
         if v not in allowed:
             parser.error(f"unknown {what} {v!r}; choose from {', '.join(allowed)}")
+
+
+def make_spec(
+    preset: str, run_id: str, *, stages: int = 2, seed: int = 0, compression: Optional[dict] = None, **training
+) -> RunSpec:
+    """A benchmark's spec: ``preset`` in ``stages`` stages with these ``training`` values (a value
+    of None, also inside a dict ``outer``, leaves the preset's or the spec's default)."""
+    training = {k: v for k, v in training.items() if v is not None}
+    if isinstance(training.get("outer"), dict):
+        training["outer"] = {k: v for k, v in training["outer"].items() if v is not None}
+    sections = {"compression": compression} if compression is not None else {}
+    return preset_spec(preset, stages=stages, run_id=run_id, seed=seed, training=training, **sections)
+
+
+def peer_args(
+    data_suffix: Optional[str],
+    *,
+    seconds: Optional[float] = None,
+    steps: Optional[int] = None,
+    identity: Optional[Path] = None,
+    final_state: Optional[Path] = None,
+) -> list[str]:
+    """``swarmtrain run`` options of a benchmark's peer: a status event every second, and the
+    data suffix, time or step limit, identity and final-state file given."""
+    extra = ["--status-every", "1"]
+    if data_suffix:
+        extra += ["--data-suffix", data_suffix]
+    if seconds is not None:
+        extra += ["--max-seconds", f"{seconds:.0f}"]
+    if steps is not None:
+        extra += ["--max-steps", str(steps)]
+    if identity is not None:
+        extra += ["--identity", str(identity)]
+    if final_state is not None:
+        extra += ["--final-state", str(final_state)]
+    return extra
+
+
+def graceful_stop(procs, timeout: float = 90.0) -> None:
+    """SIGINT to each peer itself (not its group, where p2pd would die first), and a second one
+    a moment later so that it does not wait for a last averaging round: it finishes in-flight
+    work, writes its final state and exits. Cluster kills whatever is left."""
+    for second in (False, True):
+        if second:
+            time.sleep(1.0)
+        for proc in procs:
+            if proc.alive() and not (second and proc.last_event("stopped")):
+                try:
+                    os.kill(proc.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+    for proc in procs:
+        try:
+            proc.wait_event("stopped", timeout)
+        except (TimeoutError, RuntimeError) as err:
+            say(f"  {proc.name} did not stop cleanly: {str(err).splitlines()[0]}")
 
 
 def emit(bench: str, metric: str, **fields) -> dict:
@@ -69,8 +128,6 @@ def _jsonable(value):
 
 
 def machine() -> dict:
-    import os
-
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "cpus": os.cpu_count(),
@@ -123,7 +180,7 @@ def status_points(events: Iterable[dict], names: Sequence[str] = ("status",)) ->
 
 def eval_batches(
     spec: RunSpec,
-    data: str,
+    data: str | Path,
     *,
     suffixes: Optional[Sequence[str]],
     batches: int = 4,

@@ -1,4 +1,4 @@
-"""bench_outer.py's second part: outer vs per_step in a real swarm on this machine.
+"""The second part of ``peer.dev.bench.outer``: outer vs per_step in a real swarm on this machine.
 
 Per mode: a bootstrap and 2 stages x 2 peers, each in its own process with one torch thread;
 both stage-0 peers train on their own data for ``--swarm-seconds``. Reported per mode:
@@ -12,33 +12,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench_swarm import graceful_stop, peer_args
-
 from peer.averaging.wire_stats import ENV as WIRE_STATS_ENV
 from peer.averaging.wire_stats import read_totals
+from peer.dev.bench.common import emit, graceful_stop, peer_args, say, status_points, steady_rate
 from peer.dev.launcher import Cluster
-
-from bench_common import emit, say, status_points, steady_rate
+from protocol.spec import RunSpec
 
 BENCH = "outer"
 READY_TIMEOUT = 180.0
 WARMUP_S = 10.0
 
 
-class _Args:  # what bench_swarm.peer_args reads
-    def __init__(self, data_suffix):
-        self.data_suffix = data_suffix
-
-
-def run_mode(args, work: Path, averaging: str) -> dict:
-    from bench_outer import make_spec
-
-    spec = make_spec(args, averaging)
+def run_mode(args, work: Path, averaging: str, spec: RunSpec) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     spec_path = work / "spec.toml"
     spec.save(spec_path)
     wire = work / "wire"
-    extra = peer_args(_Args(args.data_suffix), seconds=args.swarm_seconds + 120)
+    extra = peer_args(args.data_suffix, seconds=args.swarm_seconds + 120)
     with Cluster(work, env={WIRE_STATS_ENV: str(wire), "OMP_NUM_THREADS": "1"}) as cluster:
         _boot, maddr = cluster.bootstrap(spec_path=spec_path, timeout=READY_TIMEOUT)
         servers = [cluster.peer(n, [maddr], spec_path=spec_path, stage=1, extra=extra) for n in ("b0", "b1")]
@@ -93,12 +83,13 @@ def _rounds(events: dict[str, list[dict]]) -> dict:
     return dict(rounds_both_members=both, rounds_identical=same, identical_fraction=same / both if both else None)
 
 
-def bench_swarm(args, work: Path) -> None:
+def bench_swarm(args, work: Path, specs: dict[str, RunSpec]) -> None:
+    """Both modes, one swarm each; ``specs``: the spec of each mode."""
     rows = {}
     for mode in ("per_step", "outer"):
         say(f"swarm: {mode}, {args.swarm_seconds:.0f} s")
         try:
-            rows[mode] = run_mode(args, work / f"swarm-{mode}", mode)
+            rows[mode] = run_mode(args, work / f"swarm-{mode}", mode, specs[mode])
             emit(BENCH, "swarm_run", **rows[mode])
         except Exception as err:
             emit(BENCH, "swarm_run_failed", mode=mode, error=f"{type(err).__name__}: {str(err)[-2000:]}")

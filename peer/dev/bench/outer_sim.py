@@ -1,6 +1,6 @@
 """A stage group's averaging, simulated in one process with the production arithmetic.
 
-``bench_outer.py`` compares outer rounds with per-step averaging on held-out loss at an equal
+``peer.dev.bench.outer`` compares outer rounds with per-step averaging on held-out loss at an equal
 number of tokens, with and without a poisoned member. Doing that in real swarms would take
 hours on two cores (3 seeds x 2 modes x 5 attacks x 20 rounds), so the members of a group live
 in one process here, one after the other, and everything that decides the weights is the code
