@@ -21,8 +21,10 @@ from typing import Iterable
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+HELPERS = ROOT / "tests" / "helpers"  # modules the tests import (keeper_helpers, outer_helpers, ...)
+for _path in (HELPERS, ROOT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

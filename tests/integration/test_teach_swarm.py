@@ -41,7 +41,7 @@ from teach_helpers import one_token_teacher, trained_teacher
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-LIAR = Path(__file__).with_name("teach_liar.py")
+LIAR = Path(__file__).resolve().parents[1] / "helpers" / "teach_liar.py"
 
 
 @pytest.fixture(scope="module")

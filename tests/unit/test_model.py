@@ -21,7 +21,7 @@ from protocol.spec import preset_spec, spec_from_dict
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_spec(partition, *, seed=0, **model):

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_teach.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_teach.py"
 
 
 def test_quick_run_prints_every_figure(tmp_path):

@@ -1,6 +1,6 @@
 """A teacher that lies: ``swarmtrain teach`` with the real weights (so the real digest), the real
 server and wire, and wrong answers (every token id shifted by one). The teacher tests start it
-as a peer process: ``python tests/teach_liar.py teach --model ...``."""
+as a peer process: ``python tests/helpers/teach_liar.py teach --model ...``."""
 
 from __future__ import annotations
 

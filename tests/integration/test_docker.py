@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "scripts" / "build_image.sh"
 RUN_IMAGE = ROOT / "scripts" / "run_image.sh"
 IMAGE = os.environ.get("SWARMTRAIN_TEST_IMAGE", "swarmtrain:latest")

@@ -24,7 +24,7 @@ from protocol.checkpoint import CheckpointRefused, manifest_digest, verify_check
 from protocol.spec import preset_spec
 
 MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
