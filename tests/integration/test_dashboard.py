@@ -1,4 +1,4 @@
-"""The dashboard: its history and HTTP API without a network, then a real swarm (bootstrap with
+"""The dashboard: its HTTP API and page over a fake swarm in this process, then a real swarm (bootstrap with
 ``--dashboard-port``, a trainer on stage 0, a server on stage 1, ``swarmtrain dashboard`` joined
 by run id) read over HTTP and rendered by headless Chromium, which must record no JavaScript
 error and draw the loss chart from the swarm's own records.
@@ -11,7 +11,6 @@ root); without it the browser checks are skipped with the reason. With
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -20,13 +19,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections import deque
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from peer.observe.dashboard import History, Poller, _handler_for, downsample, finite, page_html, windowed_rate
+from peer.observe.dashboard import Poller, _handler_for, page_html
 
 from conftest import dump_logs
 
@@ -157,23 +155,7 @@ def get_json(url: str, timeout: float = 30.0) -> dict:
         return json.loads(resp.read())
 
 
-# --- history and API, no network ---------------------------------------------------------------
-
-
-def test_windowed_rate_counts_growth_per_peer():
-    samples = deque([(0.0, {"a": 100}), (10.0, {"a": 600, "b": 50}), (20.0, {"b": 250})])
-    # a grew 500 before leaving, b grew 200 after joining: 700 tokens in 20 s.
-    assert windowed_rate(samples) == pytest.approx(35.0)
-    assert windowed_rate(deque([(0.0, {"a": 1})])) is None
-    # A restarted peer's counter going backwards adds nothing instead of a negative rate.
-    assert windowed_rate(deque([(0.0, {"a": 900}), (5.0, {"a": 10})])) == 0.0
-
-
-def test_downsample_keeps_ends_and_spreads():
-    points = list(range(1000))
-    small = downsample(points, 5)
-    assert small == [0, 250, 500, 749, 999]
-    assert downsample(points[:3], 10) == [0, 1, 2] and downsample(points, 0) == points
+# --- the HTTP API and the page over a fake swarm, in this process --------------------------------
 
 
 def _fake_snapshot(t: float, tokens: int, loss) -> dict:
@@ -228,35 +210,6 @@ def _fake_snapshot(t: float, tokens: int, loss) -> dict:
             },
         ],
     }
-
-
-def test_history_points_and_bounds():
-    h = History(max_points=3, rate_window=10.0)
-    for i in range(5):
-        h.add(_fake_snapshot(100.0 + 2 * i, tokens=1000 * i, loss=5.0 - i))
-    points = h.as_list()
-    assert len(points) == 3 and points[-1]["time"] == 108.0
-    assert points[-1]["loss"] == 1.0 and points[-1]["tokens"] == 4000
-    assert points[-1]["tokens_per_s"] == pytest.approx(500.0)
-    assert points[-1]["online"] == [1, 1] and points[-1]["stage_throughput"] == [3.0, 5.0]
-    assert finite({"x": [float("nan"), 1.0, math.inf]}) == {"x": [None, 1.0, None]}
-
-
-def test_poller_keeps_last_snapshot_on_error():
-    calls = iter([_fake_snapshot(1.0, 10, 4.0), RuntimeError("DHT timeout")])
-
-    def read():
-        item = next(calls)
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    poller = Poller(read)
-    poller.poll_once()
-    poller.poll_once()
-    view = poller.swarm_view()
-    assert view["run_id"] == "r" and view["observer"]["error"] == "RuntimeError: DHT timeout"
-    assert view["observer"]["polls"] == 1 and len(poller.history.as_list()) == 1
 
 
 class _LocalServer:

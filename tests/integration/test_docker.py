@@ -1,6 +1,6 @@
 """The Docker image, built and run without a Docker engine (buildah, chroot isolation).
 
-Run with ``pytest -m docker tests/test_docker.py`` as root on a machine with buildah and
+Run with ``pytest -m docker tests/integration/test_docker.py`` as root on a machine with buildah and
 debootstrap (``apt-get install -y buildah debootstrap``). The first build takes several
 minutes (debootstrap base, torch, dependencies); later builds reuse the cached layers.
 Set SWARMTRAIN_TEST_SKIP_BUILD=1 to test the image already built instead of rebuilding, and

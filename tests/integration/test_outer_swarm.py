@@ -19,7 +19,7 @@ from conftest import TrackedCluster, assert_all_gone, make_tiny_spec, write_text
 from outer_helpers import metric, round_states, state_hash
 
 # About three minutes a run (20 s rounds): marked slow to keep the default suite well inside its
-# budget; .ci/run runs it on its own (`pytest -m slow tests/test_outer_swarm.py`).
+# budget; .ci/run runs it on its own (`pytest -m slow tests/integration/test_outer_swarm.py`).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 OUTER = dict(round_seconds=20.0, gather_seconds=6.0, agree_seconds=4.0, chunk=256, k=16, bits=2)

@@ -3,7 +3,7 @@ teachers announce themselves in the DHT, a trainer's ``TeacherClient`` finds the
 the soft targets a local computation gives, batches them, and its spot checks ban a teacher
 that lies (outvoted by two of the same weights) or set two aside until a third decides. The
 multi-process version, with real peer processes and the last stage's loss, is
-tests/test_teach_swarm.py."""
+tests/integration/test_teach_swarm.py."""
 
 from __future__ import annotations
 

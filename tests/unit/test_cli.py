@@ -1,11 +1,8 @@
 """The ``swarmtrain`` command line: its commands, and usage errors that stop before any
-network or model work. (``status --json`` against a live swarm is in test_swarm.py.)"""
+network or model work. (The installed entry point is run in tests/integration/test_cli_entry_point.py,
+``status --json`` against a live swarm in tests/integration/test_swarm.py.)"""
 
 from __future__ import annotations
-
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,19 +10,10 @@ from click.testing import CliRunner
 from peer.cli.main import main
 
 COMMANDS = ("demo", "run", "bootstrap", "status", "keygen", "spec", "checkpoint")
-SWARMTRAIN = Path(sys.executable).parent / "swarmtrain"
 
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def test_installed_entry_point_lists_every_command():
-    exe = [str(SWARMTRAIN)] if SWARMTRAIN.exists() else [sys.executable, "-m", "peer.cli"]
-    out = subprocess.run([*exe, "--help"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    listed = {line.split()[0] for line in out.stdout.split("Commands:")[1].splitlines() if line.strip()}
-    assert set(COMMANDS) <= listed, out.stdout
 
 
 @pytest.mark.parametrize("command", COMMANDS)

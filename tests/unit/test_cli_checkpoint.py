@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +15,6 @@ from peer.cli.main import main
 from peer.model.llama import LlamaStage, chain_forward
 from protocol import signing
 from protocol.spec import load_spec
-
-SWARMTRAIN = Path(sys.executable).parent / "swarmtrain"
-MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
 
 
 def run(*args):
@@ -185,43 +179,11 @@ def test_sign_cosign_and_min_signatures(env, ckpt):
     assert r.exit_code == 0 and f"ignored   {env['fp_b']}" in r.output
 
 
-def test_sign_then_stock_cli(env, ckpt):
-    shutil.rmtree(ckpt / "signatures")
-    r = run("checkpoint", "sign", ckpt, "--key", env["a"])
-    assert r.exit_code == 0, r.output
-    stock = next(line for line in r.output.splitlines() if "model_signing verify key" in line)
-    argv = stock.split(": ", 1)[1].split()
-    p = subprocess.run([str(MODEL_SIGNING), *argv[1:]], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stdout + p.stderr
-    (ckpt / "extra.bin").write_bytes(b"x")
-    p = subprocess.run([str(MODEL_SIGNING), *argv[1:]], capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0
-
-
 def test_sign_refuses_a_non_checkpoint(env, tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "model.safetensors").write_bytes(b"")
     r = run("checkpoint", "sign", tmp_path / "x", "--key", env["a"])
     assert r.exit_code == 1 and "checkpoint.json missing" in r.output
-
-
-def test_entry_point_subprocess(env, ckpt):
-    assert SWARMTRAIN.exists(), SWARMTRAIN
-    ok = subprocess.run(
-        [str(SWARMTRAIN), "checkpoint", "verify", str(ckpt), "--spec", str(env["spec_path"])],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert ok.returncode == 0, ok.stderr
-    (ckpt / "model.safetensors").unlink()
-    bad = subprocess.run(
-        [str(SWARMTRAIN), "checkpoint", "verify", str(ckpt), "--spec", str(env["spec_path"])],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert bad.returncode == 1 and "signed file(s) missing: model.safetensors" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Teacher peers, the parts: soft targets on the wire (and the hostile-input rules that decode
 them), the distillation loss, the spot-check verdicts, a teacher model's checks against the
-run's spec, and the ``swarmtrain.teach`` RPC between real P2P daemons: batching, refusals,
-spot checks that ban an outvoted teacher or set two aside until a third decides."""
+run's spec. The ``swarmtrain.teach`` RPC between real P2P daemons is in
+tests/integration/test_teach_net.py."""
 
 from __future__ import annotations
 
@@ -197,28 +197,6 @@ def test_a_teacher_that_cannot_teach_the_run_is_refused(teacher_dir, tmp_path):
         TeacherModel.load(other, distill_spec())
     with pytest.raises(TeacherError, match="no readable config.json"):
         TeacherModel.load(tmp_path, distill_spec())
-
-
-def test_swarmtrain_teach_refuses_before_joining_anything(teacher_dir, tmp_path):
-    """Exit codes and messages of the command, with an initial peer that does not exist: the
-    checks come before any network."""
-    import subprocess
-    import sys
-
-    nowhere = "/ip4/127.0.0.1/tcp/9/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
-
-    def teach(spec, *extra):
-        path = tmp_path / "spec.toml"
-        spec.save(path)
-        cmd = [sys.executable, "-m", "peer.cli", "teach", "--model", str(teacher_dir), "--spec", str(path)]
-        return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
-
-    out = teach(distill_spec())
-    assert out.returncode == 2 and "--initial-peers is required" in out.stderr
-    out = teach(preset_spec("tiny", run_id="plain"), "--initial-peers", nowhere)
-    assert out.returncode == 2 and "does not distill" in out.stderr and "spec init --distill" in out.stderr
-    out = teach(distill_spec(teacher_digests=["0" * 64]), "--initial-peers", nowhere)
-    assert out.returncode == 1 and "not among the teachers" in out.stderr, out.stderr[-2000:]
 
 
 def test_a_run_with_a_tokenizer_file_takes_teachers_of_that_vocabulary(tmp_path):

@@ -1,0 +1,47 @@
+"""``swarmtrain teach`` in a subprocess: exit codes and messages of the checks it makes before it
+joins anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.model.hf_io import export_hf_dir
+from peer.model.llama import LlamaStage
+from protocol.spec import preset_spec
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def distill_spec(**distill):
+    return preset_spec("tiny", run_id="teachtest", distill=dict(distill))
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    spec = distill_spec()
+    stages = [LlamaStage.from_spec(spec, k) for k in range(spec.num_stages)]
+    out = tmp_path_factory.mktemp("teacher") / "hf"
+    export_hf_dir(spec, [s.state_dict() for s in stages], out)
+    return out
+
+
+def test_swarmtrain_teach_refuses_before_joining_anything(teacher_dir, tmp_path):
+    """Exit codes and messages of the command, with an initial peer that does not exist: the
+    checks come before any network."""
+    import subprocess
+    import sys
+
+    nowhere = "/ip4/127.0.0.1/tcp/9/p2p/QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN"
+
+    def teach(spec, *extra):
+        path = tmp_path / "spec.toml"
+        spec.save(path)
+        cmd = [sys.executable, "-m", "peer.cli", "teach", "--model", str(teacher_dir), "--spec", str(path)]
+        return subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
+
+    out = teach(distill_spec())
+    assert out.returncode == 2 and "--initial-peers is required" in out.stderr
+    out = teach(preset_spec("tiny", run_id="plain"), "--initial-peers", nowhere)
+    assert out.returncode == 2 and "does not distill" in out.stderr and "spec init --distill" in out.stderr
+    out = teach(distill_spec(teacher_digests=["0" * 64]), "--initial-peers", nowhere)
+    assert out.returncode == 1 and "not among the teachers" in out.stderr, out.stderr[-2000:]
