@@ -21,7 +21,7 @@ from typing import Iterable
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HELPERS = ROOT / "tests" / "helpers"  # modules the tests import (keeper_helpers, outer_helpers, ...)
+HELPERS = ROOT / "tests" / "helpers"  # modules the tests import (checkpoint_helpers, outer_helpers, ...)
 for _path in (HELPERS, ROOT):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))

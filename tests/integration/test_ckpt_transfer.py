@@ -20,7 +20,7 @@ from protocol import signing
 from protocol.checkpoint import META_FILE, MODEL_FILE, CheckpointRefused
 from protocol.spec import preset_spec
 
-from keeper_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
+from checkpoint_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
 
 pytestmark = pytest.mark.timeout(240)
 

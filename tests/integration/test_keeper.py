@@ -26,7 +26,7 @@ from protocol.records import PeerInfo
 from protocol.rpc import STATE
 from protocol.spec import preset_spec
 
-from keeper_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
+from checkpoint_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -17,7 +17,7 @@ from protocol.checkpoint import META_FILE, MODEL_FILE, CheckpointMeta
 from protocol.records import CheckpointAnnouncement
 from protocol.spec import preset_spec
 
-from keeper_helpers import Events, make_keys
+from checkpoint_helpers import Events, make_keys
 
 
 @pytest.fixture(scope="module")

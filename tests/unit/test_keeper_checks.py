@@ -14,7 +14,7 @@ from peer.model.llama import LlamaStage, stage_param_shapes
 from protocol.codecs import encode
 from protocol.spec import preset_spec
 
-from keeper_helpers import make_keys
+from checkpoint_helpers import make_keys
 
 
 @pytest.fixture(scope="module")
