@@ -1,26 +1,40 @@
 """Teachers for the teacher tests, made here and exported the way a user would: stage weights
 written as signed checkpoints, joined by ``swarmtrain checkpoint export`` into a Hugging Face
-directory. Nothing is downloaded."""
+directory (``untrained_teacher``: the initial weights, exported directly). Nothing is downloaded."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file as load_tensors
 
 from peer.checkpoints.store import write_checkpoint
-from peer.cli.main import main
 from peer.dev.local_train import train_local
+from peer.model.hf_io import export_hf_dir
 from peer.model.llama import LlamaStage
-from protocol.spec import RunSpec
+from protocol.spec import RunSpec, preset_spec
+
+from cli_helpers import invoke as cli
 
 
 def invoke(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
+    result = cli(*args)
     assert result.exit_code == 0, result.output
     return result
+
+
+def distill_spec(**distill) -> RunSpec:
+    """The tiny preset of a run that distills, with these ``[distill]`` settings."""
+    return preset_spec("tiny", run_id="teachtest", distill=dict(distill))
+
+
+def untrained_teacher(out: Path) -> Path:
+    """The initial weights of ``distill_spec()``'s stages exported as a Hugging Face directory."""
+    spec = distill_spec()
+    stages = [LlamaStage.from_spec(spec, k) for k in range(spec.num_stages)]
+    export_hf_dir(spec, [s.state_dict() for s in stages], out)
+    return out
 
 
 def teacher_spec(workdir: Path, run_id: str = "teacher") -> tuple[RunSpec, Path, Path]:

@@ -12,16 +12,7 @@ import signal
 
 import pytest
 
-
-def _wait_for(condition, timeout: float, what: str) -> None:
-    """Poll a condition on state that background threads update (not a sleep for readiness)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
+from conftest import wait_until
 
 
 @pytest.mark.timeout(300)
@@ -73,13 +64,14 @@ def test_a_peer_that_missed_its_round_drops_its_gradients():
         pa.grad = torch.full_like(pa, 1000.0)
         a.grad_averager.accumulate_grads_(batch_size=1)
         a.tracker.report_local_progress(0, 1)
-        _wait_for(
+        wait_until(
             lambda: (
                 b.tracker.global_progress.samples_accumulated == 1
                 and a.tracker.fetched_global_progress_this_epoch.is_set()
             ),
             60,
             "B to see A's progress",
+            poll=0.1,
         )
         a.tick()  # hivemind's once-per-epoch exact sync check happens here, while in sync
         assert a.local_epoch == 0 and a.grad_averager.local_samples_accumulated == 1
@@ -93,17 +85,18 @@ def test_a_peer_that_missed_its_round_drops_its_gradients():
             b.tick()
             return b.local_epoch == 1
 
-        _wait_for(b_ticks_to_epoch_1, 90, "B's round for epoch 0")
+        wait_until(b_ticks_to_epoch_1, 90, "B's round for epoch 0", poll=0.1)
         after_round = pb.detach().clone()
         assert torch.allclose(after_round, torch.full_like(pb, -1.0)), after_round  # B's own update only
         # ... and gathers a whole batch at epoch 1.
         pb.grad = torch.ones_like(pb)
         b.grad_averager.accumulate_grads_(batch_size=4)
         b.tracker.report_local_progress(1, 4)
-        _wait_for(
+        wait_until(
             lambda: a.tracker.global_epoch == 1 and a.tracker.global_progress.samples_accumulated >= 4,
             60,
             "A to see the group at epoch 1 with a whole batch",
+            poll=0.1,
         )
 
         # A wakes up one epoch behind. hivemind alone would let it keep its gradients.

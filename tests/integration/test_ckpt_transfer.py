@@ -18,71 +18,24 @@ from peer.checkpoints.store import CheckpointStore, write_checkpoint
 from peer.model.llama import LlamaStage
 from protocol import signing
 from protocol.checkpoint import META_FILE, MODEL_FILE, CheckpointRefused
-from protocol.spec import preset_spec
 
-from checkpoint_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
+from checkpoint_helpers import (
+    Events,
+    FakeSwarm,
+    announcement,
+    copy_checkpoint,
+    flip_byte,
+    keeper_checkpoint,
+    peer_id,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return make_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
-def spec(keys):
-    return preset_spec("tiny", stages=2, trusted_keys=(keys["keeper"][1].read_text(),))
-
-
-def _trained(spec, stage=0, seed=1):
-    torch.manual_seed(seed)
-    module = LlamaStage.from_spec(spec, stage)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return module
-
-
-@pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, spec, keys):
-    """A signed checkpoint of stage 0, step 7 (about 1.7 MB)."""
-    root = tmp_path_factory.mktemp("src")
-    module = _trained(spec)
-    w = write_checkpoint(
-        root / "stage-0" / "step-0000000007",
-        spec=spec,
-        stage=0,
-        step=7,
-        tokens_seen=7000,
-        model_state=module.state_dict(),
-        key_paths=[keys["keeper"][0]],
-    )
-    return w, module
-
-
-def _copy(ckpt_path: Path, dest: Path) -> Path:
-    target = dest / "stage-0" / ckpt_path.name
-    shutil.copytree(ckpt_path, target)
-    return target
-
-
-def _flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
-@pytest.fixture(scope="module")
-def host():
-    h = P2PHost()
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
-def client(host):
-    return host.new()
+    """A signed checkpoint of stage 0, step 7 (about 1.7 MB), and its module."""
+    return keeper_checkpoint(tmp_path_factory.mktemp("src"), spec, keys)
 
 
 def _serve(host, spec, path: Path, manifest: str, client) -> tuple:
@@ -93,16 +46,12 @@ def _serve(host, spec, path: Path, manifest: str, client) -> tuple:
     return node, server
 
 
-def _rec(step, digest):
-    return {"step": step, "manifest_digest": digest, "signers": ["a" * 16], "files": 2, "total_bytes": 10, "stage": 0}
-
-
 # --- the server ----------------------------------------------------------------------------------
 
 
 def test_server_validates_requests(host, client, spec, ckpt, tmp_path):
     written, _ = ckpt
-    path = _copy(written.path, tmp_path)
+    path = copy_checkpoint(written.path, tmp_path)
     node, _ = _serve(host, spec, path, written.manifest_digest, client)
     src, d, m = peer_id(node), spec.digest(), written.manifest_digest
     files, stage, step = host.run(list_remote(client, src, d, m))
@@ -131,8 +80,8 @@ def test_server_validates_requests(host, client, spec, ckpt, tmp_path):
 def test_fetch_resumes_from_second_source_after_first_dies(host, client, spec, ckpt, tmp_path):
     written, module = ckpt
     m = written.manifest_digest
-    first, _ = _serve(host, spec, _copy(written.path, tmp_path / "a"), m, client)
-    second, _ = _serve(host, spec, _copy(written.path, tmp_path / "b"), m, client)
+    first, _ = _serve(host, spec, copy_checkpoint(written.path, tmp_path / "a"), m, client)
+    second, _ = _serve(host, spec, copy_checkpoint(written.path, tmp_path / "b"), m, client)
     reads = {"n": 0}
 
     def run(coro, timeout=None):
@@ -159,10 +108,10 @@ def test_fetch_resumes_from_second_source_after_first_dies(host, client, spec, c
 def test_tampered_chunk_is_refused_and_fetched_again_elsewhere(host, client, spec, ckpt, tmp_path):
     written, _ = ckpt
     m = written.manifest_digest
-    bad_path = _copy(written.path, tmp_path / "bad")
-    _flip_byte(bad_path / MODEL_FILE, (bad_path / MODEL_FILE).stat().st_size // 2)
+    bad_path = copy_checkpoint(written.path, tmp_path / "bad")
+    flip_byte(bad_path / MODEL_FILE, (bad_path / MODEL_FILE).stat().st_size // 2)
     bad, _ = _serve(host, spec, bad_path, m, client)
-    good, _ = _serve(host, spec, _copy(written.path, tmp_path / "good"), m, client)
+    good, _ = _serve(host, spec, copy_checkpoint(written.path, tmp_path / "good"), m, client)
     fetcher = CheckpointFetcher(spec, client, host.run, read_bytes=256 << 10)
 
     with pytest.raises(FetchFailed, match=r"model\.safetensors does not match its signed sha256"):
@@ -208,7 +157,7 @@ def test_substituted_or_untrusted_checkpoint_is_refused(host, client, spec, keys
     with pytest.raises(CheckpointRefused, match=f"signatures/{fp}.sig is by key {fp}, which is not trusted"):
         fetcher.fetch(0, forged.manifest_digest, [peer_id(mallory)], tmp_path / "d2")
     # Rollback: older than what the peer holds.
-    good, _ = _serve(host, spec, _copy(written.path, tmp_path / "g"), written.manifest_digest, client)
+    good, _ = _serve(host, spec, copy_checkpoint(written.path, tmp_path / "g"), written.manifest_digest, client)
     with pytest.raises(
         CheckpointRefused, match="step is 7, older than the step already held \\(8\\): rollback refused"
     ):
@@ -220,11 +169,11 @@ def test_substituted_or_untrusted_checkpoint_is_refused(host, client, spec, keys
 
 def test_restore_refuses_tampered_local_then_fetches_and_announces(host, client, spec, ckpt, tmp_path):
     written, module = ckpt
-    good, _ = _serve(host, spec, _copy(written.path, tmp_path / "good"), written.manifest_digest, client)
+    good, _ = _serve(host, spec, copy_checkpoint(written.path, tmp_path / "good"), written.manifest_digest, client)
     root = tmp_path / "mine"
-    tampered = _copy(written.path, root)
-    _flip_byte(tampered / MODEL_FILE, 200)
-    record = {**_rec(7, written.manifest_digest), "signers": list(written.signers)}
+    tampered = copy_checkpoint(written.path, root)
+    flip_byte(tampered / MODEL_FILE, 200)
+    record = {**announcement(7, written.manifest_digest), "signers": list(written.signers)}
     swarm = FakeSwarm(peer_id=peer_id(client), announcements=[(peer_id(good), record)])
     events = Events()
     service = CheckpointService(

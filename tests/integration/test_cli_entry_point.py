@@ -6,8 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-COMMANDS = ("demo", "run", "bootstrap", "status", "keygen", "spec", "checkpoint")
-
+from cli_helpers import COMMANDS
 
 SWARMTRAIN = Path(sys.executable).parent / "swarmtrain"
 

@@ -26,7 +26,8 @@ import pytest
 
 from peer.observe.dashboard import Poller, _handler_for, page_html
 
-from conftest import dump_logs
+from conftest import dump_logs, wait_until
+from observe_helpers import fake_snapshot
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 
@@ -158,60 +159,6 @@ def get_json(url: str, timeout: float = 30.0) -> dict:
 # --- the HTTP API and the page over a fake swarm, in this process --------------------------------
 
 
-def _fake_snapshot(t: float, tokens: int, loss) -> dict:
-    return {
-        "run_id": "r",
-        "digest": "d" * 64,
-        "time": t,
-        "num_peers": 2,
-        "loss": loss,
-        "tokens_per_s": 10.0,
-        "checkpoints": [],
-        "stages": [
-            {
-                "stage": 0,
-                "layers": [0, 2],
-                "online": 1,
-                "throughput": 3.0,
-                "epoch": 4,
-                "peers": [
-                    {
-                        "peer_id": "QmA",
-                        "state": "online",
-                        "throughput": 3.0,
-                        "epoch": 4,
-                        "loss": loss,
-                        "tokens": tokens,
-                        "samples_per_s": 1.0,
-                        "has_data": True,
-                        "version": "0.1.0",
-                    }
-                ],
-            },
-            {
-                "stage": 1,
-                "layers": [2, 4],
-                "online": 1,
-                "throughput": 5.0,
-                "epoch": 4,
-                "peers": [
-                    {
-                        "peer_id": "QmB",
-                        "state": "online",
-                        "throughput": 5.0,
-                        "epoch": 4,
-                        "loss": None,
-                        "tokens": 0,
-                        "samples_per_s": 0.0,
-                        "has_data": False,
-                        "version": "0.1.0",
-                    }
-                ],
-            },
-        ],
-    }
-
-
 class _LocalServer:
     """The dashboard's HTTP handler over a fake swarm, in this process."""
 
@@ -233,7 +180,7 @@ class _LocalServer:
 
 def test_http_api_and_page_without_network():
     t0 = time.time() - 30
-    snaps = iter([_fake_snapshot(t0 + 2 * i, 500 * i, 5.0 - 0.1 * i) for i in range(100)])
+    snaps = iter([fake_snapshot(t0 + 2 * i, 500 * i, 5.0 - 0.1 * i) for i in range(100)])
     server = _LocalServer(lambda: next(snaps))
     try:
         for _ in range(4):
@@ -264,7 +211,7 @@ def test_http_api_and_page_without_network():
 
 def _eventful_snapshot(t: float, i: int) -> dict:
     """A swarm with a bit of everything: a joining peer, an empty stage, signed checkpoints."""
-    snap = _fake_snapshot(t, 800 * i, 5.0 - 0.05 * i)
+    snap = fake_snapshot(t, 800 * i, 5.0 - 0.05 * i)
     snap["stages"][0]["peers"].append(
         {
             "peer_id": "QmJoiner",
@@ -375,7 +322,7 @@ def test_page_renders_teachers_and_their_bans(tmp_path):
         ("QmOther", 0, 0, False),
         ("QmGood", 0, 0, True),
     ]
-    snapshot = {**_fake_snapshot(time.time(), 100, 3.0), "teachers": rows}
+    snapshot = {**fake_snapshot(time.time(), 100, 3.0), "teachers": rows}
     server = _LocalServer(lambda: snapshot)
     try:
         server.poller.poll_once()
@@ -393,7 +340,7 @@ def test_page_records_javascript_errors(tmp_path):
     """The error box is no formality: a snapshot the page cannot render (a stage without its
     layer range) must show up there, or 'no recorded errors' below would prove nothing."""
     need_chromium()
-    broken = _fake_snapshot(time.time(), 10, 4.0)
+    broken = fake_snapshot(time.time(), 10, 4.0)
     del broken["stages"][0]["layers"]
     server = _LocalServer(lambda: broken)
     try:
@@ -406,17 +353,6 @@ def test_page_records_javascript_errors(tmp_path):
 
 
 # --- a real swarm ------------------------------------------------------------------------------------
-
-
-def _wait_for(what: str, fn, timeout: float, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)  # polling an HTTP API that the swarm fills in: nothing to wait on
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def test_dashboard_on_a_live_swarm(cluster, spec_path, text_data, tmp_path):
@@ -452,7 +388,7 @@ def test_dashboard_on_a_live_swarm(cluster, spec_path, text_data, tmp_path):
         rated = [p for p in points if p["tokens_per_s"]]
         return points if len(with_loss) >= 3 and rated else None
 
-    points = _wait_for("three history points with a loss", enough_history, 90)
+    points = wait_until(enough_history, 90, "three history points with a loss")
     assert all(0 < p["loss"] < 10 for p in points if p["loss"] is not None)
     assert points[-1]["tokens"] > 0 and points[-1]["tokens_per_s"] > 0
 

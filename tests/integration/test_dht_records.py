@@ -15,8 +15,9 @@ from hivemind.utils.serializer import MSGPackSerializer
 from peer.swarm.dht import SwarmDHT, owner_of, parse_peer_records, start_dht, visible_maddrs
 from peer.swarm.identity import cleanup_identity, load_or_create_identity
 from protocol import records
-from protocol.records import PeerInfo
 from protocol.spec import preset_spec
+
+from records_helpers import peer_info
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -53,16 +54,10 @@ def record_of(swarm: SwarmDHT, reader: SwarmDHT) -> dict | None:
     return None if item is None else item.value
 
 
-def info(peer_id: str, **fields) -> PeerInfo:
-    return PeerInfo(
-        **{**dict(peer_id=peer_id, stage=0, state="online", throughput=5.0, epoch=3, version="0.1.0"), **fields}
-    )
-
-
 def test_announcements_are_attributed_to_their_signers(swarms):
     a, b = swarms
-    assert a.announce(info(a.peer_id, stage=0), ttl=60)
-    assert b.announce(info(b.peer_id, stage=1), ttl=60)
+    assert a.announce(peer_info(a.peer_id, stage=0), ttl=60)
+    assert b.announce(peer_info(b.peer_id, stage=1), ttl=60)
     for reader in (a, b):
         snap = {p.peer_id: p for p in reader.snapshot()}
         assert snap[a.peer_id].stage == 0 and snap[b.peer_id].stage == 1
@@ -74,12 +69,12 @@ def test_announcements_are_attributed_to_their_signers(swarms):
 
 def test_peer_cannot_overwrite_another_peers_record(swarms):
     a, b = swarms
-    assert a.announce(info(a.peer_id, stage=0, throughput=5.0), ttl=120)
+    assert a.announce(peer_info(a.peer_id, stage=0, throughput=5.0), ttl=120)
     original = record_of(a, a)
     assert original is not None and original["throughput"] == 5.0
     # B stores under A's owner subkey with a later expiration: B cannot sign it as A, so every
     # node refuses it.
-    forged = info(a.peer_id, stage=1, throughput=1e6, state="online").to_record()
+    forged = peer_info(a.peer_id, stage=1, throughput=1e6, state="online").to_record()
     stored = b.dht.store(b.peers_key, forged, get_dht_time() + 300, subkey=owner_subkey(a))
     assert not stored
     for reader in (a, b):
@@ -118,9 +113,9 @@ def test_forged_signature_does_not_validate(swarms):
 )
 def test_schema_violations_are_rejected(swarms, bad):
     a, b = swarms
-    assert b.announce(info(b.peer_id, stage=1, throughput=2.0), ttl=120)
+    assert b.announce(peer_info(b.peer_id, stage=1, throughput=2.0), ttl=120)
     good = record_of(b, a)
-    record = {**info(b.peer_id, stage=1).to_record(), **bad}
+    record = {**peer_info(b.peer_id, stage=1).to_record(), **bad}
     # Signed by its owner and under its own subkey, but not a valid peer record: refused.
     assert not b.dht.store(b.peers_key, record, get_dht_time() + 300, subkey=owner_subkey(b))
     for reader in (a, b):
@@ -129,7 +124,7 @@ def test_schema_violations_are_rejected(swarms, bad):
 
 def test_records_under_foreign_keys_or_odd_subkeys_are_refused(swarms):
     a, b = swarms
-    record = info(b.peer_id).to_record()
+    record = peer_info(b.peer_id).to_record()
     # Not owner-marked: the run's schema requires an owner subkey.
     assert not b.dht.store(b.peers_key, record, get_dht_time() + 60, subkey=b"plain")
     # A spec record in a peers key, and a peer record with the wrong value type.
@@ -146,7 +141,7 @@ class _Item:
 
 def test_parse_peer_records_reports_only_signers(swarms):
     a, b = swarms
-    good = info("ignored").to_record()
+    good = peer_info("ignored").to_record()
     value = {
         owner_subkey(a): _Item(good),
         # A record that names another peer id inside: not a field of the schema, dropped.
@@ -183,11 +178,11 @@ def test_checkpoint_announcements_must_match_their_stage_prefix(swarms):
 
 def test_a_peer_of_an_incompatible_protocol_is_left_out_with_a_warning(swarms, caplog):
     a, b = swarms
-    assert b.announce(info(b.peer_id, stage=1, version="9.0.0"), ttl=3600)  # newer than earlier tests' records
+    assert b.announce(peer_info(b.peer_id, stage=1, version="9.0.0"), ttl=3600)  # newer than earlier tests' records
     with caplog.at_level("WARNING", logger="swarmtrain.dht"):
         assert b.peer_id not in {p.peer_id for p in a.snapshot()}
         a.snapshot()
     warnings = [r.getMessage() for r in caplog.records if b.peer_id in r.getMessage()]
     assert len(warnings) == 1 and "protocol '9.0.0'" in warnings[0]
-    assert b.announce(info(b.peer_id, stage=1), ttl=3700)  # back to this version: seen again
+    assert b.announce(peer_info(b.peer_id, stage=1), ttl=3700)  # back to this version: seen again
     assert b.peer_id in {p.peer_id for p in a.snapshot()}

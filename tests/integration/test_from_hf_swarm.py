@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from peer.cli.main import main
 from protocol.spec import load_spec
+
+from cli_helpers import invoke
+from hf_helpers import keygen, make_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,46 +22,6 @@ tokenizers = pytest.importorskip("tokenizers")
 
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def make_tokenizer(path: Path, vocab_size: int) -> None:
-    words = [f"w{i}" for i in range(vocab_size - 2)]
-    model = tokenizers.models.WordLevel({w: i for i, w in enumerate(["[UNK]", "[EOS]", *words])}, unk_token="[UNK]")
-    tok = tokenizers.Tokenizer(model)
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.save(str(path))
-
-
-def make_hf(directory: Path, *, tied=False, sharded=False, rope_scaling=None, head_dim=None, seed=0) -> Path:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-        tie_word_embeddings=tied,
-        rope_scaling=dict(rope_scaling) if rope_scaling else None,
-        head_dim=head_dim,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
-    model.save_pretrained(directory, max_shard_size="20KB" if sharded else "1GB")
-    make_tokenizer(directory / "tokenizer.json", cfg.vocab_size)
-    return directory
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def keygen(tmp_path: Path) -> tuple[Path, Path]:
-    key = tmp_path / "keeper.pem"
-    r = invoke("keygen", key)
-    assert r.exit_code == 0, r.output
-    return key, key.with_suffix(".pub")
 
 
 def patterned_text(directory: Path) -> Path:

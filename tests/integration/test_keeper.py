@@ -26,31 +26,9 @@ from protocol.records import PeerInfo
 from protocol.rpc import STATE
 from protocol.spec import preset_spec
 
-from checkpoint_helpers import Events, FakeSwarm, P2PHost, make_keys, peer_id
+from checkpoint_helpers import Events, FakeSwarm, flip_byte, peer_id
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return make_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
-def spec(keys):
-    return preset_spec("tiny", stages=2, trusted_keys=(keys["keeper"][1].read_text(),))
-
-
-@pytest.fixture(scope="module")
-def host():
-    h = P2PHost()
-    yield h
-    h.close()
-
-
-@pytest.fixture(scope="module")
-def client(host):
-    return host.new()
 
 
 class StagePeer:
@@ -325,12 +303,6 @@ def test_refused_live_state_joins_the_group_epoch_with_own_weights():
 # --- the whole story, real processes (slow) ------------------------------------------------------------
 
 
-def _flip_byte(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_keeper_signs_and_a_new_peer_joins_from_another_peer(tmp_path):
@@ -414,7 +386,7 @@ def test_keeper_signs_and_a_new_peer_joins_from_another_peer(tmp_path):
         e_dir = tmp_path / "e-ckpts"
         shutil.copytree(Path(c_restored["path"]), e_dir / "stage-0" / Path(c_restored["path"]).name)
         tampered = e_dir / "stage-0" / Path(c_restored["path"]).name
-        _flip_byte(tampered / "model.safetensors", 1000)
+        flip_byte(tampered / "model.safetensors", 1000)
 
         cluster.stop(boot)  # the keeper is gone: only C (and its DHT neighbours) remain
 

@@ -6,24 +6,8 @@ from __future__ import annotations
 import time
 import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import dump_logs
-
-
-def parse(text: str) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value}"""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(metrics: dict, name: str, **labels) -> float:
-    key = (name, tuple(sorted((k, str(v)) for k, v in labels.items())))
-    assert key in metrics, f"{name}{labels} not exposed; have: {sorted(n for n, _ in metrics)}"
-    return metrics[key]
+from observe_helpers import parse, value
 
 
 def scrape(url: str) -> dict:

@@ -12,8 +12,6 @@ spec, so each peer is given ``--spec``.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -23,19 +21,9 @@ from peer.data.tokenizer import ByteTokenizer
 from peer.model.llama import build_stages, causal_lm_loss, chain_forward
 from protocol.spec import preset_spec
 
-from conftest import TrackedCluster, assert_all_gone, command_line
+from conftest import TrackedCluster, assert_all_gone, command_line, write_word_docs
 
 MICRO, TARGET, LR = 4, 8, 0.05
-
-
-def _write_corpus(root):
-    rng = random.Random(0)
-    words = "pipeline stage peer swarm gradient average checkpoint signature volunteer token".split()
-    root.mkdir()
-    for i in range(6):
-        text = "\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(80))
-        (root / f"doc{i}.txt").write_text(text)
-    return root
 
 
 def _reference_update(spec, data, trainer_peer_id):
@@ -93,7 +81,8 @@ def test_swarm_update_equals_single_process_update(tmp_path):
     )
     spec_path = tmp_path / "spec.toml"
     spec.save(spec_path)
-    data = str(_write_corpus(tmp_path / "data"))
+    words = "pipeline stage peer swarm gradient average checkpoint signature volunteer token".split()
+    data = str(write_word_docs(tmp_path / "data", words, files=6, lines=80, per_line=12))
     finals = {}
     with TrackedCluster(tmp_path / "swarm") as cluster:
         _dht, maddr = cluster.stock_dht(timeout=120)

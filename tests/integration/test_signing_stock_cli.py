@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from protocol import signing
 
 MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
@@ -34,27 +32,8 @@ def _stock_verify(directory: Path, sig: Path, pub: Path, *extra: str) -> subproc
     )
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    a = signing.write_keypair(d / "a.pem")
-    b = signing.write_keypair(d / "b.pem")
-    return a, b
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "weights.bin").write_bytes(bytes(range(256)) * 64)
-    (d / "config.json").write_text('{"a": 1}\n')
-    (d / "sub").mkdir()
-    (d / "sub" / "extra.txt").write_text("nested files are signed too\n")
-    return d
-
-
 def test_stock_cli_accepts_layout_and_detects_tampering(keys, model_dir):
-    (priv, pub, fp), (priv_b, pub_b, _) = keys
+    (priv, pub, fp), (priv_b, pub_b, _) = keys["a"], keys["b"]
     sig = signing.sign_dir(model_dir, priv)
     signing.sign_dir(model_dir, priv_b)  # a second signature in signatures/ must not disturb the first
     r = _stock_verify(model_dir, sig, pub)
@@ -78,7 +57,7 @@ def test_stock_cli_accepts_layout_and_detects_tampering(keys, model_dir):
 
 
 def test_stock_cli_rejects_extra_file(keys, model_dir):
-    (priv, pub, _), _ = keys
+    priv, pub, _ = keys["a"]
     sig = signing.sign_dir(model_dir, priv)
     (model_dir / "added.txt").write_text("x")
     r = _stock_verify(model_dir, sig, pub)
@@ -87,7 +66,7 @@ def test_stock_cli_rejects_extra_file(keys, model_dir):
 
 def test_copy_of_signed_dir_still_verifies(keys, model_dir, tmp_path):
     """The directory name is informative only: a checkpoint moves between peers and paths."""
-    (priv, pub, _), _ = keys
+    priv, pub, _ = keys["a"]
     sig = signing.sign_dir(model_dir, priv)
     moved = tmp_path / "elsewhere" / "renamed"
     shutil.copytree(model_dir, moved)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from peer.base.procs import descendants
 from peer.model.llama import LlamaStage
 from protocol.spec import load_spec
 
-from conftest import assert_all_gone, command_line, dump_logs, make_tiny_spec
+from conftest import assert_all_gone, command_line, dump_logs, make_tiny_spec, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -28,18 +27,6 @@ STARTUP = 300  # seconds; a loaded 2-core machine starts five hivemind processes
 
 def peer_args(final_state: Path) -> list[str]:
     return ["--final-state", str(final_state)]
-
-
-def wait_until(predicate, timeout: float, what: str, cluster=None, poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n" + (dump_logs(cluster) if cluster else ""))
-        if cluster is not None:
-            cluster.track()
-            dead = [p.name for p in cluster.procs if p.name != "status" and not p.alive()]
-            assert not dead, f"{dead} exited while waiting for {what}\n" + dump_logs(cluster)
-        time.sleep(poll)
 
 
 def last_status(proc) -> dict:
@@ -97,7 +84,9 @@ def test_two_stages_two_peers_each_train_and_agree(cluster, tmp_path, text_data)
     peers = {name: start(name) for name in ("s0a", "s1a")}
     trainers = list(peers.values())
     ready = {name: p.wait_event("ready", STARTUP) for name, p in peers.items()}
-    wait_until(lambda: all(last_status(t)["epoch"] >= 2 for t in trainers), STARTUP, "the first epochs", cluster)
+    wait_until(
+        lambda: all(last_status(t)["epoch"] >= 2 for t in trainers), STARTUP, "the first epochs", cluster=cluster
+    )
     peers.update({name: start(name) for name in ("s0b", "s1b")})
     ready.update({name: peers[name].wait_event("ready", STARTUP) for name in ("s0b", "s1b")})
     cluster.track()
@@ -112,7 +101,7 @@ def test_two_stages_two_peers_each_train_and_agree(cluster, tmp_path, text_data)
         ),
         120,
         "every peer to see 2 peers per stage",
-        cluster,
+        cluster=cluster,
     )
     obs = cluster.start("status", ["status", "--initial-peers", addr, "--spec", str(spec_path), "--json"])
     assert obs.popen.wait(180) == 0, "".join(obs.lines)
@@ -131,7 +120,7 @@ def test_two_stages_two_peers_each_train_and_agree(cluster, tmp_path, text_data)
             lambda: all(last_status(p)["epoch"] >= target for p in peers.values()),
             300,
             f"epoch {target} on every peer",
-            cluster,
+            cluster=cluster,
             poll=2.0,
         )
     except AssertionError:

@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from peer.model.hf_io import export_hf_dir
-from peer.model.llama import LlamaStage
 from protocol.spec import preset_spec
 
+from teach_helpers import distill_spec
+
 pytestmark = pytest.mark.timeout(300)
-
-
-def distill_spec(**distill):
-    return preset_spec("tiny", run_id="teachtest", distill=dict(distill))
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    spec = distill_spec()
-    stages = [LlamaStage.from_spec(spec, k) for k in range(spec.num_stages)]
-    out = tmp_path_factory.mktemp("teacher") / "hf"
-    export_hf_dir(spec, [s.state_dict() for s in stages], out)
-    return out
 
 
 def test_swarmtrain_teach_refuses_before_joining_anything(teacher_dir, tmp_path):

@@ -28,15 +28,9 @@ from protocol.records import TeacherInfo
 from protocol.rpc import TEACH
 from protocol.spec import preset_spec
 
+from teach_liar import LyingTeacher
+
 pytestmark = pytest.mark.timeout(300)
-
-
-class LyingTeacher(TeacherModel):
-    """The right weights (so the right digest), the wrong answers: every token id shifted by one."""
-
-    def soft_targets(self, ids):
-        top, values = super().soft_targets(ids)
-        return (top + 1) % self.vocab, values
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,8 @@ from protocol import signing
 from protocol.checkpoint import CheckpointRefused, manifest_digest, verify_checkpoint
 from protocol.spec import preset_spec
 
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    return {name: signing.write_keypair(d / f"{name}.pem") for name in ("a", "b", "mallory")}
+from checkpoint_helpers import flip_byte, trained_stage, write_signed
+from conftest import spec_trusting
 
 
 def _pub(keys, name) -> str:
@@ -34,44 +31,19 @@ def _pub(keys, name) -> str:
 
 @pytest.fixture(scope="module")
 def spec(keys):
-    return preset_spec("tiny", stages=2, trusted_keys=(_pub(keys, "a"), _pub(keys, "b")))
-
-
-def _trained_stage(spec, stage: int, seed: int = 0):
-    """A stage after one AdamW step, so the optimizer state is real."""
-    torch.manual_seed(seed)
-    module = LlamaStage.from_spec(spec, stage)
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
-    x = torch.randint(0, spec.model.vocab_size, (2, 8)) if stage == 0 else torch.randn(2, 8, spec.model.hidden_size)
-    module(x).float().pow(2).mean().backward()
-    opt.step()
-    return module, opt
+    return spec_trusting(keys, "a", "b")
 
 
 @pytest.fixture(scope="module")
 def stage0(spec):
-    return _trained_stage(spec, 0)
-
-
-def _write(target, spec, stage_module, opt, keys, signers=("a",), *, step=5, stage=0, **kw):
-    return write_checkpoint(
-        target,
-        spec=spec,
-        stage=stage,
-        step=step,
-        tokens_seen=1000 * step,
-        model_state=stage_module.state_dict(),
-        optimizer_state=None if opt is None else opt.state_dict(),
-        key_paths=[keys[s][0] for s in signers],
-        **kw,
-    )
+    return trained_stage(spec, 0)
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory, spec, stage0, keys):
     """A pristine checkpoint of stage 0, step 5, signed by trusted key a; tests copy it."""
     module, opt = stage0
-    return _write(tmp_path_factory.mktemp("good") / "step-5", spec, module, opt, keys)
+    return write_signed(tmp_path_factory.mktemp("good") / "step-5", spec, module, opt, keys)
 
 
 @pytest.fixture
@@ -79,12 +51,6 @@ def ckpt(good, tmp_path):
     d = tmp_path / "ckpt"
     shutil.copytree(good.path, d)
     return d
-
-
-def _flip_byte(path: Path, offset: int = -1) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
 
 
 def _refused(directory, spec, match, **kw):
@@ -140,7 +106,7 @@ def test_verify_without_loading_tensors(good, spec):
 
 @pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "checkpoint.json"])
 def test_flipped_byte_refused(ckpt, spec, name):
-    _flip_byte(ckpt / name, -2 if name == "checkpoint.json" else -1)
+    flip_byte(ckpt / name, -2 if name == "checkpoint.json" else -1)
     msg = _refused(ckpt, spec, f"{name}: content does not match the signed digest")
     assert "signed sha256" in msg
     # The cheap no-load mode refuses the same way.
@@ -148,15 +114,15 @@ def test_flipped_byte_refused(ckpt, spec, name):
 
 
 def test_file_swapped_from_another_checkpoint(ckpt, spec, keys, tmp_path):
-    module, opt = _trained_stage(spec, 0, seed=1)
-    other = _write(tmp_path / "other", spec, module, opt, keys, step=6)
+    module, opt = trained_stage(spec, 0, seed=1)
+    other = write_signed(tmp_path / "other", spec, module, opt, keys, step=6)
     shutil.copy(other.path / "model.safetensors", ckpt / "model.safetensors")
     _refused(ckpt, spec, "model.safetensors: content does not match the signed digest")
 
 
 def test_signature_swapped_from_another_checkpoint(ckpt, spec, keys, tmp_path):
-    module, opt = _trained_stage(spec, 0, seed=1)
-    other = _write(tmp_path / "other", spec, module, opt, keys, step=6)
+    module, opt = trained_stage(spec, 0, seed=1)
+    other = write_signed(tmp_path / "other", spec, module, opt, keys, step=6)
     fp = keys["a"][2]
     shutil.copy(other.path / "signatures" / f"{fp}.sig", ckpt / "signatures" / f"{fp}.sig")
     _refused(ckpt, spec, "content does not match the signed digest")
@@ -172,7 +138,7 @@ def test_truncated_file(ckpt, spec):
 
 def test_untrusted_signer_only(tmp_path, spec, stage0, keys):
     module, opt = stage0
-    w = _write(tmp_path / "c", spec, module, opt, keys, signers=("mallory",))
+    w = write_signed(tmp_path / "c", spec, module, opt, keys, signers=("mallory",))
     msg = _refused(w.path, spec, "0 valid signature")
     assert f"signatures/{keys['mallory'][2]}.sig is by key {keys['mallory'][2]}, which is not trusted" in msg
     assert keys["a"][2] in msg  # names the keys that would have been trusted
@@ -194,7 +160,7 @@ def test_signature_under_a_trusted_name_by_another_key(ckpt, spec, keys):
 def test_checkpoint_of_another_spec(tmp_path, spec, stage0, keys):
     other_spec = preset_spec("tiny", stages=2, seed=7, trusted_keys=spec.trust.trusted_keys)
     module, opt = stage0
-    w = _write(tmp_path / "c", other_spec, module, opt, keys)
+    w = write_signed(tmp_path / "c", other_spec, module, opt, keys)
     msg = _refused(w.path, spec, "spec_digest")
     assert other_spec.digest() in msg and spec.digest() in msg and "another spec" in msg
     assert verify_checkpoint(w.path, other_spec).meta.spec_digest == other_spec.digest()
@@ -203,7 +169,7 @@ def test_checkpoint_of_another_spec(tmp_path, spec, stage0, keys):
 def test_other_run_id(tmp_path, stage0, keys, spec):
     other = preset_spec("tiny", stages=2, run_id="other", trusted_keys=spec.trust.trusted_keys)
     module, opt = stage0
-    w = _write(tmp_path / "c", other, module, opt, keys)
+    w = write_signed(tmp_path / "c", other, module, opt, keys)
     _refused(w.path, spec, "spec_digest")  # a run id is part of the spec, so its digest differs first
 
 
@@ -250,9 +216,9 @@ def test_min_signatures(ckpt, spec, keys):
 def test_min_signatures_from_spec(tmp_path, keys, stage0):
     spec2 = preset_spec("tiny", stages=2, trusted_keys=(_pub(keys, "a"), _pub(keys, "b")), trust=dict(min_signatures=2))
     module, opt = stage0
-    w = _write(tmp_path / "one", spec2, module, opt, keys, signers=("a",))
+    w = write_signed(tmp_path / "one", spec2, module, opt, keys, signers=("a",))
     _refused(w.path, spec2, "2 required")
-    w = _write(tmp_path / "two", spec2, module, opt, keys, signers=("a", "b"))
+    w = write_signed(tmp_path / "two", spec2, module, opt, keys, signers=("a", "b"))
     assert len(verify_checkpoint(w.path, spec2).signers) == 2
 
 
@@ -260,7 +226,7 @@ def test_signatures_that_disagree(ckpt, spec, keys, tmp_path):
     # b signs a different model file, then the original is put back: a's signature matches the
     # files, b's does not, and the checkpoint is refused rather than half-trusted.
     original = (ckpt / "model.safetensors").read_bytes()
-    _flip_byte(ckpt / "model.safetensors")
+    flip_byte(ckpt / "model.safetensors")
     signing.sign_dir(ckpt, keys["b"][0])
     (ckpt / "model.safetensors").write_bytes(original)
     _refused(ckpt, spec, "signatures disagree")
@@ -401,7 +367,7 @@ def test_crash_before_rename_leaves_nothing_complete(tmp_path, spec, stage0, key
     root = tmp_path / "store"
     target = root / "stage-0" / "step-0000000005"
     with pytest.raises(OSError, match="simulated crash"):
-        _write(target, spec, module, opt, keys)
+        write_signed(target, spec, module, opt, keys)
     assert not target.exists()
     assert list((root / "stage-0").iterdir()) == []  # the temporary directory is cleaned up
     assert list_checkpoints(root) == []
@@ -415,7 +381,7 @@ def test_crash_while_signing(tmp_path, spec, stage0, keys, monkeypatch):
     module, opt = stage0
     target = tmp_path / "store" / "stage-0" / "step-0000000005"
     with pytest.raises(KeyboardInterrupt):
-        _write(target, spec, module, opt, keys)
+        write_signed(target, spec, module, opt, keys)
     assert not target.exists() and list(target.parent.iterdir()) == []
 
 
@@ -464,7 +430,7 @@ def test_refuses_to_overwrite_or_write_unsigned(good, spec, stage0):
 def test_store_lists_newest_first_links_parents_and_prunes(tmp_path, spec, keys):
     root = tmp_path / "store"
     store = CheckpointStore(root, spec, key_paths=[keys["a"][0]], keep=2)
-    module, opt = _trained_stage(spec, 1)
+    module, opt = trained_stage(spec, 1)
     written = [
         store.save(1, step, module.state_dict(), opt.state_dict(), tokens_seen=step * 10, prune=False)
         for step in (1, 2, 3)
@@ -485,7 +451,7 @@ def test_store_lists_newest_first_links_parents_and_prunes(tmp_path, spec, keys)
 
 def test_prune_never_deletes_the_newest_verified(tmp_path, spec, keys):
     root = tmp_path / "store"
-    module, opt = _trained_stage(spec, 0)
+    module, opt = trained_stage(spec, 0)
     trusted = CheckpointStore(root, spec, key_paths=[keys["a"][0]], keep=2)
     trusted.save(0, 1, module.state_dict())
     # A peer whose key the spec does not trust keeps writing later checkpoints to the same store.
@@ -500,7 +466,7 @@ def test_prune_never_deletes_the_newest_verified(tmp_path, spec, keys):
 
 def test_prune_leaves_other_specs_alone(tmp_path, spec, keys):
     root = tmp_path / "store"
-    module, _ = _trained_stage(spec, 0)
+    module, _ = trained_stage(spec, 0)
     other_spec = preset_spec("tiny", stages=2, seed=3, trusted_keys=spec.trust.trusted_keys)
     write_checkpoint(
         root / "stage-0" / "step-0000000001",
@@ -519,11 +485,11 @@ def test_prune_leaves_other_specs_alone(tmp_path, spec, keys):
 
 def test_latest_verified_skips_a_damaged_newest(tmp_path, spec, keys):
     root = tmp_path / "store"
-    module, _ = _trained_stage(spec, 0)
+    module, _ = trained_stage(spec, 0)
     store = CheckpointStore(root, spec, key_paths=[keys["a"][0]], keep=5)
     store.save(0, 1, module.state_dict())
     w = store.save(0, 2, module.state_dict())
-    _flip_byte(w.path / "model.safetensors")
+    flip_byte(w.path / "model.safetensors")
     assert store.latest_verified(0).meta.step == 1
     with pytest.raises(CheckpointRefused, match="model.safetensors"):
         store.load(w.path, 0)

@@ -3,7 +3,6 @@ rollback, local refusals, the live-state verdict, announcements grouped by diges
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,55 +10,19 @@ import torch
 
 from peer.checkpoints import CheckpointService, SourceFailed, live_state_verdict, restore_candidates
 from peer.checkpoints.limits import check_listing, file_size_limits
-from peer.checkpoints.store import CheckpointStore, LocalCheckpoint, write_checkpoint
+from peer.checkpoints.store import CheckpointStore, LocalCheckpoint
 from peer.model.llama import LlamaStage
 from protocol.checkpoint import META_FILE, MODEL_FILE, CheckpointMeta
 from protocol.records import CheckpointAnnouncement
 from protocol.spec import preset_spec
 
-from checkpoint_helpers import Events, make_keys
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return make_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
-def spec(keys):
-    return preset_spec("tiny", stages=2, trusted_keys=(keys["keeper"][1].read_text(),))
-
-
-def _trained(spec, stage=0, seed=1):
-    torch.manual_seed(seed)
-    module = LlamaStage.from_spec(spec, stage)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    return module
+from checkpoint_helpers import Events, announcement, copy_checkpoint, keeper_checkpoint
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, spec, keys):
-    """A signed checkpoint of stage 0, step 7 (about 1.7 MB)."""
-    root = tmp_path_factory.mktemp("src")
-    module = _trained(spec)
-    w = write_checkpoint(
-        root / "stage-0" / "step-0000000007",
-        spec=spec,
-        stage=0,
-        step=7,
-        tokens_seen=7000,
-        model_state=module.state_dict(),
-        key_paths=[keys["keeper"][0]],
-    )
-    return w, module
-
-
-def _copy(ckpt_path: Path, dest: Path) -> Path:
-    target = dest / "stage-0" / ckpt_path.name
-    shutil.copytree(ckpt_path, target)
-    return target
+    """A signed checkpoint of stage 0, step 7 (about 1.7 MB), and its module."""
+    return keeper_checkpoint(tmp_path_factory.mktemp("src"), spec, keys)
 
 
 def test_listing_limits(spec):
@@ -81,10 +44,6 @@ def _local(path, step, stage=0):
     return LocalCheckpoint(path=Path(path), meta=meta, signers=("a" * 16,))
 
 
-def _rec(step, digest):
-    return {"step": step, "manifest_digest": digest, "signers": ["a" * 16], "files": 2, "total_bytes": 10, "stage": 0}
-
-
 def _typed(announced):
     """(peer id, record) pairs as SwarmDHT.checkpoint_announcements returns them."""
     return [(peer, CheckpointAnnouncement.from_record(record)) for peer, record in announced]
@@ -94,11 +53,11 @@ def test_restore_candidates_order_and_rollback():
     d1, d2, d3 = "1" * 64, "2" * 64, "3" * 64
     local = [_local("/c/step-9", 9), _local("/c/step-3", 3)]
     announced = [
-        ("peerA", _rec(9, d1)),
-        ("peerB", _rec(12, d2)),
-        ("peerC", _rec(12, d2)),
-        ("peerD", _rec(2, d3)),
-        ("me", _rec(50, "4" * 64)),
+        ("peerA", announcement(9, d1)),
+        ("peerB", announcement(12, d2)),
+        ("peerC", announcement(12, d2)),
+        ("peerD", announcement(2, d3)),
+        ("me", announcement(50, "4" * 64)),
     ]
     got = restore_candidates(local, _typed(announced), held_step=3, exclude_sources=["me"])
     assert [(c.step, c.manifest, c.path) for c in got] == [
@@ -110,11 +69,13 @@ def test_restore_candidates_order_and_rollback():
     assert got[0].sources == ("peerB", "peerC")
     # Announcements that do not claim a trusted signer are not worth a download.
     got = restore_candidates(
-        [], _typed([("x", {**_rec(20, d3), "signers": ["b" * 16]}), ("y", _rec(9, d1))]), trusted={"a" * 16}
+        [],
+        _typed([("x", {**announcement(20, d3), "signers": ["b" * 16]}), ("y", announcement(9, d1))]),
+        trusted={"a" * 16},
     )
     assert [c.manifest for c in got] == [d1]
     # The step of a digest is the smallest any announcer claims: lying about it does not help.
-    got = restore_candidates([], _typed([("liar", _rec(99, d1)), ("honest", _rec(9, d1))]))
+    got = restore_candidates([], _typed([("liar", announcement(99, d1)), ("honest", announcement(9, d1))]))
     assert [(c.step, c.sources) for c in got] == [(9, ("liar", "honest"))]
 
 
@@ -139,7 +100,7 @@ def test_live_state_verdict():
 def test_restore_refusal_leaves_module_untouched(spec, ckpt, tmp_path):
     written, _ = ckpt
     root = tmp_path / "mine"
-    tampered = _copy(written.path, root)
+    tampered = copy_checkpoint(written.path, root)
     (tampered / META_FILE).write_text((tampered / META_FILE).read_text().replace('"step": 7', '"step": 70'))
     events = Events()
     service = CheckpointService(spec, CheckpointStore(root, spec), swarm=None, p2p=None, run=None, event=events)
@@ -168,10 +129,10 @@ def test_announced_checkpoints_grouped_by_digest():
     rows = announced_checkpoints(
         _typed(
             [
-                ("keeper", {**_rec(9, d1), "stage": 0}),
-                ("c", {**_rec(9, d1), "stage": 0}),
-                ("keeper", {**_rec(12, d2), "stage": 0}),
-                ("keeper", {**_rec(9, "3" * 64), "stage": 1}),
+                ("keeper", {**announcement(9, d1), "stage": 0}),
+                ("c", {**announcement(9, d1), "stage": 0}),
+                ("keeper", {**announcement(12, d2), "stage": 0}),
+                ("keeper", {**announcement(9, "3" * 64), "stage": 1}),
             ]
         )
     )
@@ -185,11 +146,11 @@ def test_announced_checkpoints_grouped_by_digest():
 def test_announcements_beyond_the_group_are_tried_last():
     """Hostile-peer finding 11: 20 fake announcements at a huge step no longer hide the real one."""
     real = "9" * 64
-    fakes = [(f"fake{i}", _rec(2**31, f"{i:064x}")) for i in range(20)]
-    got = restore_candidates([], _typed([*fakes, ("honest", _rec(9, real))]), step_bound=10)
+    fakes = [(f"fake{i}", announcement(2**31, f"{i:064x}")) for i in range(20)]
+    got = restore_candidates([], _typed([*fakes, ("honest", announcement(9, real))]), step_bound=10)
     assert got[0].manifest == real and len(got) == 16
     # Without a bound (a stage with no peer online to say how far it got) the order is by step.
-    assert restore_candidates([], _typed([*fakes, ("honest", _rec(9, real))]))[0].step == 2**31
+    assert restore_candidates([], _typed([*fakes, ("honest", announcement(9, real))]))[0].step == 2**31
 
 
 def test_the_held_step_survives_a_restart(spec, tmp_path):

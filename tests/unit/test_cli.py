@@ -5,15 +5,8 @@ network or model work. (The installed entry point is run in tests/integration/te
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
-from peer.cli.main import main
-
-COMMANDS = ("demo", "run", "bootstrap", "status", "keygen", "spec", "checkpoint")
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+from cli_helpers import COMMANDS, invoke
 
 
 @pytest.mark.parametrize("command", COMMANDS)

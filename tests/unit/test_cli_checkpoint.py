@@ -8,61 +8,19 @@ import stat
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from peer.checkpoints.store import write_checkpoint
-from peer.cli.main import main
-from peer.model.llama import LlamaStage, chain_forward
+from peer.model.llama import chain_forward
 from protocol import signing
-from protocol.spec import load_spec
 
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+from checkpoint_helpers import cli_env
+from cli_helpers import run
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Two keys (a trusted by the spec, b not), a spec file, one signed checkpoint per stage."""
-    d = tmp_path_factory.mktemp("cli")
-    for name in ("a", "b"):
-        r = run("keygen", d / f"{name}.pem")
-        assert r.exit_code == 0, r.output
-    r = run("spec", "init", d / "spec.toml", "--preset", "tiny", "--stages", "2", "--trusted-key", d / "a.pub")
-    assert r.exit_code == 0, r.output
-    spec = load_spec(d / "spec.toml")
-    stages = [LlamaStage.from_spec(spec, k) for k in range(spec.num_stages)]
-    with torch.no_grad():  # away from the deterministic init, so the export is checked for real
-        g = torch.Generator().manual_seed(1)
-        for s in stages:
-            for p in s.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    ckpts = []
-    for k, s in enumerate(stages):
-        ckpts.append(
-            write_checkpoint(
-                d / "ckpt" / f"stage-{k}",
-                spec=spec,
-                stage=k,
-                step=12,
-                tokens_seen=4096,
-                model_state=s.state_dict(),
-                key_paths=[d / "a.pem"],
-            ).path
-        )
-    return dict(
-        dir=d,
-        spec=spec,
-        spec_path=d / "spec.toml",
-        stages=stages,
-        ckpts=ckpts,
-        a=d / "a.pem",
-        a_pub=d / "a.pub",
-        b=d / "b.pem",
-        b_pub=d / "b.pub",
-        fp_a=signing.fingerprint((d / "a.pub").read_text()),
-        fp_b=signing.fingerprint((d / "b.pub").read_text()),
-    )
+    return cli_env(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ import pytest
 
 from peer.observe.dashboard import History, Poller, downsample, finite, windowed_rate
 
+from observe_helpers import fake_snapshot
+
 
 def test_windowed_rate_counts_growth_per_peer():
     samples = deque([(0.0, {"a": 100}), (10.0, {"a": 600, "b": 50}), (20.0, {"b": 250})])
@@ -27,64 +29,10 @@ def test_downsample_keeps_ends_and_spreads():
     assert downsample(points[:3], 10) == [0, 1, 2] and downsample(points, 0) == points
 
 
-def _fake_snapshot(t: float, tokens: int, loss) -> dict:
-    return {
-        "run_id": "r",
-        "digest": "d" * 64,
-        "time": t,
-        "num_peers": 2,
-        "loss": loss,
-        "tokens_per_s": 10.0,
-        "checkpoints": [],
-        "stages": [
-            {
-                "stage": 0,
-                "layers": [0, 2],
-                "online": 1,
-                "throughput": 3.0,
-                "epoch": 4,
-                "peers": [
-                    {
-                        "peer_id": "QmA",
-                        "state": "online",
-                        "throughput": 3.0,
-                        "epoch": 4,
-                        "loss": loss,
-                        "tokens": tokens,
-                        "samples_per_s": 1.0,
-                        "has_data": True,
-                        "version": "0.1.0",
-                    }
-                ],
-            },
-            {
-                "stage": 1,
-                "layers": [2, 4],
-                "online": 1,
-                "throughput": 5.0,
-                "epoch": 4,
-                "peers": [
-                    {
-                        "peer_id": "QmB",
-                        "state": "online",
-                        "throughput": 5.0,
-                        "epoch": 4,
-                        "loss": None,
-                        "tokens": 0,
-                        "samples_per_s": 0.0,
-                        "has_data": False,
-                        "version": "0.1.0",
-                    }
-                ],
-            },
-        ],
-    }
-
-
 def test_history_points_and_bounds():
     h = History(max_points=3, rate_window=10.0)
     for i in range(5):
-        h.add(_fake_snapshot(100.0 + 2 * i, tokens=1000 * i, loss=5.0 - i))
+        h.add(fake_snapshot(100.0 + 2 * i, tokens=1000 * i, loss=5.0 - i))
     points = h.as_list()
     assert len(points) == 3 and points[-1]["time"] == 108.0
     assert points[-1]["loss"] == 1.0 and points[-1]["tokens"] == 4000
@@ -94,7 +42,7 @@ def test_history_points_and_bounds():
 
 
 def test_poller_keeps_last_snapshot_on_error():
-    calls = iter([_fake_snapshot(1.0, 10, 4.0), RuntimeError("DHT timeout")])
+    calls = iter([fake_snapshot(1.0, 10, 4.0), RuntimeError("DHT timeout")])
 
     def read():
         item = next(calls)

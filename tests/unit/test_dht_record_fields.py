@@ -6,13 +6,8 @@ from __future__ import annotations
 import pytest
 
 from protocol import records
-from protocol.records import PeerInfo
 
-
-def info(peer_id: str, **fields) -> PeerInfo:
-    return PeerInfo(
-        **{**dict(peer_id=peer_id, stage=0, state="online", throughput=5.0, epoch=3, version="0.1.0"), **fields}
-    )
+from records_helpers import peer_info
 
 
 def test_protocol_compatibility_rule():
@@ -37,7 +32,7 @@ def test_protocol_compatibility_rule():
     ],
 )
 def test_numbers_a_peer_reports_about_itself_are_bounded(bad):
-    record = {**info("x").to_record(), **bad}
+    record = {**peer_info("x").to_record(), **bad}
     with pytest.raises(Exception):
         records.PeerRecordModel.parse_obj(record)
 
@@ -45,7 +40,7 @@ def test_numbers_a_peer_reports_about_itself_are_bounded(bad):
 def test_a_round_state_digest_travels_in_the_record_and_shows_in_status():
     from peer.observe.status import format_snapshot
 
-    rec = info("x")
+    rec = peer_info("x")
     rec = records.PeerInfo(**{**rec.__dict__, "state_digest": "0123456789abcdef"})
     back = records.PeerInfo.from_record("x", rec.to_record())
     assert back.state_digest == "0123456789abcdef"

@@ -14,18 +14,6 @@ from peer.model.llama import LlamaStage, stage_param_shapes
 from protocol.codecs import encode
 from protocol.spec import preset_spec
 
-from checkpoint_helpers import make_keys
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    return make_keys(tmp_path_factory.mktemp("keys"))
-
-
-@pytest.fixture(scope="module")
-def spec(keys):
-    return preset_spec("tiny", stages=2, trusted_keys=(keys["keeper"][1].read_text(),))
-
 
 def _protos(tensors: dict) -> dict:
     return {k: encode(v, "none") for k, v in tensors.items()}

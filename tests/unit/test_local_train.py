@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from peer.dev.local_train import train_local
-from protocol.spec import preset_spec
 
-
-def _spec():
-    # A tiny model on short sequences: a few hundred milliseconds per optimizer step on one core.
-    return preset_spec(
-        "tiny",
-        stages=2,
-        run_id="local-test",
-        training=dict(micro_batch_size=4, seq_len=32, target_batch_size=8, lr=3e-3),
-    )
-
-
-@pytest.fixture()
-def corpus(tmp_path):
-    rng = random.Random(0)
-    words = "the swarm trains one model together and every peer holds a stage of it".split()
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for i in range(4):
-        (root / f"doc{i}.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(60)))
-    return root
+from conftest import local_train_spec
 
 
 def test_loss_decreases(corpus):
-    result = train_local(_spec(), corpus, steps=40, threads=1)
+    result = train_local(local_train_spec(), corpus, steps=40, threads=1)
     losses = result["losses"]
     assert len(losses) == 40 and result["microbatches"] == 40
     assert result["tokens"] == 40 * 4 * 32
@@ -45,15 +23,15 @@ def test_loss_decreases(corpus):
 
 def test_same_data_key_same_run(corpus):
     """The data order is a function of the key (a swarm trainer's peer id gives its batches)."""
-    a = train_local(_spec(), corpus, steps=6, threads=1, peer_key="k")
-    b = train_local(_spec(), corpus, steps=6, threads=1, peer_key="k")
-    c = train_local(_spec(), corpus, steps=6, threads=1, peer_key="other")
+    a = train_local(local_train_spec(), corpus, steps=6, threads=1, peer_key="k")
+    b = train_local(local_train_spec(), corpus, steps=6, threads=1, peer_key="k")
+    c = train_local(local_train_spec(), corpus, steps=6, threads=1, peer_key="other")
     assert a["losses"] == b["losses"]
     assert a["losses"] != c["losses"]
 
 
 def test_bad_arguments(corpus):
     with pytest.raises(ValueError):
-        train_local(_spec(), corpus, steps=0)
+        train_local(local_train_spec(), corpus, steps=0)
     with pytest.raises(ValueError):
-        train_local(_spec(), corpus, steps=1, threads=0)
+        train_local(local_train_spec(), corpus, steps=1, threads=0)

@@ -13,25 +13,6 @@ from protocol import signing
 from protocol.checkpoint import manifest_digest
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory):
-    d = tmp_path_factory.mktemp("keys")
-    a = signing.write_keypair(d / "a.pem")
-    b = signing.write_keypair(d / "b.pem")
-    return a, b
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "weights.bin").write_bytes(bytes(range(256)) * 64)
-    (d / "config.json").write_text('{"a": 1}\n')
-    (d / "sub").mkdir()
-    (d / "sub" / "extra.txt").write_text("nested files are signed too\n")
-    return d
-
-
 def test_keypair_files_modes_and_fingerprint(tmp_path):
     priv, pub, fp = signing.write_keypair(tmp_path / "k.pem")
     assert priv == tmp_path / "k.pem" and pub == tmp_path / "k.pub"
@@ -76,7 +57,7 @@ def test_rejects_other_curves_and_non_keys(tmp_path):
 
 
 def test_sign_and_read_manifest(keys, model_dir):
-    (priv, pub, fp), _ = keys
+    priv, pub, fp = keys["a"]
     sig = signing.sign_dir(model_dir, priv)
     assert sig == model_dir / "signatures" / f"{fp}.sig"
     m = signing.read_signed_manifest(sig, pub.read_text())
@@ -92,7 +73,8 @@ def test_sign_and_read_manifest(keys, model_dir):
 
 
 def test_wrong_key_and_garbage_signature(keys, model_dir):
-    (priv, _, fp), (_, pub_b, fp_b) = keys
+    priv = keys["a"][0]
+    _, pub_b, fp_b = keys["b"]
     sig = signing.sign_dir(model_dir, priv)
     with pytest.raises(signing.SigningError, match=f"does not verify with key {fp_b}"):
         signing.read_signed_manifest(sig, pub_b.read_text())
@@ -105,7 +87,7 @@ def test_forged_payload_fails(keys, model_dir):
     import base64
     import json
 
-    (priv, pub, _), _ = keys
+    priv, pub, _ = keys["a"]
     sig = signing.sign_dir(model_dir, priv)
     bundle = json.loads(sig.read_text())
     statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
@@ -117,7 +99,7 @@ def test_forged_payload_fails(keys, model_dir):
 
 
 def test_resign_replaces_and_cosign_adds(keys, model_dir):
-    (priv_a, _, fp_a), (priv_b, _, fp_b) = keys
+    (priv_a, _, fp_a), (priv_b, _, fp_b) = keys["a"], keys["b"]
     signing.sign_dir(model_dir, priv_a)
     signing.sign_dir(model_dir, priv_a)
     signing.sign_dir(model_dir, priv_b)
@@ -125,14 +107,14 @@ def test_resign_replaces_and_cosign_adds(keys, model_dir):
 
 
 def test_symlink_refused(keys, model_dir):
-    (priv, _, _), _ = keys
+    priv = keys["a"][0]
     (model_dir / "link").symlink_to(model_dir / "config.json")
     with pytest.raises(signing.SigningError, match="symbolic link"):
         signing.sign_dir(model_dir, priv)
 
 
 def test_list_signed_dir_strays_and_temp(keys, model_dir):
-    (priv, _, fp), _ = keys
+    priv, _, fp = keys["a"]
     signing.sign_dir(model_dir, priv)
     (model_dir / "signatures" / ".tmp-abc-1234.sig").write_text("partial")
     (model_dir / "signatures" / "README").write_text("?")

@@ -7,9 +7,7 @@ import json
 
 import pytest
 import tomllib
-from click.testing import CliRunner
 
-from peer.cli.main import main
 from peer.model.llama import stage_param_shapes
 from protocol import signing
 from protocol.spec import (
@@ -21,6 +19,8 @@ from protocol.spec import (
     spec_from_json,
     spec_from_toml,
 )
+
+from cli_helpers import run
 
 
 def base() -> dict:
@@ -212,24 +212,20 @@ def test_preset_options():
 # --- spec init / show ----------------------------------------------------------------------------
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 def test_spec_init_writes_a_valid_spec(tmp_path):
     out = tmp_path / "spec.toml"
-    r = invoke("spec", "init", out, "--preset", "tiny", "--stages", "4", "--run-id", "myrun", "--seed", "3")
+    r = run("spec", "init", out, "--preset", "tiny", "--stages", "4", "--run-id", "myrun", "--seed", "3")
     assert r.exit_code == 0, r.output
     spec = load_spec(out)
     assert spec.num_stages == 4 and spec.run_id == "myrun" and spec.seed == 3
     assert spec.digest() in r.output
     # Refuses to overwrite without --force.
-    r = invoke("spec", "init", out)
+    r = run("spec", "init", out)
     assert r.exit_code != 0 and "exists" in r.output
-    r = invoke("spec", "init", out, "--force", "--stages", "2")
+    r = run("spec", "init", out, "--force", "--stages", "2")
     assert r.exit_code == 0 and load_spec(out).num_stages == 2
     # Too many stages: a clear error, nothing written.
-    r = invoke("spec", "init", tmp_path / "bad.toml", "--stages", "9")
+    r = run("spec", "init", tmp_path / "bad.toml", "--stages", "9")
     assert r.exit_code != 0 and "--stages must be between" in r.output and not (tmp_path / "bad.toml").exists()
 
 
@@ -237,27 +233,27 @@ def test_spec_init_with_trusted_keys(tmp_path):
     _, pub_a, _ = signing.write_keypair(tmp_path / "a.pem")
     _, pub_b, _ = signing.write_keypair(tmp_path / "b.pem")
     out = tmp_path / "spec.toml"
-    r = invoke("spec", "init", out, "--trusted-key", pub_a, "--trusted-key", pub_b, "--min-signatures", "2")
+    r = run("spec", "init", out, "--trusted-key", pub_a, "--trusted-key", pub_b, "--min-signatures", "2")
     assert r.exit_code == 0, r.output
     spec = load_spec(out)
     assert spec.trust.trusted_keys == (pub_a.read_text().strip() + "\n", pub_b.read_text().strip() + "\n")
     assert spec.trust.min_signatures == 2
     # A private key (or any non-public-key file) is refused.
-    r = invoke("spec", "init", tmp_path / "x.toml", "--trusted-key", tmp_path / "a.pem")
+    r = run("spec", "init", tmp_path / "x.toml", "--trusted-key", tmp_path / "a.pem")
     assert r.exit_code != 0 and "not a PEM public key" in r.output
 
 
 def test_spec_show(tmp_path):
     out = tmp_path / "spec.toml"
-    invoke("spec", "init", out)
+    run("spec", "init", out)
     spec = load_spec(out)
-    r = invoke("spec", "show", out)
+    r = run("spec", "show", out)
     assert r.exit_code == 0 and spec.digest() in r.output and "stage 1  layers [2, 4) + norm, LM head" in r.output
-    r = invoke("spec", "show", out, "--json")
+    r = run("spec", "show", out, "--json")
     assert json.loads(r.output) == json.loads(spec.canonical_json())
     bad = tmp_path / "bad.toml"
     bad.write_text(out.read_text().replace("num_attention_heads = 4", "num_attention_heads = 3"))
-    r = invoke("spec", "show", bad)
+    r = run("spec", "show", bad)
     assert r.exit_code != 0 and "model.num_attention_heads (3) must divide" in r.output
 
 

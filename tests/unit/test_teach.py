@@ -21,11 +21,9 @@ from protocol.codecs import TensorRejected
 from protocol.spec import preset_spec
 from protocol.weights import weights_digest
 
+from teach_helpers import distill_spec
+
 pytestmark = pytest.mark.timeout(300)
-
-
-def distill_spec(**distill):
-    return preset_spec("tiny", run_id="teachtest", distill=dict(distill))
 
 
 def top(logits, k):
@@ -134,15 +132,6 @@ def test_honest_answers_agree_and_a_liar_is_outvoted():
 
 
 # --- the teacher model's checks ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    spec = distill_spec()
-    stages = [LlamaStage.from_spec(spec, k) for k in range(spec.num_stages)]
-    out = tmp_path_factory.mktemp("teacher") / "hf"
-    export_hf_dir(spec, [s.state_dict() for s in stages], out)
-    return out
 
 
 def test_a_teacher_loads_and_answers_top_k_of_the_run_vocabulary(teacher_dir):
