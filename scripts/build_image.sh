@@ -27,7 +27,7 @@
 # works everywhere, even nested, but every layer is a full copy, so a rebuild after a source
 # change takes minutes; STORAGE_DRIVER=overlay, where the kernel allows it, is several times
 # faster and keeps its own store in /var/lib/containers/storage-overlay; scripts/run_image.sh
-# and tests/test_docker.py must then get the same STORAGE_DRIVER).
+# and tests/integration/test_docker.py must then get the same STORAGE_DRIVER).
 set -euo pipefail
 
 TAG=swarmtrain:latest

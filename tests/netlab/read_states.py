@@ -1,5 +1,5 @@
 """Run inside a lab host: the test's own hash of the weights each given peer serves over the
-state RPC (tests/outer_helpers.round_states), as one JSON line {peer_id: [round, sha256]}."""
+state RPC (tests/helpers/outer_helpers.round_states), as one JSON line {peer_id: [round, sha256]}."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "helpers")]
 
 from protocol.spec import load_spec  # noqa: E402
 
