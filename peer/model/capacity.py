@@ -4,7 +4,7 @@ once when the stage opens and announced from then on.
 Rebalancing compares the stages' summed figures (``peer.swarm.balancing``), so the figure must hold
 still: a peer that announced its live compute rate (an EMA of each micro-batch's time) swung by
 2x or more whenever the other processes on the machine were busy, and the peers of a
-three-against-one swarm moved back and forth between the stages (tests/test_churn.py). Petals
+three-against-one swarm moved back and forth between the stages (tests/integration/test_churn_swarm.py). Petals
 does the same: servers measure their throughput once at start-up, on synthetic inputs.
 
 The passes run on synthetic inputs of the spec's micro-batch shape with

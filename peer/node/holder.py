@@ -43,7 +43,7 @@ class StageHolder:
         # Before its first stage opens, a new peer's small positive figure (PeerStatus's 1.0)
         # only lets routers try it. While a moving peer loads its target stage it announces the
         # old stage's figure: a placeholder made the target still look starved, and the other
-        # peers of the source stage followed one by one until they emptied it (test_churn).
+        # peers of the source stage followed one by one until they emptied it (tests/integration/test_churn_swarm.py).
         if slot.capacity:
             self.presence.update(throughput=slot.capacity)
         self.on_change(LocalStage(stage, slot.worker))

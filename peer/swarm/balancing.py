@@ -194,7 +194,7 @@ def _best_move(members: list[list[PeerInfo]], policy: RebalancePolicy) -> Option
     move clears the margin, not the one with the best exact figure. Throughput reports vary
     from one read to the next and each peer reads at its own moment: ranked by exact
     throughput, several peers of one stage each found themselves named in their own snapshot
-    and left together, emptying their stage (tests/test_churn.py)."""
+    and left together, emptying their stage (tests/integration/test_churn_swarm.py)."""
     totals = _totals(members)
     old_min = min(totals)
     moves: list[tuple[float, int, str, int]] = []  # (new minimum, source, peer id, target)

@@ -12,7 +12,7 @@ cost in bytes and tokens/s? Both sides of every comparison run in this one invoc
    ``swarmtrain teach`` process online.
 
     .venv/bin/python scripts/bench_teach.py > teach.jsonl     # full: about 30 min on 2 quiet cores
-    .venv/bin/python scripts/bench_teach.py --quick           # a smoke run (tests/test_bench_teach.py)
+    .venv/bin/python scripts/bench_teach.py --quick           # a smoke run (tests/integration/test_bench_teach.py)
 """
 
 from __future__ import annotations
