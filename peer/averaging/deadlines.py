@@ -1,6 +1,6 @@
 """An outer round long enough for a spec's model on a slow line: gathering and agreeing on its
 largest stage's contributions (``peer.net.timeouts.outer_round_times``), and a joiner reading
-the group's round state between two rounds (``peer.node.outer_group``)."""
+the group's round state between two rounds (``peer.averaging.group``)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def join_read_seconds(spec: RunSpec, stage: int) -> float:
 def needed_round_seconds(spec: RunSpec) -> float:
     """The shortest round that holds, on a slow line, gathering and agreeing on the largest
     stage's contributions twice over, and a joiner's read of the group's round state in the
-    quiet part of a round (``peer.node.outer_group``: after gathering, agreeing and 5 s)."""
+    quiet part of a round (``peer.averaging.group``: after gathering, agreeing and 5 s)."""
     o = spec.training.outer
     largest = max(contribution_bytes(spec, s) for s in range(spec.num_stages))
     gather, agree = outer_round_times(math.inf, o.gather_seconds, o.agree_seconds, largest)

@@ -93,7 +93,8 @@ def named_with_a_reason() -> set[str]:
     """What the architecture page allows to be larger: the backticked names in the bullets of its
     "Larger, on purpose" list, each of which must give a reason after a colon."""
     text = ARCHITECTURE.read_text()
-    section = text.split("Larger, on purpose:", 1)[1].split("\n\n## ", 1)[0]
+    section = text.split("Larger, on purpose", 1)[1].split("\n\n## ", 1)[0]
+    section = section[section.index("\n- ") + 1 :]
     names = set()
     for bullet in re.findall(r"^- (.+?)(?=^- |\Z)", section, flags=re.S | re.M):
         head, _, reason = bullet.partition(":")
