@@ -61,4 +61,4 @@ def test_a_peer_of_the_tree_before_trains_and_averages_with_this_one(cluster, tm
     assert sum(rounds[0][r]["contributions"] == 2 for r in common) >= 3, rounds
     for p in (old, new):  # both trees served the trainer's micro-batches
         assert p.wait_event("status", 60, lambda e: e.get("served", 0) > 0)["served"] > 0
-    assert trainer.last_event("status")["retries"] == 0, dump_logs(cluster)
+    assert trainer.last_event("status")["retries"] <= 3, dump_logs(cluster)
