@@ -53,8 +53,9 @@ def teachers(tmp_path_factory, text_data):
     return {"trained": trained_teacher(work, text_data, steps=60), "one_token": one_token_teacher(work, ord("a"))}
 
 
-def write_spec(tmp_path, **distill):
-    spec = preset_spec("tiny", run_id="teachswarm", training=dict(target_batch_size=32), distill=distill)
+def write_spec(tmp_path, training=None, **distill):
+    training = {"target_batch_size": 32, **(training or {})}
+    spec = preset_spec("tiny", run_id="teachswarm", training=training, distill=distill)
     path = tmp_path / "spec.toml"
     spec.save(path)
     return spec, path
@@ -230,7 +231,10 @@ def undialable() -> list[str]:
 
 
 def test_one_trainer_uses_a_relayed_teacher_and_a_relayed_stage_peer(cluster, tmp_path, teachers, text_data):
-    spec, spec_path = write_spec(tmp_path, weight=0.5, temperature=1.0, k=8, spot_check=0.0)
+    # Outer rounds: a stage peer that others cannot dial cannot average per_step (hivemind's
+    # averager in client mode fails every step).
+    outer = dict(averaging="outer", outer=dict(round_seconds=20.0, gather_seconds=6.0, agree_seconds=4.0))
+    spec, spec_path = write_spec(tmp_path, outer, weight=0.5, temperature=1.0, k=8, spot_check=0.0)
     boot, maddr = cluster.bootstrap(spec_path=spec_path)
     boot_id = maddr.rsplit("/", 1)[-1]
     teacher, _ = start_teacher(cluster, "teacher", teachers["trained"], spec_path, maddr, extra=undialable())
