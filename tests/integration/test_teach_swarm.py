@@ -242,7 +242,12 @@ def test_one_trainer_uses_a_relayed_teacher_and_a_relayed_stage_peer(cluster, tm
     last = cluster.peer("s1", [maddr], spec_path=spec_path, stage=1, extra=undialable())
     assert last.wait_event("relayed", 120)["via"] == boot_id
     last.wait_event("ready", 120)
-    first = cluster.peer("s0", [maddr], spec_path=spec_path, stage=0, data=str(text_data), extra=["--max-steps", "40"])
+    # The trainer in client mode: nobody's DHT queries open a connection to it, so the only way to
+    # the relayed peers is through the relay (on loopback a connection they opened would let the
+    # trainer's streams reach them directly, routes or not).
+    first = cluster.peer(
+        "s0", [maddr], spec_path=spec_path, stage=0, data=str(text_data), extra=["--max-steps", "40", "--client-mode"]
+    )
     # The trainer reads the teacher records every 2 s and the peer records every second: over the
     # run each read happens many times, and every micro-batch needs both relayed peers.
     done = first.wait_event("stopped", 400)
